@@ -1,0 +1,34 @@
+# The two commands of the README: `make test` and `make demo`. Each sets up .venv by itself.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch is pinned for our own environments only (a CPU wheel of 2.13.0 is on the build machines);
+# the package itself accepts torch>=2.1.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: test demo build bench clean
+
+$(VENV)/.deps: requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+# Editable install: runs setup.py -> CMake -> the native extension (and its CUDA part when nvcc is found).
+build: $(VENV)/.deps
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import centered_merge, json; print(json.dumps(centered_merge.build_info(), indent=1))"
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m centered_merge lab --profile demo --out lab_out
+
+bench: build
+	$(PY) bench/bench_cart_speed.py
+
+clean:
+	rm -rf build $(VENV) *.egg-info centered_merge/*.so

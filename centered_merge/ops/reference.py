@@ -1,0 +1,133 @@
+"""Pure-torch twins of every element-wise pass a merge makes.
+
+These are the reference the native kernels are tested against and the fallback when the extension or a GPU is
+missing. They favour clarity over speed, but they keep the engine's memory promise: no function here holds T
+converted copies of a tensor at once; inputs are read pass by pass.
+
+Conventions shared with the native kernels (csrc/):
+- every accumulation is in float32, whatever the input dtype;
+- `inputs` is a sequence of same-shaped tensors; reading it by index is allowed to be lazy;
+- integer seeds are 64-bit; the DARE mask is a pure function of (seed, flat element index).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+F32 = torch.float32
+
+
+def mean_fp32(inputs: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """sum_t weights[t] * inputs[t] in float32 (weights default to 1/T each)."""
+    T = len(inputs)
+    acc = torch.zeros(inputs[0].shape, dtype=F32, device=inputs[0].device)
+    if weights is None:
+        for t in range(T):
+            acc.add_(inputs[t])
+        return acc.mul_(1.0 / T)
+    for t in range(T):
+        acc.add_(inputs[t], alpha=float(weights[t]))
+    return acc
+
+
+def center_into(w: torch.Tensor, mean: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = float32(w) - mean, written into the caller's float32 buffer."""
+    return torch.sub(w, mean, out=out)
+
+
+def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = None):
+    """(x [+ add]) converted to `dtype`, and the number of non-finite values in the float32 result."""
+    y = x if add is None else x + add
+    nonfinite = int(y.numel() - torch.isfinite(y).sum().item()) if y.numel() else 0
+    return y.to(dtype), nonfinite
+
+
+def kept_count(numel: int, density: float) -> int:
+    """How many entries TIES keeps per task: ceil(density * numel), so any density > 0 keeps at least one."""
+    return min(numel, max(0, math.ceil(density * numel - 1e-9)))
+
+
+def magnitude_threshold(tau: torch.Tensor, density: float) -> float:
+    """The k-th largest |tau| with k = kept_count(numel, density); +inf when nothing is kept.
+
+    Entries with |tau| >= threshold are kept, so ties at the threshold keep slightly more than k.
+    """
+    n = tau.numel()
+    k = kept_count(n, density)
+    if k == 0:
+        return math.inf
+    if k == n:
+        return 0.0
+    return float(torch.kthvalue(tau.reshape(-1).abs(), n - k + 1).values)
+
+
+def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density: float, lam: float) -> torch.Tensor:
+    """TIES-merging of one tensor: base + lam * disjoint_mean(trim(tau_t), elected sign).
+
+    Two passes over the inputs with O(1) float32 buffers in T: pass 1 trims each task vector at its own
+    magnitude threshold and sums the kept values (the sign election); pass 2 recomputes each task vector and
+    averages the kept entries that agree with the elected sign. Zero entries never count.
+    """
+    base32 = base.to(F32)
+    buf = torch.empty_like(base32)
+    sign_sum = torch.zeros_like(base32)
+    thresholds = []
+    for t in range(len(inputs)):
+        center_into(inputs[t], base32, buf)
+        thr = magnitude_threshold(buf, density)
+        thresholds.append(thr)
+        sign_sum.add_(torch.where(buf.abs() >= thr, buf, 0.0))
+    elected = torch.sign(sign_sum)
+    del sign_sum
+    num = torch.zeros_like(base32)
+    cnt = torch.zeros_like(base32)
+    for t in range(len(inputs)):
+        center_into(inputs[t], base32, buf)
+        keep = (buf.abs() >= thresholds[t]) & (torch.sign(buf) == elected) & (buf != 0)
+        num.add_(torch.where(keep, buf, 0.0))
+        cnt.add_(keep.to(F32))
+    return num.div_(cnt.clamp_(min=1.0)).mul_(lam).add_(base32)
+
+
+# --- counter-based RNG for DARE --------------------------------------------------------------------------------
+# splitmix64 of (seed + golden * index): a pure function of the flat index, so the mask does not depend on how
+# the work is split into threads or CUDA blocks, and CPU and CUDA kernels give the same bits. torch has no
+# general uint64 arithmetic, so this twin works in int64 (multiplication wraps the same way) and emulates
+# logical right shifts with a mask.
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
+
+
+def _i64(u: int) -> int:
+    u &= (1 << 64) - 1
+    return u - (1 << 64) if u >= (1 << 63) else u
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def dare_uniform(seed: int, numel: int, device=None) -> torch.Tensor:
+    """U[0, 1) values (24-bit resolution, float32) for flat indices 0..numel-1 from seed."""
+    idx = torch.arange(numel, dtype=torch.int64, device=device)
+    z = idx * _i64(_GOLDEN) + _i64(seed + _GOLDEN)
+    z = (z ^ _shr(z, 30)) * _i64(_M1)
+    z = (z ^ _shr(z, 27)) * _i64(_M2)
+    z = z ^ _shr(z, 31)
+    return _shr(z, 40).to(F32) * (1.0 / (1 << 24))
+
+
+def dare(tau: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Drop each entry of tau with probability p and rescale survivors by 1/(1-p); float32 result.
+
+    Entry i is dropped iff dare_uniform(seed)[i] < p (flat index in row-major order).
+    """
+    t32 = tau.to(F32)
+    if p <= 0.0:
+        return t32.clone() if t32 is tau else t32
+    u = dare_uniform(seed, t32.numel(), t32.device).reshape(t32.shape)
+    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+    return torch.where(u < p, 0.0, t32 * scale)
