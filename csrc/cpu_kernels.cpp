@@ -190,52 +190,68 @@ void abs_tau_bits(const void* x, int32_t xd, const float* bb, int64_t off, int64
   for (int64_t i = 0; i < len; ++i) bits[i] = f32_bits(xv[i] - bb[i]) & 0x7FFFFFFFu;
 }
 
-// The k-th largest |x - base| (NaN counts as the largest, like torch.kthvalue), by a 3-pass radix select.
-float select_threshold(const void* x, int32_t xd, const void* base, int32_t bd, int64_t n, int64_t k) {
-  if (k <= 0) return std::numeric_limits<float>::infinity();
-  if (k >= n) return 0.0f;
+// Per task, the k-th largest |x_t - base| (NaN counts as the largest, like torch.kthvalue), by a radix select
+// on the bit patterns: 3 digit passes (11, 11, 10 bits). Each pass is ONE parallel sweep that reads base once
+// and every task's input once, filling per-thread histograms for all tasks (T x 2048 counters); between passes
+// the digit holding the k-th largest value is picked per task and becomes the prefix of the next pass.
+// Keeping it to three parallel regions matters on busy machines, where every OpenMP barrier can cost a
+// scheduler time slice.
+void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_t n, int64_t k, float* thr) {
+  const int T = in.count;
+  if (k <= 0 || k >= n) {
+    for (int t = 0; t < T; ++t) thr[t] = k <= 0 ? std::numeric_limits<float>::infinity() : 0.0f;
+    return;
+  }
   const int64_t nb = num_blocks(n);
-  uint32_t prefix = 0;
-  uint64_t krem = uint64_t(k);
-  std::vector<uint64_t> hist(kRadixBins);
+  std::vector<uint32_t> prefix(T, 0);
+  std::vector<uint64_t> krem(T, uint64_t(k));
+  std::vector<uint64_t> hist(size_t(T) * kRadixBins);
   for (int pass = 0; pass < kRadixPasses; ++pass) {
     const int shift = radix_shift(pass);
     const uint32_t mask = radix_mask(pass);
-    const int hi = shift + (pass == 2 ? 10 : 11);
+    const int width = pass == 2 ? 10 : 11;
+    const int hi = shift + width;
     std::fill(hist.begin(), hist.end(), 0);
 #pragma omp parallel if (n >= kParallelMin)
     {
-      std::vector<uint64_t> local(kRadixBins, 0);
-#pragma omp for schedule(static)
+      std::vector<uint64_t> local(size_t(T) * kRadixBins, 0);
+#pragma omp for schedule(static) nowait
       for (int64_t b = 0; b < nb; ++b) {
         alignas(64) float tmp[kBlock], tb[kBlock];
         alignas(64) uint32_t bits[kBlock];
         const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
         const float* bb = as_f32(base, bd, off, len, tb);
-        abs_tau_bits(x, xd, bb, off, len, tmp, bits);
-        if (pass == 0) {
-          for (int64_t i = 0; i < len; ++i) ++local[bits[i] >> shift];
-        } else {
-          for (int64_t i = 0; i < len; ++i)
-            if ((bits[i] >> hi) == prefix) ++local[(bits[i] >> shift) & mask];
+        for (int t = 0; t < T; ++t) {
+          abs_tau_bits(in.ptr[t], in.dtype[t], bb, off, len, tmp, bits);
+          uint64_t* h = local.data() + size_t(t) * kRadixBins;
+          if (pass == 0) {
+            for (int64_t i = 0; i < len; ++i) ++h[bits[i] >> shift];
+          } else {
+            const uint32_t p = prefix[t];
+            for (int64_t i = 0; i < len; ++i)
+              if ((bits[i] >> hi) == p) ++h[(bits[i] >> shift) & mask];
+          }
         }
       }
-#pragma omp critical
-      for (int i = 0; i < kRadixBins; ++i) hist[i] += local[i];
+#pragma omp critical(cm_ties_hist)
+      for (size_t i = 0; i < hist.size(); ++i) hist[i] += local[i];
     }
-    uint64_t above = 0;
-    int chosen = 0;
-    for (int bin = kRadixBins - 1; bin >= 0; --bin) {
-      if (above + hist[bin] >= krem) {
-        chosen = bin;
-        break;
+    for (int t = 0; t < T; ++t) {
+      const uint64_t* h = hist.data() + size_t(t) * kRadixBins;
+      uint64_t above = 0;
+      int chosen = 0;
+      for (int bin = kRadixBins - 1; bin >= 0; --bin) {
+        if (above + h[bin] >= krem[t]) {
+          chosen = bin;
+          break;
+        }
+        above += h[bin];
       }
-      above += hist[bin];
+      krem[t] -= above;
+      prefix[t] = (prefix[t] << width) | uint32_t(chosen);
     }
-    krem -= above;
-    prefix = (prefix << (pass == 2 ? 10 : 11)) | uint32_t(chosen);
   }
-  return bits_f32(prefix);
+  for (int t = 0; t < T; ++t) thr[t] = bits_f32(prefix[t]);
 }
 
 }  // namespace
@@ -244,7 +260,7 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
                 float* thresholds_out) {
   const int T = in.count;
   std::vector<float> thr(T);
-  for (int t = 0; t < T; ++t) thr[t] = select_threshold(in.ptr[t], in.dtype[t], base, bd, n, k);
+  select_thresholds(in, base, bd, n, k, thr.data());
   if (thresholds_out) std::copy(thr.begin(), thr.end(), thresholds_out);
   const int64_t nb = num_blocks(n);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
