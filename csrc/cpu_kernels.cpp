@@ -22,10 +22,24 @@ namespace cm {
 namespace cpu {
 namespace {
 
-constexpr int64_t kBlock = 2048;          // elements per work item (8 KiB of float32)
+#ifndef CM_CPU_BLOCK
+#define CM_CPU_BLOCK 8192
+#endif
+// Elements per work item. Large enough that each input stream is read in runs of many pages (hardware
+// prefetchers stop at 4 KiB page boundaries and must re-train), small enough that the per-block float32
+// accumulators stay in L2.
+constexpr int64_t kBlock = CM_CPU_BLOCK;
 constexpr int64_t kParallelMin = 1 << 15;  // below this, one thread: the fork/join would cost more than the work
 
 inline int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
+
+// Per-thread scratch of `count` float-sized arrays of kBlock elements (grown once per thread, reused).
+inline float* scratch(int count) {
+  static thread_local std::vector<float> buf;
+  const size_t need = size_t(count) * kBlock;
+  if (buf.size() < need) buf.resize(need);
+  return buf.data();
+}
 
 void f16_to_f32_block(const uint16_t* s, float* d, int64_t n) {
   int64_t i = 0;
@@ -114,12 +128,82 @@ bool has_openmp() {
 #endif
 }
 
+namespace {
+
+#ifndef CM_MEAN_GROUP
+#define CM_MEAN_GROUP 2
+#endif
+// Unweighted sum of same-dtype (bfloat16 or float32) inputs. Per block, the inputs are taken CM_MEAN_GROUP at a
+// time with the running sums in registers (each SIMD lane reads its element from the group's streams in turn);
+// between groups the sums wait in an L1/L2-resident block buffer. Few concurrent streams keep the hardware
+// prefetchers effective, and the output is written once. Same addition order as the twin
+// ((0 + x_0) + x_1) + ..., so the same bits.
+template <typename Elem>
+void mean_streams(const InputList& in, float* out, int64_t n, bool accumulate, float scale, bool apply_scale) {
+  const int T = in.count;
+  const int64_t nb = num_blocks(n);
+  constexpr int G = CM_MEAN_GROUP;
+  constexpr int W = 64;  // lanes per step: four 512-bit (or eight 256-bit) accumulators
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+    float* __restrict o = out + off;
+    float* __restrict acc = scratch(1);
+    for (int g0 = 0; g0 < T; g0 += G) {
+      const int g1 = std::min(T, g0 + G);
+      const bool first = g0 == 0, last = g1 == T;
+      const float* __restrict src = first ? o : acc;  // running sums so far (o only read when accumulating)
+      float* __restrict dst = last ? o : acc;
+      const bool load = !first || accumulate;
+      const Elem* p[G];
+      for (int t = g0; t < g1; ++t) p[t - g0] = static_cast<const Elem*>(in.ptr[t]) + off;
+      const int gn = g1 - g0;
+      int64_t i0 = 0;
+      for (; i0 + W <= len; i0 += W) {
+        float a[W];
+        for (int l = 0; l < W; ++l) a[l] = load ? src[i0 + l] : 0.0f;
+        for (int t = 0; t < gn; ++t) {
+          const Elem* __restrict q = p[t] + i0;
+          for (int l = 0; l < W; ++l) {
+            if constexpr (sizeof(Elem) == 2) a[l] += bf16_to_f32(q[l]);
+            else a[l] += q[l];
+          }
+        }
+        if (last && apply_scale) {
+          for (int l = 0; l < W; ++l) dst[i0 + l] = a[l] * scale;
+        } else {
+          for (int l = 0; l < W; ++l) dst[i0 + l] = a[l];
+        }
+      }
+      for (int64_t i = i0; i < len; ++i) {
+        float a = load ? src[i] : 0.0f;
+        for (int t = 0; t < gn; ++t) {
+          if constexpr (sizeof(Elem) == 2) a += bf16_to_f32(p[t][i]);
+          else a += p[t][i];
+        }
+        dst[i] = last && apply_scale ? a * scale : a;
+      }
+    }
+  }
+}
+
+}  // namespace
+
 void mean_fp32(const InputList& in, float* out, int64_t n, bool accumulate, float scale, bool apply_scale) {
+  if (!in.weighted) {
+    bool all_bf16 = true, all_f32 = true;
+    for (int t = 0; t < in.count; ++t) {
+      all_bf16 = all_bf16 && in.dtype[t] == kBF16;
+      all_f32 = all_f32 && in.dtype[t] == kF32;
+    }
+    if (all_bf16) return mean_streams<uint16_t>(in, out, n, accumulate, scale, apply_scale);
+    if (all_f32) return mean_streams<float>(in, out, n, accumulate, scale, apply_scale);
+  }
   const int64_t nb = num_blocks(n);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
-    alignas(64) float acc[kBlock];
-    alignas(64) float tmp[kBlock];
+    float* acc = scratch(2);
+    float* tmp = acc + kBlock;
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
     if (accumulate) std::memcpy(acc, out + off, len * sizeof(float));
     else std::fill(acc, acc + len, 0.0f);
@@ -136,7 +220,7 @@ void center(const void* w, int32_t w_dtype, const float* mean, float* out, int64
   const int64_t nb = num_blocks(n);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
-    alignas(64) float tmp[kBlock];
+    float* tmp = scratch(1);
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
     float* __restrict o = out + off;
     const float* __restrict m = mean + off;
@@ -157,7 +241,7 @@ int64_t finalize(const float* x, const float* add, void* out, int32_t out_dtype,
   int64_t bad = 0;
 #pragma omp parallel for schedule(static) reduction(+ : bad) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
-    alignas(64) float tmp[kBlock];
+    float* tmp = scratch(1);
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
     const float* y = x + off;
     if (add) {
@@ -217,8 +301,9 @@ void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_
       std::vector<uint64_t> local(size_t(T) * kRadixBins, 0);
 #pragma omp for schedule(static) nowait
       for (int64_t b = 0; b < nb; ++b) {
-        alignas(64) float tmp[kBlock], tb[kBlock];
-        alignas(64) uint32_t bits[kBlock];
+        float* tmp = scratch(3);
+        float* tb = tmp + kBlock;
+        uint32_t* bits = reinterpret_cast<uint32_t*>(tb + kBlock);
         const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
         const float* bb = as_f32(base, bd, off, len, tb);
         for (int t = 0; t < T; ++t) {
@@ -265,7 +350,11 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
   const int64_t nb = num_blocks(n);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
-    alignas(64) float tmp[kBlock], tb[kBlock], ss[kBlock], num[kBlock], cnt[kBlock];
+    float* tmp = scratch(5);
+    float* tb = tmp + kBlock;
+    float* ss = tb + kBlock;
+    float* num = ss + kBlock;
+    float* cnt = num + kBlock;
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
     const float* __restrict bb = as_f32(base, bd, off, len, tb);
     std::fill(ss, ss + len, 0.0f);
@@ -311,7 +400,7 @@ void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float 
   const int64_t nb = num_blocks(n);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
-    alignas(64) float tmp[kBlock];
+    float* tmp = scratch(1);
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
     const float* __restrict x = as_f32(tau, dtype, off, len, tmp);
     float* __restrict o = out + off;

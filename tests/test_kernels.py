@@ -89,10 +89,11 @@ def test_mean(dtype, shape, values):
         same(N.mean_fp32(xs, w), R.mean_fp32(xs, w), f"T={T} weighted")
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["bf16", "mixed"])
 @pytest.mark.parametrize("T", [17, 40])
-def test_mean_many_inputs_in_groups(T):
+def test_mean_many_inputs_in_groups(T, mixed):
     # more inputs than one kernel call takes: later groups accumulate onto the first, same rounding order
-    xs = [make((33, 65), DTYPES[t % 3], seed=t) for t in range(T)]
+    xs = [make((33, 65), DTYPES[t % 3] if mixed else torch.bfloat16, seed=t) for t in range(T)]
     same(N.mean_fp32(xs), R.mean_fp32(xs))
     w = [math.sin(t) for t in range(T)]
     same(N.mean_fp32(xs, w), R.mean_fp32(xs, w))
