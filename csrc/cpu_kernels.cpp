@@ -253,14 +253,21 @@ int64_t finalize(const float* x, const float* add, void* out, int32_t out_dtype,
       for (int64_t i = 0; i < len; ++i) dst[i] = xx[i] + a[i];
       y = dst;
     }
+    // Count NaN/Inf in the converted values, so that overflow of a 16-bit output dtype is counted too.
     int64_t c = 0;
+    if (out_dtype == kBF16 || out_dtype == kF16) {
+      uint16_t* __restrict o = static_cast<uint16_t*>(out) + off;
+      const uint16_t exp_mask = out_dtype == kBF16 ? 0x7F80u : 0x7C00u;
+      if (out_dtype == kBF16) f32_to_bf16_block(y, o, len);
+      else f32_to_f16_block(y, o, len);
 #pragma omp simd reduction(+ : c)
-    for (int64_t i = 0; i < len; ++i) c += is_nonfinite(y[i]) ? 1 : 0;
+      for (int64_t i = 0; i < len; ++i) c += (o[i] & exp_mask) == exp_mask ? 1 : 0;
+    } else {
+#pragma omp simd reduction(+ : c)
+      for (int64_t i = 0; i < len; ++i) c += is_nonfinite(y[i]) ? 1 : 0;
+      if (out != nullptr && !add) std::memcpy(static_cast<float*>(out) + off, y, len * sizeof(float));
+    }
     bad += c;
-    if (out == nullptr) continue;
-    if (out_dtype == kBF16) f32_to_bf16_block(y, static_cast<uint16_t*>(out) + off, len);
-    else if (out_dtype == kF16) f32_to_f16_block(y, static_cast<uint16_t*>(out) + off, len);
-    else if (!add) std::memcpy(static_cast<float*>(out) + off, y, len * sizeof(float));
   }
   return bad;
 }

@@ -92,11 +92,18 @@ __global__ void finalize_kernel(const float* __restrict__ x, const float* __rest
   unsigned long long bad = 0;
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
     const float y = add ? x[i] + add[i] : x[i];
-    bad += (f32_bits(y) & 0x7F800000u) == 0x7F800000u;
-    if (out) {
-      if (od == kBF16) static_cast<uint16_t*>(out)[i] = f32_to_bf16(y);
-      else if (od == kF16) static_cast<uint16_t*>(out)[i] = f32_to_f16(y);
-      else static_cast<float*>(out)[i] = y;
+    // count NaN/Inf in the converted value: overflow of a 16-bit output dtype counts too
+    if (od == kBF16) {
+      const uint16_t h = f32_to_bf16(y);
+      bad += (h & 0x7F80u) == 0x7F80u;
+      static_cast<uint16_t*>(out)[i] = h;
+    } else if (od == kF16) {
+      const uint16_t h = f32_to_f16(y);
+      bad += (h & 0x7C00u) == 0x7C00u;
+      static_cast<uint16_t*>(out)[i] = h;
+    } else {
+      bad += (f32_bits(y) & 0x7F800000u) == 0x7F800000u;
+      if (out) static_cast<float*>(out)[i] = y;
     }
   }
   // every thread of the block reaches this point: reduce within the warp, one atomic per warp

@@ -1,0 +1,10 @@
+"""centered_merge: merge fine-tuned checkpoints with CART and the usual baselines, fast and in bounded memory."""
+from . import methods
+from .api import cart, merge
+from .errors import MergeConfigError, MergeError, MergeInputError
+
+__version__ = "0.1.0"
+
+from .build import build_info
+
+__all__ = ["merge", "cart", "methods", "build_info", "MergeError", "MergeConfigError", "MergeInputError"]
