@@ -6,6 +6,8 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -25,9 +27,18 @@ namespace {
 // Large CPU outputs are usually fresh allocations that the kernel touches first; with 4 KiB pages the page
 // faults cost more than the kernel itself (about 2 us per page, 45 ms for 64 MiB here). Asking for transparent
 // huge pages on the 2 MiB-aligned interior before the first touch cuts that to about a third. Only a hint:
-// ignored where THP is off or unsupported, never an error.
+// ignored where THP is off or unsupported, never an error. CENTERED_MERGE_HUGEPAGES=0 turns it off.
+bool hugepages_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("CENTERED_MERGE_HUGEPAGES");
+    return !(e && (std::strcmp(e, "0") == 0 || std::strcmp(e, "off") == 0 || std::strcmp(e, "false") == 0));
+  }();
+  return on;
+}
+
 void hint_hugepages(const TensorView& v) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!hugepages_enabled()) return;
   const size_t bytes = size_t(v.numel) * size_t(v.dtype == cm::kF32 ? 4 : 2);
   if (!v.is_cpu() || bytes < (size_t(8) << 20)) return;
   const uintptr_t huge = uintptr_t(2) << 20;
@@ -288,6 +299,7 @@ py::dict build_info() {
   d["simd"] = simd_flags();
   d["arch_flags"] = std::string(CM_SIMD_FLAGS);
   d["compiler"] = std::string(CM_CXX_COMPILER);
+  d["hugepage_hint"] = hugepages_enabled();
 #ifdef CM_WITH_CUDA
   d["cuda_compiled"] = true;
   d["cuda_archs"] = std::string(CM_CUDA_ARCHS);
