@@ -31,6 +31,12 @@ namespace {
 constexpr int64_t kBlock = CM_CPU_BLOCK;
 constexpr int64_t kParallelMin = 1 << 15;  // below this, one thread: the fork/join would cost more than the work
 
+#ifndef CM_STREAM_STORES
+#define CM_STREAM_STORES 1
+#endif
+constexpr bool kStreamStores = CM_STREAM_STORES != 0;
+constexpr int64_t kStreamMinBytes = int64_t(64) << 20;
+
 inline int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
 
 // Per-thread scratch of `count` float-sized arrays of kBlock elements (grown once per thread, reused).
@@ -144,7 +150,9 @@ void mean_streams(const InputList& in, float* out, int64_t n, bool accumulate, f
   const int64_t nb = num_blocks(n);
   constexpr int G = CM_MEAN_GROUP;
   constexpr int W = 64;  // lanes per step: four 512-bit (or eight 256-bit) accumulators
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  // Outputs much larger than the caches are written with streaming stores (64-byte aligned runs only).
+  const bool stream_out = kStreamStores && n * 4 >= kStreamMinBytes && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
     float* __restrict o = out + off;
@@ -170,10 +178,15 @@ void mean_streams(const InputList& in, float* out, int64_t n, bool accumulate, f
           }
         }
         if (last && apply_scale) {
-          for (int l = 0; l < W; ++l) dst[i0 + l] = a[l] * scale;
-        } else {
-          for (int l = 0; l < W; ++l) dst[i0 + l] = a[l];
+          for (int l = 0; l < W; ++l) a[l] *= scale;
         }
+#if defined(__AVX512F__)
+        if (last && stream_out) {  // non-temporal: no read-for-ownership of the output lines
+          for (int l = 0; l < W; l += 16) _mm512_stream_ps(dst + i0 + l, _mm512_loadu_ps(a + l));
+          continue;
+        }
+#endif
+        for (int l = 0; l < W; ++l) dst[i0 + l] = a[l];
       }
       for (int64_t i = i0; i < len; ++i) {
         float a = load ? src[i] : 0.0f;
@@ -184,6 +197,9 @@ void mean_streams(const InputList& in, float* out, int64_t n, bool accumulate, f
         dst[i] = last && apply_scale ? a * scale : a;
       }
     }
+#if defined(__AVX512F__)
+    if (stream_out) _mm_sfence();
+#endif
   }
 }
 
@@ -200,7 +216,7 @@ void mean_fp32(const InputList& in, float* out, int64_t n, bool accumulate, floa
     if (all_f32) return mean_streams<float>(in, out, n, accumulate, scale, apply_scale);
   }
   const int64_t nb = num_blocks(n);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     float* acc = scratch(2);
     float* tmp = acc + kBlock;
@@ -218,7 +234,7 @@ void mean_fp32(const InputList& in, float* out, int64_t n, bool accumulate, floa
 
 void center(const void* w, int32_t w_dtype, const float* mean, float* out, int64_t n) {
   const int64_t nb = num_blocks(n);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     float* tmp = scratch(1);
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
@@ -239,7 +255,7 @@ void center(const void* w, int32_t w_dtype, const float* mean, float* out, int64
 int64_t finalize(const float* x, const float* add, void* out, int32_t out_dtype, int64_t n) {
   const int64_t nb = num_blocks(n);
   int64_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(+ : bad) if (n >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     float* tmp = scratch(1);
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
@@ -306,7 +322,7 @@ void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_
 #pragma omp parallel if (n >= kParallelMin)
     {
       std::vector<uint64_t> local(size_t(T) * kRadixBins, 0);
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 1) nowait
       for (int64_t b = 0; b < nb; ++b) {
         float* tmp = scratch(3);
         float* tb = tmp + kBlock;
@@ -355,7 +371,7 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
   select_thresholds(in, base, bd, n, k, thr.data());
   if (thresholds_out) std::copy(thr.begin(), thr.end(), thresholds_out);
   const int64_t nb = num_blocks(n);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     float* tmp = scratch(5);
     float* tb = tmp + kBlock;
@@ -405,7 +421,7 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
 
 void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed) {
   const int64_t nb = num_blocks(n);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     float* tmp = scratch(1);
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);

@@ -276,6 +276,13 @@ def test_big_all_kernels(dtype, values, shape=BIG):
     same(N.dare(xs[2], 0.3, 77), R.dare(xs[2], 0.3, 77), "dare")
 
 
+def test_mean_large_output_uses_streaming_stores_and_stays_exact():
+    # >= 64 MiB of float32 output takes the non-temporal store path (with an odd tail)
+    torch.set_num_threads(2)
+    xs = [make((4096 * 4096 + 37,), torch.bfloat16, seed=t) for t in range(2)]
+    same(N.mean_fp32(xs), R.mean_fp32(xs))
+
+
 # --- CUDA: the same kernels on a GPU (skipped without one) --------------------------------------------------
 CUDA_SHAPES = [(0,), (1,), (37, 129), (2049, 1031)]
 
