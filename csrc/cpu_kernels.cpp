@@ -155,13 +155,14 @@ void mean_streams(const InputList& in, float* out, int64_t n, bool accumulate, f
 #pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
-    float* __restrict o = out + off;
-    float* __restrict acc = scratch(1);
+    float* o = out + off;
+    float* acc = scratch(1);
     for (int g0 = 0; g0 < T; g0 += G) {
       const int g1 = std::min(T, g0 + G);
       const bool first = g0 == 0, last = g1 == T;
-      const float* __restrict src = first ? o : acc;  // running sums so far (o only read when accumulating)
-      float* __restrict dst = last ? o : acc;
+      // src and dst may be the same buffer (no __restrict): each lane loads its sum before storing it
+      const float* src = first ? o : acc;  // running sums so far (o only read when accumulating)
+      float* dst = last ? o : acc;
       const bool load = !first || accumulate;
       const Elem* p[G];
       for (int t = g0; t < g1; ++t) p[t - g0] = static_cast<const Elem*>(in.ptr[t]) + off;
