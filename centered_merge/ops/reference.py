@@ -38,10 +38,13 @@ def center_into(w: torch.Tensor, mean: torch.Tensor, out: torch.Tensor) -> torch
 
 
 def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = None):
-    """(x [+ add]) converted to `dtype`, and the number of non-finite values in the float32 result."""
-    y = x if add is None else x + add
+    """(x [+ add]) converted to `dtype`, and the number of NaN/Inf values in the converted result.
+
+    Counting after the conversion catches values that overflow the output dtype (e.g. > 65504 in float16).
+    """
+    y = (x if add is None else x + add).to(dtype)
     nonfinite = int(y.numel() - torch.isfinite(y).sum().item()) if y.numel() else 0
-    return y.to(dtype), nonfinite
+    return y, nonfinite
 
 
 def kept_count(numel: int, density: float) -> int:

@@ -1,0 +1,16 @@
+"""centered_merge: merge fine-tuned checkpoints with CART and the usual baselines, fast and in bounded memory."""
+from . import methods
+from .api import cart, merge
+from .errors import MergeConfigError, MergeError, MergeInputError
+
+__version__ = "0.1.0"
+
+try:  # the native build module lands with the extension; keep import working without it
+    from .build import build_info
+except ImportError:  # pragma: no cover
+    def build_info() -> dict:
+        from .backend import describe
+
+        return {"version": __version__, "native": False, **describe()}
+
+__all__ = ["merge", "cart", "methods", "build_info", "MergeError", "MergeConfigError", "MergeInputError"]

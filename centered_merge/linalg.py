@@ -1,0 +1,130 @@
+"""Truncated SVDs for CART: exact (full thin SVD, then slice) and randomized (Halko, Martinsson & Tropp 2011).
+
+All computations run in float32 on the matrix's device through torch.linalg (LAPACK/MKL on CPU, cuSOLVER on
+GPU). The randomized path is written out here rather than calling torch.svd_lowrank because we need a
+Gaussian sketch from a caller-given generator (seeded per tensor name, so results do not depend on processing
+order), QR re-orthonormalisation at every power iteration, and the energy mode's adaptive widening.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .errors import MergeConfigError
+
+SVD = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U (m,k), S (k,), Vh (k,n)
+
+
+def resolve_rank(rank: Union[int, float], rows: int, cols: int) -> int:
+    """k for a (rows, cols) matrix.
+
+    float r in (0, 1]: k = max(1, floor(r * min(rows, cols))) as in the CART paper; int k >= 1: min(k, min(rows, cols)).
+    Note that 1 (int) means rank one while 1.0 (float) means full rank.
+    """
+    full = min(rows, cols)
+    if isinstance(rank, bool):
+        raise MergeConfigError(f"rank must be a float ratio in (0, 1] or an int >= 1; got {rank!r}")
+    if isinstance(rank, int):
+        if rank < 1:
+            raise MergeConfigError(f"rank as an absolute int must be >= 1; got {rank}")
+        return min(rank, full)
+    if isinstance(rank, float):
+        if not (0.0 < rank <= 1.0) or math.isnan(rank):
+            raise MergeConfigError(f"rank as a ratio must be in (0, 1]; got {rank}")
+        return max(1, min(full, math.floor(rank * full + 1e-9)))
+    raise MergeConfigError(f"rank must be a float ratio in (0, 1] or an int >= 1; got {type(rank).__name__} {rank!r}")
+
+
+def exact_svd(a: torch.Tensor, k: Optional[int] = None) -> SVD:
+    """Full thin SVD in float32, sliced to the top k triplets (all of them when k is None)."""
+    u, s, vh = torch.linalg.svd(a.to(torch.float32), full_matrices=False)
+    if k is None:
+        return u, s, vh
+    return u[:, :k], s[:k], vh[:k]
+
+
+def _orth(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y, mode="reduced").Q
+
+
+def sketch(cols: int, width: int, generator: torch.Generator, device) -> torch.Tensor:
+    """The Gaussian test matrix (cols x width), drawn on the CPU so every device sees the same numbers."""
+    omega = torch.randn(cols, width, generator=generator, dtype=torch.float32)
+    return omega.to(device)
+
+
+def randomized_svd_from_sketch(a: torch.Tensor, omega: torch.Tensor, k: int, power_iters: int) -> SVD:
+    """Top-k SVD of `a` (m x n float32) from the range of a @ omega, with `power_iters` subspace iterations."""
+    q = _orth(a @ omega)
+    for _ in range(power_iters):
+        q = _orth(a.mT @ q)
+        q = _orth(a @ q)
+    b = q.mT @ a  # (w, n)
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    return q @ ub[:, :k], s[:k], vh[:k]
+
+
+def randomized_svd(
+    a: torch.Tensor,
+    k: int,
+    oversample: int = 10,
+    power_iters: int = 2,
+    generator: Optional[torch.Generator] = None,
+    omega: Optional[torch.Tensor] = None,
+) -> SVD:
+    """Rank-k SVD of `a` by a randomized range finder of width k + oversample.
+
+    Falls back to the exact SVD when the sketch would be at least as wide as the matrix is thin (no saving).
+    Pass `omega` to reuse one sketch for several matrices of the same shape.
+    """
+    m, n = a.shape
+    width = k + oversample
+    if width >= min(m, n):
+        return exact_svd(a, k)
+    if omega is None:
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        omega = sketch(n, width, generator, a.device)
+    return randomized_svd_from_sketch(a.to(torch.float32), omega, k, power_iters)
+
+
+def energy_rank(s: torch.Tensor, total_energy: float, fraction: float) -> int:
+    """Smallest k whose top-k sum of squared singular values reaches fraction * total_energy, or 0 if s falls short."""
+    if total_energy <= 0.0:
+        return 1
+    cum = torch.cumsum(s.double() ** 2, 0)
+    hit = torch.nonzero(cum >= fraction * total_energy * (1 - 1e-12))
+    return int(hit[0, 0]) + 1 if hit.numel() else 0
+
+
+def energy_svd(
+    a: torch.Tensor,
+    fraction: float,
+    mode: str = "randomized",
+    oversample: int = 10,
+    power_iters: int = 2,
+    generator: Optional[torch.Generator] = None,
+    start_width: int = 32,
+) -> SVD:
+    """Truncated SVD whose rank is the smallest k holding `fraction` of ||a||_F^2 in its sigma^2.
+
+    Randomized mode widens the sketch (doubling) until its top singular values reach the target energy, then
+    keeps the smallest k that does; once the sketch would be half as wide as the matrix, it switches to exact.
+    """
+    a = a.to(torch.float32)
+    m, n = a.shape
+    total = float(torch.linalg.matrix_norm(a.double() if a.device.type == "cpu" else a) ** 2)
+    if mode == "randomized":
+        width = start_width
+        while width + oversample < min(m, n) // 2:
+            g = generator if generator is not None else torch.Generator().manual_seed(0)
+            u, s, vh = randomized_svd(a, width, oversample, power_iters, generator=g)
+            k = energy_rank(s, total, fraction)
+            if k:
+                return u[:, :k], s[:k], vh[:k]
+            width *= 2
+    u, s, vh = exact_svd(a)
+    k = energy_rank(s, total, fraction) or len(s)
+    return u[:, :k], s[:k], vh[:k]

@@ -1,0 +1,6 @@
+"""Merge methods, one module each, behind one registry."""
+from . import cart, dare, task_arithmetic, ties, weight_average  # noqa: F401  (registers the methods)
+from .base import MergeMethod
+from .registry import available, get_method, method_class, register
+
+__all__ = ["MergeMethod", "available", "get_method", "method_class", "register"]

@@ -1,0 +1,74 @@
+"""The per-tensor interface every merge method implements, and the parameter checking they share."""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, Optional, Sequence
+
+import torch
+
+from ..errors import MergeConfigError
+
+
+class MergeMethod:
+    """One merge method with its parameters resolved.
+
+    Subclasses set `name`, `needs_base`, `defaults` (every accepted parameter with its default) and implement
+    `merge_tensor`. Inputs arrive tensor by tensor so the same object drives in-memory merges and the
+    streaming engine.
+    """
+
+    name: ClassVar[str] = ""
+    needs_base: ClassVar[bool] = False
+    defaults: ClassVar[Dict[str, Any]] = {}
+
+    def __init__(self, **params):
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            allowed = ", ".join(sorted(self.defaults)) or "none"
+            raise MergeConfigError(
+                f"method {self.name!r} does not take parameter(s) {', '.join(unknown)}; it takes: {allowed}"
+            )
+        self.params = {**self.defaults, **params}
+        self.validate()
+
+    def __getattr__(self, key):
+        params = self.__dict__.get("params", {})
+        if key in params:
+            return params[key]
+        raise AttributeError(key)
+
+    def validate(self) -> None:
+        """Raise MergeConfigError for an invalid parameter value."""
+
+    def merge_tensor(
+        self, name: str, inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """Merge the T tensors called `name` (same shape, any float dtype). Returns float32."""
+        raise NotImplementedError
+
+    def plan_tensor(self, name: str, shape, dtype: torch.dtype, num_models: int) -> dict:
+        """What merge_tensor will do, without doing it: for --dry-run and memory estimates."""
+        numel = numel_of(shape)
+        return {"lowrank": False, "k": None, "flops": numel * (num_models + 1), "workspace_bytes": 4 * numel}
+
+    def describe(self) -> dict:
+        return {"method": self.name, **self.params}
+
+
+def check_number(method: str, key: str, value, lo=None, hi=None, lo_open=False, hi_open=False):
+    """Raise MergeConfigError unless `value` is a real number within the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MergeConfigError(f"{method}: {key} must be a number; got {value!r}")
+    v = float(value)
+    if v != v:
+        raise MergeConfigError(f"{method}: {key} must be a number; got NaN")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise MergeConfigError(f"{method}: {key} must be {'>' if lo_open else '>='} {lo}; got {value}")
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        raise MergeConfigError(f"{method}: {key} must be {'<' if hi_open else '<='} {hi}; got {value}")
+
+
+def numel_of(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
