@@ -116,7 +116,8 @@ def _merge_request(a) -> dict:
     return req
 
 
-def _print_plan(plan: dict, out=sys.stdout) -> None:
+def _print_plan(plan: dict, out=None) -> None:
+    out = out or sys.stdout
     w = max([len(r["name"]) for r in plan["tensors"]] + [6])
     meth = dict(plan["method"])
     name = meth.pop("method", "?")
