@@ -225,7 +225,8 @@ class ShardedWriter:
                     f = None
                 except OSError as e:
                     what = f"tensor {name!r}" if name else "the header"
-                    reason = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "write error"
+                    reason = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                              errno.EFBIG: "file size limit reached"}.get(e.errno, "write error")
                     raise MergeOutputError(
                         f"{self.out}: {reason} while writing {what} to {fname} ({e.strerror or e}); "
                         "nothing was written to the output path"
