@@ -187,7 +187,8 @@ def plan_merge(models, method="cart", base=None, *, out_dtype=None, dtype=None, 
                          "workspace_bytes": int(p.get("workspace_bytes") or 0), "in_bytes": in_bytes,
                          "out_bytes": oinfo.nbytes})
         max_out = max((r["out_bytes"] for r in rows), default=0)
-        max_ws = max((r["workspace_bytes"] + 4 * math.prod(r["shape"]) for r in rows), default=0)
+        # the method's float32 workspace (its result included) + finalize's NaN/Inf mask (1 byte per element)
+        max_ws = max((r["workspace_bytes"] + math.prod(r["shape"]) for r in rows), default=0)
         max_in = max((r["in_bytes"] for r in rows), default=0)
         # host: method workspace (+ its float32 result) for the current tensor, the finalized tensor, and the
         # tensors waiting for / being written; mmap'd inputs live in the page cache, not in this figure.
