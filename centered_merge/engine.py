@@ -235,13 +235,17 @@ def _count_nonfinite(t: torch.Tensor, chunk: int = 1 << 24) -> int:
 
 
 def _scan_finite(t: torch.Tensor) -> int:
-    """Number of NaN/Inf values, cheaply: one float32-accumulated sum (which also pages the tensor in);
-    only if that sum is not finite (NaN/Inf present, or a huge-but-finite overflow) count exactly, in chunks."""
+    """Number of NaN/Inf values, cheaply: min and max in one reduction pass over the stored dtype (no float32
+    copy; NaN propagates through both, an Inf shows as an extreme). This pass is also what pages the tensor in
+    from disk ahead of the compute. Only when something is found do we count exactly, in chunks."""
     if not t.is_floating_point() or t.numel() == 0:
         return 0
-    s = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-    if bool(torch.isfinite(s)):
-        return 0
+    try:
+        lo, hi = torch.aminmax(t)
+        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+            return 0
+    except (RuntimeError, NotImplementedError):  # dtypes without a min/max kernel (float8): count directly
+        pass
     return _count_nonfinite(t)
 
 
