@@ -162,7 +162,7 @@ def _out_info(inputs: _Inputs, key: str, kind: str, out_dtype: Optional[torch.dt
 
 # --- planning (dry run) ----------------------------------------------------------------------------------------
 def plan_merge(models, method="cart", base=None, *, out_dtype=None, dtype=None, device="auto", read_ahead=2,
-               trust_pickle=False, write_queue=2, **params) -> Dict[str, Any]:
+               trust_pickle=False, write_queue=1, **params) -> Dict[str, Any]:
     """What merge_checkpoints would do, without reading any tensor data: per tensor whether it is low rank and
     at which k, FLOPs, and an estimate of peak memory."""
     m = get_method(method, **params)
@@ -345,7 +345,7 @@ class _Reader:
 def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_dtype=None, dtype=None,
                       device="auto", shard_size=5 * 10**9, overwrite: bool = False, progress: bool = True,
                       read_ahead: int = 2, allow_nonfinite: bool = False, trust_pickle: bool = False,
-                      write_queue: int = 2, **params) -> MergeReport:
+                      write_queue: int = 1, **params) -> MergeReport:
     """Merge checkpoints tensor by tensor into an HF-style directory `out_dir`.
 
     models: paths (.safetensors file, HF directory, torch .bin/.pt), state dicts or nn.Modules, same keys and
