@@ -11,7 +11,9 @@ Exit codes: 0 success; 1 the merge could not be done (the message says why, nami
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 from .errors import MergeConfigError, MergeError
@@ -202,8 +204,23 @@ def cmd_lab(argv: List[str]) -> int:
     return int(rc or 0)
 
 
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # unwinds through the engine's cleanup like Ctrl-C
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: List[str]) -> int:
     try:
         if argv and argv[0] == "lab":
             return cmd_lab(argv[1:])

@@ -123,7 +123,11 @@ class _Inputs:
             raise
         self.use_base = method.needs_base
         group = self.group
-        check_key_sets([s.keys() for s in group], [s.label for s in group])
+        try:
+            check_key_sets([s.keys() for s in group], [s.label for s in group])
+        except BaseException:
+            self.close()
+            raise
         self.keys = self.sources[0].keys()
 
     @property
