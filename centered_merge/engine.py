@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import queue
+from collections import abc
 import sys
 import threading
 import time
@@ -199,8 +200,11 @@ def plan_merge(models, method="cart", base=None, *, out_dtype=None, dtype=None, 
         host = max_ws + (write_queue + 2) * max_out
         est = {"host_bytes": host, "device_bytes": 0}
         if dev.type == "cuda":
-            est["device_bytes"] = max_ws + (read_ahead + 1) * max_in + max_out
-            est["host_bytes"] = host + (read_ahead + 1) * max_in  # pinned staging
+            # staged inputs of the read-ahead window, capped as in _Reader (beyond the cap: one input at a time)
+            cap = torch.cuda.get_device_properties(dev).total_memory // 4
+            staged = min((read_ahead + 1) * max_in, cap)
+            est["device_bytes"] = max_ws + staged + max_out
+            est["host_bytes"] = host + staged  # pinned staging buffers
         not_mmapped = [s.label for s in inputs.sources if not _is_mmapped(s)]
         return {
             "method": m.describe(), "models": [s.label for s in inputs.sources],
@@ -253,6 +257,32 @@ def _scan_finite(t: torch.Tensor) -> int:
     return _count_nonfinite(t)
 
 
+class _LazyDeviceInputs(abc.Sequence):
+    """The T inputs of one tensor, copied to the compute device only when a method reads one of them.
+
+    Used on CUDA when staging all T inputs at once would take too much device memory: device memory then holds
+    one or two inputs at a time, whatever T, at the price of one host-to-device copy per read (methods read each
+    input once or twice). Copies are issued on the current stream, so they are ordered with the compute that
+    uses them; the host side goes through a pinned buffer so the copy is a real DMA.
+    """
+
+    def __init__(self, host: Sequence[torch.Tensor], device: torch.device):
+        self.host, self.device = list(host), device
+
+    def __len__(self):
+        return len(self.host)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        t = self.host[i]
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        pinned.copy_(t)
+        return pinned.to(self.device, non_blocking=True)
+
+
 class _Reader:
     """Produces, in order, (name, kind, inputs, base, nbytes) with data paged in (and copied to the device)."""
 
@@ -266,6 +296,11 @@ class _Reader:
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device=device)
+            # eager staging (all T inputs on the device, copied ahead on a side stream) only while the staged
+            # tensors of the read-ahead window fit in a quarter of the device memory; beyond that, inputs are
+            # copied one at a time when read (_LazyDeviceInputs), so device memory does not grow with T
+            total = torch.cuda.get_device_properties(device).total_memory
+            self.stage_budget = total // (4 * (self.depth + 1))
         if self.depth > 0:
             self.q: "queue.Queue" = queue.Queue(maxsize=self.depth)
             self.thread = threading.Thread(target=self._run, name="centered_merge-reader", daemon=True)
@@ -286,6 +321,10 @@ class _Reader:
                                                     "to merge anyway")
                     self.nonfinite.append(msg)
         event = None
+        if self.cuda and kind == "float" and nbytes > self.stage_budget:
+            host = tensors[:-1] if self.inputs.use_base else tensors
+            base_t = tensors[-1].to(self.device) if self.inputs.use_base else None  # current stream: ordered
+            return key, kind, _LazyDeviceInputs(host, self.device), base_t, nbytes, None
         if self.cuda and kind == "float":
             # pinned host staging + async H2D copy on a side stream; the compute stream waits on `event`
             staged = []
@@ -397,13 +436,13 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
             stats["read"] += nbytes
             want = out_info[key]
             if kind == "passthrough":
-                check_group(key, tensors + ([base_t] if base_t is not None else []), inputs.labels(key))
+                check_group(key, list(tensors) + ([base_t] if base_t is not None else []), inputs.labels(key))
                 out = tensors[0]
                 stats["pass"] += 1
             else:
                 if event is not None:
                     torch.cuda.current_stream(dev).wait_event(event)
-                    for t in tensors + ([base_t] if base_t is not None else []):
+                    for t in list(tensors) + ([base_t] if base_t is not None else []):
                         t.record_stream(torch.cuda.current_stream(dev))
                 try:
                     merged = m.merge_tensor(key, tensors, base_t)
