@@ -220,9 +220,14 @@ def plan_merge(models, method="cart", base=None, *, out_dtype=None, dtype=None, 
 
 
 def _is_mmapped(src: TensorSource) -> bool:
+    """Whether a source's tensors live in the page cache (mmap) rather than in the process's own memory."""
     from .io import HFDirectory, SafetensorsFile, TorchFile
 
-    return isinstance(src, (HFDirectory, SafetensorsFile, TorchFile))
+    if isinstance(src, HFDirectory):
+        return all(_is_mmapped(s) for s in src._shards)
+    if isinstance(src, TorchFile):
+        return src.mmapped
+    return isinstance(src, SafetensorsFile)
 
 
 # --- the pipeline ----------------------------------------------------------------------------------------------

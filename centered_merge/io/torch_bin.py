@@ -36,10 +36,11 @@ def _flatten(obj, prefix="") -> Dict[str, torch.Tensor]:
 
 
 def load_torch_file(path: Path, trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensors of a torch checkpoint; views of an mmap for zip-format files, in memory for legacy ones."""
     path = Path(path)
     if not path.exists():
         raise MergeInputError(f"{path}: file not found")
-    mmap = zipfile.is_zipfile(path)
+    mmap = zipfile.is_zipfile(path)  # legacy (pre-1.6) files cannot be mapped: they are read whole
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -66,6 +67,7 @@ class TorchFile(TensorSource):
         self.label = label or str(self.path)
         self.config_dir = None
         self._t = load_torch_file(self.path, trust_pickle)
+        self.mmapped = zipfile.is_zipfile(self.path)
 
     def keys(self) -> List[str]:
         return list(self._t)
