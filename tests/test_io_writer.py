@@ -110,3 +110,11 @@ def test_copy_model_files_sets_dtype(tmp_path):
     assert "model.safetensors" not in copied and "tokenizer_extra.txt" in copied
     assert json.loads((dst / "config.json").read_text()) == {"torch_dtype": "bfloat16", "hidden_size": 4}
     assert (dst / "generation_config.json").exists() and (dst / "tokenizer.json").exists()
+
+
+def test_missing_parents_are_created(tmp_path):
+    _write(tmp_path / "a" / "b" / "o", {"w": torch.ones(2)}).commit()
+    assert (tmp_path / "a" / "b" / "o" / "model.safetensors").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(MergeOutputError, match="not a directory"):
+        ShardedWriter(tmp_path / "f" / "o", _items({"w": torch.ones(2)}))

@@ -82,10 +82,12 @@ def check_output_path(out_dir, overwrite: bool) -> Path:
             what = "directory is not empty" if out.is_dir() else "path exists and is not a directory"
             raise MergeOutputError(f"{out}: output {what}; pass --overwrite (API: overwrite=True) to replace it")
     parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:  # missing parents are created later
+        parent = parent.parent
     if not parent.is_dir():
-        raise MergeOutputError(f"{out}: parent directory {parent} does not exist")
+        raise MergeOutputError(f"{out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK):
-        raise MergeOutputError(f"{out}: parent directory {parent} is not writable")
+        raise MergeOutputError(f"{out}: directory {parent} is not writable")
     return out
 
 
@@ -162,6 +164,7 @@ class ShardedWriter:
         self._next = 0
         parent = self.out.absolute().parent
         try:
+            parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=parent))
         except OSError as e:
             raise MergeOutputError(f"{self.out}: cannot create a temporary directory in {parent} ({e.strerror})") from None
