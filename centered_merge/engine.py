@@ -311,9 +311,13 @@ class _Reader:
             self.thread = threading.Thread(target=self._run, name="centered_merge-reader", daemon=True)
             self.thread.start()
 
-    def _load(self, key):
+    def _load(self, i):
+        key = self.order[i]
         kind = self.kinds[key]
         group = self.inputs.group
+        if i + 1 < len(self.order):  # the disk reads the next tensor while this one is scanned and merged
+            for s in group:
+                s.prefetch(self.order[i + 1])
         tensors = [s.get(key) for s in group]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         if kind == "float":
@@ -347,10 +351,10 @@ class _Reader:
 
     def _run(self):
         try:
-            for key in self.order:
+            for i in range(len(self.order)):
                 if self._stop.is_set():
                     return
-                item = self._load(key)
+                item = self._load(i)
                 while not self._stop.is_set():
                     try:
                         self.q.put(item, timeout=0.2)
@@ -368,8 +372,8 @@ class _Reader:
 
     def __iter__(self):
         if self.depth <= 0:
-            for key in self.order:
-                yield self._load(key)
+            for i in range(len(self.order)):
+                yield self._load(i)
             return
         while True:
             item = self.q.get()

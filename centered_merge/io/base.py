@@ -51,6 +51,9 @@ class TensorSource:
     def get(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def prefetch(self, key: str) -> None:
+        """Hint that `key` will be read soon (start reading it into the page cache); may do nothing."""
+
     def close(self) -> None:
         pass
 

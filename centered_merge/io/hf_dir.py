@@ -95,6 +95,9 @@ class HFDirectory(TensorSource):
     def file_of(self, key: str) -> str:
         return self._where[key].file_of(key)
 
+    def prefetch(self, key: str) -> None:
+        self._where[key].prefetch(key)
+
     def close(self) -> None:
         for s in self._shards:
             s.close()

@@ -2,8 +2,9 @@
 
 safetensors' own `safe_open(framework="pt")` maps the file (a private, read-only mmap) and `get_tensor` returns a
 view of that mapping: no copy, no anonymous memory; pages come from the page cache as they are touched. So the
-library does the job and this module does not parse the format itself; it only turns the library's errors into
-messages that name the file, and checks up front that every tensor's bytes lie inside the file.
+library does the job and this module does not decode tensors itself. It only turns the library's errors into
+messages that name the file, and reads the JSON header (a plain read of a few KB) to check up front that every
+tensor's bytes lie inside the file and to know each tensor's byte range for read-ahead hints (posix_fadvise).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from safetensors import safe_open
@@ -30,8 +31,9 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
         _DTYPES[_name] = getattr(torch, _attr)
 
 
-def read_header(path: Path) -> Dict:
-    """The JSON header of a safetensors file (a few KB read with plain I/O), with a clear error if broken.
+def read_header(path: Path) -> Tuple[Dict, int]:
+    """The JSON header of a safetensors file and its length (a few KB read with plain I/O), with a clear error
+    if broken.
 
     safe_open checks the same things, but its messages do not name the file; this is only used for messages and
     for `info` without mapping the file.
@@ -72,7 +74,7 @@ def read_header(path: Path) -> Dict:
             )
         if dt not in _DTYPES:
             raise MergeInputError(f"{path}: tensor {name!r} has dtype {dt}, which this torch cannot hold")
-    return header
+    return header, n
 
 
 class SafetensorsFile(TensorSource):
@@ -80,7 +82,7 @@ class SafetensorsFile(TensorSource):
         self.path = Path(path)
         self.label = label or str(self.path)
         self.config_dir = None
-        header = read_header(self.path)
+        header, header_len = read_header(self.path)
         self._info = {
             k: TensorInfo(tuple(int(s) for s in v["shape"]), _DTYPES[v["dtype"]])
             for k, v in header.items() if k != "__metadata__"
@@ -88,6 +90,10 @@ class SafetensorsFile(TensorSource):
         # file order (by offset): reading in this order walks the file front to back
         self._keys: List[str] = sorted(self._info, key=lambda k: header[k]["data_offsets"][0])
         self.metadata = header.get("__metadata__") or {}
+        data_start = 8 + header_len
+        self._ranges = {k: (data_start + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+                        for k, v in header.items() if k != "__metadata__"}
+        self._fd = None
         try:
             self._f = safe_open(str(self.path), framework="pt", device="cpu")
         except Exception as e:  # SafetensorError is not importable under one stable name across versions
@@ -108,5 +114,25 @@ class SafetensorsFile(TensorSource):
     def file_of(self, key: str) -> str:
         return str(self.path)
 
+    def prefetch(self, key: str) -> None:
+        """posix_fadvise(WILLNEED) on the tensor's bytes: the kernel starts reading them in the background, so
+        the page faults of the later read hit the page cache."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            off, n = self._ranges[key]
+            if n:
+                os.posix_fadvise(self._fd, off, n, os.POSIX_FADV_WILLNEED)
+        except (OSError, KeyError):
+            pass  # only a hint
+
     def close(self) -> None:
         self._f = None
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
