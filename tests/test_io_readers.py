@@ -134,3 +134,16 @@ def test_missing_and_unknown_paths(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(MergeInputError, match="unknown checkpoint format"):
         open_model(tmp_path / "x.txt")
+
+
+def test_byte_ranges_for_prefetch(tmp_path, sd):
+    p = tmp_path / "m.safetensors"
+    save_file(sd, str(p))
+    src = SafetensorsFile(p)
+    raw = p.read_bytes()
+    for k, v in sd.items():
+        off, n = src._ranges[k]
+        assert raw[off:off + n] == v.contiguous().view(torch.uint8).numpy().tobytes()
+        src.prefetch(k)  # a hint: must never fail
+    src.close()
+    open_model(tmp_path).prefetch("lm_head.weight")
