@@ -6,13 +6,7 @@ from .engine import merge_checkpoints
 
 __version__ = "0.1.0"
 
-try:  # the native build module lands with the extension; keep import working without it
-    from .build import build_info
-except ImportError:  # pragma: no cover
-    def build_info() -> dict:
-        from .backend import describe
-
-        return {"version": __version__, "native": False, **describe()}
+from .build import build_info
 
 __all__ = ["merge", "cart", "merge_checkpoints", "methods", "build_info", "MergeError", "MergeConfigError",
            "MergeInputError", "MergeOutputError"]
