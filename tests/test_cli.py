@@ -131,6 +131,13 @@ def test_usage_errors(tmp_path, ckpts, capsys):
     assert "unknown merge method 'nope'" in capsys.readouterr().err
     assert main(["merge", *models]) == 1
     assert "--out DIR is required" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["merge", *models, "--device", "cuda", "--out", str(tmp_path / "o")]) == 1
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["merge", *models, "--device", "tpu", "--out", str(tmp_path / "o")]) == 1
+    assert "device 'tpu'" in capsys.readouterr().err
+    assert main(["merge", *models, "--shard-size", "big", "--out", str(tmp_path / "o")]) == 1
+    assert "shard size 'big'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["merge", *models, "--rank", "lots"])
     assert e.value.code == 2
