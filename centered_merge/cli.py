@@ -14,6 +14,7 @@ import argparse
 import signal
 import sys
 import threading
+import warnings
 from typing import List, Optional
 
 from .errors import MergeConfigError, MergeError
@@ -156,8 +157,12 @@ def cmd_merge(a) -> int:
         return 0
     if not a.out:
         raise MergeConfigError("--out DIR is required")
-    rep = merge_checkpoints(req["models"], a.out, shard_size=a.shard_size, overwrite=a.overwrite,
-                            progress=not a.quiet, allow_nonfinite=a.allow_nonfinite, **common)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = merge_checkpoints(req["models"], a.out, shard_size=a.shard_size, overwrite=a.overwrite,
+                                progress=not a.quiet, allow_nonfinite=a.allow_nonfinite, **common)
+    for w in caught:  # one plain line each, not Python's file:line format
+        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
     if not a.quiet:
         print(f"wrote {rep.out_dir}: {rep.tensors} tensors ({rep.merged} merged, {rep.passthrough} copied), "
               f"{_human(rep.bytes_written)} in {rep.seconds:.1f} s", file=sys.stderr)

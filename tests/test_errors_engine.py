@@ -125,10 +125,12 @@ def test_nonfinite_input_named_and_flag_proceeds(tmp_path, capsys, bad):
     rc, err = run_cli(["merge", *paths, "--method", "cart", "--out", str(tmp_path / "out")], capsys)
     assert_clean_failure(rc, err, tmp_path, "'model.layers.0.self_attn.o_proj.weight' in",
                          "m1.safetensors holds 1 NaN/Inf value(s)", "--allow-nonfinite")
-    with pytest.warns(UserWarning, match="o_proj.weight"):
-        rc = main(["merge", *paths, "--method", "weight_average", "--out", str(tmp_path / "out"),
-                   "--allow-nonfinite", "-q"])
+    rc, err = run_cli(["merge", *paths, "--method", "weight_average", "--out", str(tmp_path / "out"),
+                       "--allow-nonfinite", "-q"], capsys)
     assert rc == 0 and (tmp_path / "out" / "model.safetensors").exists()
+    assert "centered-merge: warning: tensor 'model.layers.0.self_attn.o_proj.weight' in" in err
+    with pytest.warns(UserWarning, match="o_proj.weight"):  # the API warns
+        merge_checkpoints(paths, tmp_path / "api", method="weight_average", allow_nonfinite=True, progress=False)
 
 
 def test_overflow_in_output_dtype(tmp_path, capsys):
