@@ -171,7 +171,15 @@ def child(args) -> None:
     io1 = _io()
     res.update(baseline_anon=base["RssAnon"], peak_anon=peak["RssAnon"], peak_file=peak["RssFile"],
                read_bytes=io1["read_bytes"] - io0["read_bytes"], write_bytes=io1["write_bytes"] - io0["write_bytes"],
-               engine_bytes_read=rep.bytes_read, bytes_written=rep.bytes_written, threads=torch.get_num_threads())
+               engine_bytes_read=rep.bytes_read, bytes_written=rep.bytes_written, threads=torch.get_num_threads(),
+               timings=rep.timings)
+    try:
+        import centered_merge
+
+        res["backend"] = "native" if centered_merge.build_info().get("native") else "torch"
+    except Exception:  # noqa: BLE001
+        res["backend"] = "?"
+
     print("RESULT " + json.dumps(res))
 
 
@@ -249,7 +257,13 @@ def main():
               f"{mb(r['peak_anon'] - r['baseline_anon'])} | {mb(r['estimate_host_bytes'])} | "
               f"{mb(r['largest_tensor_bytes'])} | {gb(r['read_bytes'])} | {gb(r['bytes_written'])} | "
               f"{r['gflop']:.0f} | {ratio} |")
-    print(f"\nbaseline RssAnon after imports: {mb(rows[0]['baseline_anon'])} MiB; torch threads: {rows[0]['threads']}")
+    print(f"\nbaseline RssAnon after imports: {mb(rows[0]['baseline_anon'])} MiB; torch threads: {rows[0]['threads']}; "
+          f"element-wise ops: {rows[0].get('backend')}")
+    print("main thread, seconds waiting for reads / merging / waiting for writes / finishing:")
+    for r in rows:
+        t = r.get("timings", {})
+        print(f"  {r['method']} T={r['T']} {gb(r['size'])} GB: " + " / ".join(f"{t.get(k, 0):.1f}" for k in
+                                                                          ("read", "compute", "write", "finish")))
 
 
 if __name__ == "__main__":

@@ -96,6 +96,9 @@ class MergeReport:
     bytes_written: int
     seconds: float
     nonfinite_inputs: List[str] = field(default_factory=list)
+    # seconds the main thread spent waiting for the reader, merging (method + finalize), waiting for room in the
+    # writer's queue, and finishing (last writes, fsync, index, files, rename)
+    timings: Dict[str, float] = field(default_factory=dict)
 
 
 # --- opening and checking the inputs ---------------------------------------------------------------------------
@@ -441,7 +444,17 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
         reader = _Reader(inputs, writer.order, kinds, dev, read_ahead, allow_nonfinite)
         stats = {"read": 0, "merged": 0, "pass": 0}
         out_info = dict(items)
-        for key, kind, tensors, base_t, nbytes, event in reader:
+        clock = time.perf_counter
+        waits = {"read": 0.0, "compute": 0.0, "write": 0.0, "finish": 0.0}
+        items_iter = iter(reader)
+        while True:
+            ta = clock()
+            try:
+                key, kind, tensors, base_t, nbytes, event = next(items_iter)
+            except StopIteration:
+                break
+            tb = clock()
+            waits["read"] += tb - ta
             stats["read"] += nbytes
             want = out_info[key]
             if kind == "passthrough":
@@ -471,8 +484,11 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
                     out = out.cpu()
                 stats["merged"] += 1
             del tensors, base_t
+            tc = clock()
+            waits["compute"] += tc - tb
             writer.write(key, out)
             del out
+            waits["write"] += clock() - tc
         for msg in reader.nonfinite:
             warnings.warn(msg + " (merged anyway: allow_nonfinite)", stacklevel=2)
         ref = inputs.base if (inputs.base is not None and inputs.base.config_dir is not None) else next(
@@ -484,9 +500,12 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
         card = model_card(m.describe(), [s.label for s in inputs.sources],
                           inputs.base.label if inputs.base is not None else None,
                           sorted(str(d).replace("torch.", "") for d in float_dts), report)
+        tf = clock()
         writer.commit(config_dir=ref.config_dir if ref is not None else None, card=card,
                       out_dtype=next(iter(float_dts)) if len(float_dts) == 1 else None)
+        waits["finish"] = clock() - tf
         report.seconds = time.perf_counter() - t0
+        report.timings = waits
         return report
     except BaseException:
         if reader is not None:
