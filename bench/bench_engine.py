@@ -176,7 +176,7 @@ def child(args) -> None:
     try:
         import centered_merge
 
-        res["backend"] = "native" if centered_merge.build_info().get("native") else "torch"
+        res["backend"] = (centered_merge.build_info().get("backend") or {}).get("cpu", "?")
     except Exception:  # noqa: BLE001
         res["backend"] = "?"
 
