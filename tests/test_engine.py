@@ -119,6 +119,8 @@ def test_progress_bar_and_report(tmp_path, capsys):
     assert rep.bytes_read == sum(v.numel() * v.element_size() for m in models for v in m.values())
     merge_checkpoints(paths, tmp_path / "q", method="weight_average", progress=False)
     assert capsys.readouterr().err == ""
+    assert set(rep.timings) == {"read", "compute", "write", "finish"}
+    assert all(v >= 0 for v in rep.timings.values()) and sum(rep.timings.values()) <= rep.seconds
 
 
 def test_plan(tmp_path):
