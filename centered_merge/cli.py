@@ -11,6 +11,7 @@ Exit codes: 0 success; 1 the merge could not be done (the message says why, nami
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -128,7 +129,7 @@ def _print_plan(plan: dict, out=None) -> None:
     print(f"models: {len(plan['models'])}  " + "  ".join(plan["models"]), file=out)
     if plan["base"]:
         print(f"base:   {plan['base']}", file=out)
-    print(f"device: {plan['device']}", file=out)
+    print(f"device: {plan['device']} (element-wise ops: {plan['elementwise']})", file=out)
     print(f"\n{'tensor':<{w}}  {'shape':<16} {'dtype -> out':<20} {'treatment':<14} {'GFLOP':>10}", file=out)
     for r in plan["tensors"]:
         treat = (f"low rank k={r['k']}" if r["lowrank"] else ("copied" if r["kind"] == "passthrough" else "dense"))
@@ -242,6 +243,12 @@ def _main(argv: List[str]) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written to the output path", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `centered-merge info big/ | head`: stop quietly
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     return 2
 
 

@@ -195,8 +195,12 @@ def plan_merge(models, method="cart", base=None, *, out_dtype=None, dtype=None, 
                          "workspace_bytes": int(p.get("workspace_bytes") or 0), "in_bytes": in_bytes,
                          "out_bytes": oinfo.nbytes})
         max_out = max((r["out_bytes"] for r in rows), default=0)
-        # the method's float32 workspace (its result included) + finalize's NaN/Inf mask (1 byte per element)
-        max_ws = max((r["workspace_bytes"] + math.prod(r["shape"]) for r in rows), default=0)
+        # the method's float32 workspace (its result included) + finalize's NaN/Inf mask (1 byte per element);
+        # the torch twins of the element-wise ops also make a float32 copy of each 16-bit input as they add it
+        from .backend import describe as backend_describe
+
+        twin = backend_describe().get("cuda" if dev.type == "cuda" else "cpu") != "native"
+        max_ws = max((r["workspace_bytes"] + math.prod(r["shape"]) * (5 if twin else 1) for r in rows), default=0)
         max_in = max((r["in_bytes"] for r in rows), default=0)
         # host: method workspace (+ its float32 result) for the current tensor, the finalized tensor, and the
         # tensors waiting for / being written; mmap'd inputs live in the page cache, not in this figure.
@@ -210,7 +214,8 @@ def plan_merge(models, method="cart", base=None, *, out_dtype=None, dtype=None, 
             est["host_bytes"] = host + staged  # pinned staging buffers
         not_mmapped = [s.label for s in inputs.sources if not _is_mmapped(s)]
         return {
-            "method": m.describe(), "models": [s.label for s in inputs.sources],
+            "method": m.describe(), "models": [s.label for s in inputs.sources], "elementwise": "torch" if twin
+            else "native",
             "base": inputs.base.label if inputs.base is not None else None,
             "device": str(dev), "tensors": rows, "num_tensors": len(rows),
             "num_lowrank": sum(r["lowrank"] for r in rows),
