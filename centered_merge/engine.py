@@ -369,6 +369,7 @@ class _Reader:
                         break
                     except queue.Full:
                         pass
+                item = None  # the queue holds it now; do not keep it alive while loading the next
             self.q.put(_STOP)
         except BaseException as e:  # noqa: BLE001  (re-raised in the main thread)
             while not self._stop.is_set():
@@ -390,6 +391,7 @@ class _Reader:
             if isinstance(item, BaseException):
                 raise item
             yield item
+            item = None  # the consumer is done with it: do not hold it while waiting for the next
 
     def stop(self):
         self._stop.set()

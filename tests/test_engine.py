@@ -152,3 +152,35 @@ def test_lazy_device_inputs_give_the_same_merge(method, params):
         lazy = _LazyDeviceInputs(xs, torch.device("cpu"))
         assert len(lazy) == 3 and len(lazy[1:]) == 2
         assert torch.equal(m.merge_tensor(k, lazy, b), m.merge_tensor(k, xs, b)), k
+
+
+@pytest.mark.parametrize("read_ahead", [0, 2])
+def test_never_holds_whole_models(tmp_path, read_ahead):
+    """Only the inputs of the read-ahead window are alive at once, never T whole models."""
+    import gc
+    import weakref
+
+    from centered_merge.io import StateDictSource
+
+    live = weakref.WeakSet()
+    peak = [0]
+
+    class Tracking(StateDictSource):
+        def get(self, key):
+            t = super().get(key).clone()  # a fresh tensor per read: its lifetime is the engine's
+            live.add(t)
+            peak[0] = max(peak[0], len(live))
+            return t
+
+    T, n_tensors = 4, 40
+    g = torch.Generator().manual_seed(0)
+    sds = [{f"layers.{i}.w": torch.randn(8, 8, generator=g) for i in range(n_tensors)} for _ in range(T)]
+    gc.disable()  # so that only reference counts free tensors
+    try:
+        merge_checkpoints([Tracking(sd, f"m{t}") for t, sd in enumerate(sds)], tmp_path / "o",
+                          method="cart", rank=2, read_ahead=read_ahead, progress=False)
+    finally:
+        gc.enable()
+    # T inputs for each tensor name in the window: queued (read_ahead) + being read + being merged
+    window = 1 if read_ahead == 0 else read_ahead + 2
+    assert T <= peak[0] <= window * T < n_tensors * T, peak[0]
