@@ -232,3 +232,33 @@ def test_api_errors_are_merge_errors(tmp_path, files):
         merge_checkpoints([paths[0], {"x": torch.zeros(2)}], tmp_path / "out", method="weight_average",
                           progress=False)
     assert leftovers(tmp_path, "out") == []
+
+
+def test_sigterm_mid_merge_cleans_up(tmp_path):
+    """A merge stopped by SIGTERM (a job scheduler's kill) exits 130 and leaves no partial directory."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for t in range(3):
+        sd = {f"layers.{i}.mlp.w": torch.randn(384, 384, generator=g) for i in range(60)}
+        paths.append(str(tmp_path / f"m{t}.safetensors"))
+        save_file(sd, paths[-1])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "centered_merge", "merge", *paths, "--method", "cart", "--svd", "exact",
+                          "--rank", "0.5", "--out", str(tmp_path / "out"), "-q"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not any(n.startswith(".out.partial-") for n in os.listdir(tmp_path)):
+            assert p.poll() is None and time.time() < deadline, "merge ended before it could be stopped"
+            time.sleep(0.01)
+        time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "interrupted; nothing was written" in err and "Traceback" not in err
+    assert leftovers(tmp_path, "out") == []
