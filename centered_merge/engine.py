@@ -38,7 +38,7 @@ from .errors import MergeConfigError, MergeError, MergeInputError, MergeOutputEr
 from .io import TensorInfo, TensorSource, open_model
 from .io.writer import ShardedWriter, check_output_path, parse_size
 from .methods import get_method
-from .validation import check_group, check_key_sets
+from .validation import check_group, check_key_sets, count_nonfinite
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "f32": torch.float32,
@@ -246,30 +246,6 @@ class _NonFinite(Exception):
     pass
 
 
-def _count_nonfinite(t: torch.Tensor, chunk: int = 1 << 24) -> int:
-    flat = t.reshape(-1)
-    bad = 0
-    for i in range(0, flat.numel(), chunk):
-        part = flat[i:i + chunk]
-        bad += int(part.numel() - torch.isfinite(part).sum().item())
-    return bad
-
-
-def _scan_finite(t: torch.Tensor) -> int:
-    """Number of NaN/Inf values, cheaply: min and max in one reduction pass over the stored dtype (no float32
-    copy; NaN propagates through both, an Inf shows as an extreme). This pass is also what pages the tensor in
-    from disk ahead of the compute. Only when something is found do we count exactly, in chunks."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return 0
-    try:
-        lo, hi = torch.aminmax(t)
-        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
-            return 0
-    except (RuntimeError, NotImplementedError):  # dtypes without a min/max kernel (float8): count directly
-        pass
-    return _count_nonfinite(t)
-
-
 class _LazyDeviceInputs(abc.Sequence):
     """The T inputs of one tensor, copied to the compute device only when a method reads one of them.
 
@@ -330,7 +306,7 @@ class _Reader:
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         if kind == "float":
             for t, s in zip(tensors, group):
-                bad = _scan_finite(t)
+                bad = count_nonfinite(t)
                 if bad:
                     msg = (f"tensor {key!r} in {s.file_of(key)} holds {bad} NaN/Inf value(s) of {t.numel()}")
                     if not self.allow_nonfinite:
