@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..validation import count_nonfinite
+
 F32 = torch.float32
 
 
@@ -43,8 +45,7 @@ def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = 
     Counting after the conversion catches values that overflow the output dtype (e.g. > 65504 in float16).
     """
     y = (x if add is None else x + add).to(dtype)
-    nonfinite = int(y.numel() - torch.isfinite(y).sum().item()) if y.numel() else 0
-    return y, nonfinite
+    return y, count_nonfinite(y)
 
 
 def kept_count(numel: int, density: float) -> int:
