@@ -12,7 +12,7 @@ def _err(a, usv):
     return torch.linalg.matrix_norm(a.double() - ((u * s) @ vh).double()).item()
 
 
-@pytest.mark.parametrize("shape", [(240, 96), (96, 240), (160, 160), (400, 48), (48, 400)])
+@pytest.mark.parametrize("shape", [(240, 96), (96, 240), (160, 160), (400, 48), (48, 400), (640, 320), (320, 640)])
 @pytest.mark.parametrize("decay", ["power", "exp"])
 def test_randomized_error_within_2_percent_of_optimal(shape, decay):
     """Default settings: rank-k Frobenius error <= 1.02 x the exact truncated SVD's (Eckart-Young optimum)."""

@@ -19,7 +19,7 @@ import torch
 
 from .. import ops
 from ..errors import MergeConfigError
-from ..linalg import energy_svd, exact_svd, randomized_svd_from_sketch, resolve_rank, sketch
+from ..linalg import energy_svd, exact_svd, randomized_svd_from_sketch, resolve_rank, sketch, sketch_width
 from ..seeding import generator
 from ..selection import PRESETS, make_selector, matrix_shape
 from .base import MergeMethod, check_number, numel_of
@@ -32,15 +32,15 @@ SVD_MODES = ("randomized", "exact")
 class Cart(MergeMethod):
     name = "cart"
     needs_base = False
-    # Defaults: the authors' released ViT-B/32 8-task setting (prior 2.0... rank 0.12); randomized SVD with
-    # 10 oversamples and 2 power iterations, which stays within 2% of the exact truncation error on decaying
-    # spectra (tests/test_linalg.py) at a fraction of the cost.
+    # Defaults: the authors' released ViT-B/32 8-task setting (prior 2.0, rank 0.12); randomized SVD with
+    # max(10, k/10) oversamples and 2 power iterations, which stays within 2% of the exact truncation error on
+    # decaying spectra (tests/test_linalg.py) at a fraction of the cost (bench/bench_cart_speed.py).
     defaults = {
         "rank": 0.12,
         "lam": 2.0,
         "energy": None,
         "svd": "randomized",
-        "oversample": 10,
+        "oversample": None,
         "power_iters": 2,
         "seed": 0,
         "select": "default",
@@ -58,6 +58,8 @@ class Cart(MergeMethod):
         if p["svd"] not in SVD_MODES:
             raise MergeConfigError(f"cart: svd must be one of {', '.join(SVD_MODES)}; got {p['svd']!r}")
         for key in ("oversample", "power_iters"):
+            if key == "oversample" and p[key] is None:
+                continue
             if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 0:
                 raise MergeConfigError(f"cart: {key} must be an int >= 0; got {p[key]!r}")
         if p["select"] not in PRESETS:
@@ -84,12 +86,14 @@ class Cart(MergeMethod):
         if k is not None and k >= min(m, c):
             return {"lowrank": False, "k": k, "flops": n * T, "workspace_bytes": 4 * n}
         small, big = min(m, c), max(m, c)
-        if self.svd == "exact" or k is None or k + self.oversample >= small:
+        if self.svd == "exact" or k is None or sketch_width(k, self.oversample) >= small:
             svd_flops = 4 * big * small * small + 8 * small ** 3  # Golub-Kahan bidiagonalisation, roughly
             factors = (m + c + 1) * small
         else:
-            w = k + self.oversample
-            svd_flops = (2 * self.power_iters + 2) * 2 * m * c * w + (2 * self.power_iters + 1) * 4 * big * w * w
+            w = sketch_width(k, self.oversample)
+            # 2q + 2 GEMM passes over the matrix, q + 1 QRs of (small x w), the w x w Gram of the sketch
+            svd_flops = (2 * self.power_iters + 2) * 2 * m * c * w + (self.power_iters + 1) * 4 * small * w * w
+            svd_flops += 2 * w * w * big
             factors = (m + c) * w
         gemm = 2 * m * c * (k if k is not None else small)
         flops = T * (n + svd_flops + gemm) + 2 * n
@@ -110,9 +114,9 @@ class Cart(MergeMethod):
         centered = torch.empty_like(mean2)
         acc = torch.zeros_like(mean2)
         omega = None
-        if self.energy is None and self.svd == "randomized" and k + self.oversample < min(m, c):
+        if self.energy is None and self.svd == "randomized" and sketch_width(k, self.oversample) < min(m, c):
             # One sketch per tensor, shared by the T tasks: the merge then does not depend on model order.
-            omega = sketch(c, k + self.oversample, generator(int(self.seed), name), mean.device)
+            omega = sketch((m, c), sketch_width(k, self.oversample), generator(int(self.seed), name), mean.device)
         for t in range(T):
             ops.center_into(inputs[t].reshape(m, c), mean2, centered)
             u, s, vh = self._truncated(centered, k, name, omega)
