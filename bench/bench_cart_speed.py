@@ -17,6 +17,7 @@ import time
 import torch
 
 import centered_merge as cm
+from centered_merge.linalg import resolve_sketch_dtype
 
 SHAPES = {
     "attn.in_proj_weight": (2304, 768),
@@ -69,6 +70,7 @@ def main(argv=None):
     ap.add_argument("--lam", type=float, default=2.0)
     ap.add_argument("--decay", type=float, default=1.0, help="power-law exponent of the task spectra")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--with-exact", action="store_true", help="also time svd=exact through centered_merge")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,22 +83,29 @@ def main(argv=None):
           f"{platform.processor() or platform.machine()}")
 
     ours, t_ours = timed(lambda: cm.cart(models, rank=args.rank, lam=args.lam, select="all2d"))
+    f32, t_f32 = timed(lambda: cm.cart(models, rank=args.rank, lam=args.lam, select="all2d", sketch_dtype="float32"))
     ref, t_ref = timed(lambda: official_style(models, args.rank, args.lam))
-    exact, t_exact = timed(lambda: cm.cart(models, rank=args.rank, lam=args.lam, select="all2d", svd="exact"))
+    rows = [("official approach (full SVD, then slice)", t_ref)]
+    if args.with_exact:
+        exact, t_exact = timed(lambda: cm.cart(models, rank=args.rank, lam=args.lam, select="all2d", svd="exact"))
+        rows.append(("centered_merge, svd=exact", t_exact))
+    rows.append(("centered_merge, randomized, float32 sketch", t_f32))
+    auto = resolve_sketch_dtype("auto", 1, 1 << 20, 1 << 20, "cpu")
+    rows.append((f"centered_merge, randomized, default ({str(auto).replace('torch.', '')} sketch)", t_ours))
 
     avg = cm.merge(models, "weight_average")
-    num = sum((ours[k] - ref[k]).double().pow(2).sum() for k in ref).sqrt().item()
-    den = sum(ref[k].double().pow(2).sum() for k in ref).sqrt().item()
-    den_delta = sum((ref[k] - avg[k]).double().pow(2).sum() for k in ref).sqrt().item()
-    ex_diff = max(((exact[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
-
-    print(f"{'approach':<44}{'seconds':>10}{'speed-up':>10}")
-    print(f"{'official approach (full SVD, then slice)':<44}{t_ref:>10.2f}{1.0:>10.2f}")
-    print(f"{'centered_merge, svd=exact':<44}{t_exact:>10.2f}{t_ref / t_exact:>10.2f}")
-    print(f"{'centered_merge, svd=randomized (default)':<44}{t_ours:>10.2f}{t_ref / t_ours:>10.2f}")
-    print(f"relative Frobenius difference, randomized vs official, over all merged matrices: {num / den:.2e}")
-    print(f"  ... relative to the low-rank update itself (merged - average): {num / den_delta:.2e}")
-    print(f"  exact mode vs official, worst matrix: {ex_diff:.2e}")
+    print(f"{'approach':<58}{'seconds':>10}{'speed-up':>10}")
+    for label, t in rows:
+        print(f"{label:<58}{t:>10.2f}{t_ref / t:>10.2f}")
+    for label, got in (("default", ours), ("float32 sketch", f32)):
+        num = sum((got[k] - ref[k]).double().pow(2).sum() for k in ref).sqrt().item()
+        den = sum(ref[k].double().pow(2).sum() for k in ref).sqrt().item()
+        den_delta = sum((ref[k] - avg[k]).double().pow(2).sum() for k in ref).sqrt().item()
+        print(f"{label}: relative Frobenius difference to the official merge over all matrices {num / den:.2e}"
+              f" (relative to the low-rank update, merged - average: {num / den_delta:.2e})")
+    if args.with_exact:
+        ex_diff = max(((exact[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
+        print(f"svd=exact vs official, worst matrix: {ex_diff:.2e}")
 
 
 if __name__ == "__main__":

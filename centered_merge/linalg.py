@@ -7,6 +7,7 @@ order), QR re-orthonormalisation at every power iteration, and the energy mode's
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple, Union
 
@@ -35,6 +36,42 @@ def resolve_rank(rank: Union[int, float], rows: int, cols: int) -> int:
             raise MergeConfigError(f"rank as a ratio must be in (0, 1]; got {rank}")
         return max(1, min(full, math.floor(rank * full + 1e-9)))
     raise MergeConfigError(f"rank must be a float ratio in (0, 1] or an int >= 1; got {type(rank).__name__} {rank!r}")
+
+
+SKETCH_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_bf16_gemm() -> bool:
+    # torch has no public query for native bf16 dot products on the CPU; Linux's CPU flags say it directly
+    # (AVX512-BF16 or AMX-BF16). Elsewhere we assume not and stay in float32.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def fast_bf16_matmul(device) -> bool:
+    """Whether bf16 GEMMs run natively (faster than float32) on `device`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        return _cpu_has_bf16_gemm()
+    return False
+
+
+def resolve_sketch_dtype(choice: str, k: int, rows: int, cols: int, device) -> torch.dtype:
+    """The dtype of the range finder's GEMMs. "auto": bfloat16 where the hardware multiplies it natively and
+    k <= min(rows, cols) / 4 (at larger k the bf16 noise floor, ~1e-4 sigma_1, nears the optimal error and
+    costs more than 2%), float32 otherwise."""
+    if choice != "auto":
+        return SKETCH_DTYPES[choice]
+    if 4 * k <= min(rows, cols) and fast_bf16_matmul(device):
+        return torch.bfloat16
+    return torch.float32
 
 
 def sketch_width(k: int, oversample: Optional[int] = None) -> int:
@@ -80,19 +117,30 @@ def _small_svd(b: torch.Tensor, k: int):
     return top.to(b.dtype), s.to(b.dtype), vh.to(b.dtype)
 
 
-def randomized_svd_from_sketch(a: torch.Tensor, omega: torch.Tensor, k: int, power_iters: int) -> SVD:
+def randomized_svd_from_sketch(
+    a: torch.Tensor, omega: torch.Tensor, k: int, power_iters: int, sketch_dtype: torch.dtype = torch.float32
+) -> SVD:
     """Top-k SVD of `a` (m x n float32) from the range of its shorter side probed with `omega`.
 
     Halko et al.'s range finder with `power_iters` subspace iterations. It runs on the shorter side (a^T for a
     tall matrix) so every QR is of a min(m, n) x w block; one QR per iteration (after a a^T), which in float32
     keeps every direction whose sigma_i / sigma_1 exceeds ~1e-4, far beyond the ranks CART keeps.
+
+    sketch_dtype=torch.bfloat16 runs the sketch and the power iterations (the GEMMs that only *find* the
+    subspace) in bfloat16, ~2.5x faster where the hardware multiplies bf16 natively. The basis is
+    orthonormalised in float32 and the projection b = Q^T a, the small SVD and everything after are float32,
+    so bf16 rounding (~2^-9 of each entry) can only tilt the subspace by about that much: the rank-k error
+    stays within 2% of optimal (tests/test_linalg.py).
     """
     if a.shape[0] > a.shape[1]:
-        u, s, vh = randomized_svd_from_sketch(a.mT, omega, k, power_iters)
+        u, s, vh = randomized_svd_from_sketch(a.mT, omega, k, power_iters, sketch_dtype)
         return vh.mT, s, u.mT
-    q = _orth(a @ omega[: a.shape[1]])
+    lo = a if sketch_dtype == a.dtype else a.to(sketch_dtype)
+    q = _orth((lo @ omega[: a.shape[1]].to(sketch_dtype)).to(a.dtype))
     for _ in range(power_iters):
-        q = _orth(a @ (a.mT @ q))
+        ql = q.to(sketch_dtype)
+        q = _orth((lo @ (lo.mT @ ql)).to(a.dtype))
+    del lo
     ub, s, vh = _small_svd(q.mT @ a, k)
     return q @ ub, s, vh
 
@@ -104,6 +152,7 @@ def randomized_svd(
     power_iters: int = 2,
     generator: Optional[torch.Generator] = None,
     omega: Optional[torch.Tensor] = None,
+    sketch_dtype: str = "auto",
 ) -> SVD:
     """Rank-k SVD of `a` by a randomized range finder of width sketch_width(k, oversample).
 
@@ -118,7 +167,8 @@ def randomized_svd(
         if generator is None:
             generator = torch.Generator().manual_seed(0)
         omega = sketch((m, n), width, generator, a.device)
-    return randomized_svd_from_sketch(a.to(torch.float32), omega, k, power_iters)
+    dt = resolve_sketch_dtype(sketch_dtype, k, m, n, a.device)
+    return randomized_svd_from_sketch(a.to(torch.float32), omega, k, power_iters, dt)
 
 
 def energy_rank(s: torch.Tensor, total_energy: float, fraction: float) -> int:
@@ -138,6 +188,7 @@ def energy_svd(
     power_iters: int = 2,
     generator: Optional[torch.Generator] = None,
     start_width: int = 32,
+    sketch_dtype: str = "auto",
 ) -> SVD:
     """Truncated SVD whose rank is the smallest k holding `fraction` of ||a||_F^2 in its sigma^2.
 
@@ -151,7 +202,7 @@ def energy_svd(
         width = start_width
         while sketch_width(width, oversample) < min(m, n) // 2:
             g = generator if generator is not None else torch.Generator().manual_seed(0)
-            u, s, vh = randomized_svd(a, width, oversample, power_iters, generator=g)
+            u, s, vh = randomized_svd(a, width, oversample, power_iters, generator=g, sketch_dtype=sketch_dtype)
             k = energy_rank(s, total, fraction)
             if k:
                 return u[:, :k], s[:k], vh[:k]

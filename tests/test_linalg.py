@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from centered_merge.errors import MergeConfigError
-from centered_merge.linalg import energy_rank, energy_svd, exact_svd, randomized_svd, resolve_rank
+from centered_merge.linalg import (
+    energy_rank,
+    energy_svd,
+    exact_svd,
+    fast_bf16_matmul,
+    randomized_svd,
+    resolve_rank,
+    resolve_sketch_dtype,
+)
 
 from conftest import decaying_matrix
 
@@ -68,3 +76,23 @@ def test_energy_mode_picks_smallest_k(mode):
     # the randomized sketch slightly underestimates sigma, so it may need one or two more directions
     assert want <= len(s) <= want + 2
     assert (s.double().pow(2).sum() / total).item() >= 0.9 - 1e-4
+
+
+@pytest.mark.parametrize("sketch_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(640, 320), (320, 640)])
+def test_each_sketch_dtype_within_2_percent_at_cart_ranks(shape, sketch_dtype):
+    """Forced float32 or bfloat16 range finding, at the ranks 'auto' would use it for (k <= min/4)."""
+    a = decaying_matrix(*shape, decay="power", seed=7)
+    sv = torch.linalg.svdvals(a.double())
+    for k in (1, 8, 32, min(shape) // 4):
+        opt = sv[k:].pow(2).sum().sqrt().item()
+        got = _err(a, randomized_svd(a, k, generator=torch.Generator().manual_seed(k), sketch_dtype=sketch_dtype))
+        assert got <= 1.02 * opt, (k, got / opt)
+
+
+def test_auto_sketch_dtype_rule():
+    assert resolve_sketch_dtype("float32", 5, 100, 100, "cpu") == torch.float32
+    assert resolve_sketch_dtype("bfloat16", 50, 100, 100, "cpu") == torch.bfloat16
+    assert resolve_sketch_dtype("auto", 30, 100, 100, "cpu") == torch.float32  # k > min/4: always float32
+    want = torch.bfloat16 if fast_bf16_matmul("cpu") else torch.float32
+    assert resolve_sketch_dtype("auto", 25, 100, 100, "cpu") == want

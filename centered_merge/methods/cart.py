@@ -19,7 +19,16 @@ import torch
 
 from .. import ops
 from ..errors import MergeConfigError
-from ..linalg import energy_svd, exact_svd, randomized_svd_from_sketch, resolve_rank, sketch, sketch_width
+from ..linalg import (
+    SKETCH_DTYPES,
+    energy_svd,
+    exact_svd,
+    randomized_svd_from_sketch,
+    resolve_rank,
+    resolve_sketch_dtype,
+    sketch,
+    sketch_width,
+)
 from ..seeding import generator
 from ..selection import PRESETS, make_selector, matrix_shape
 from .base import MergeMethod, check_number, numel_of
@@ -42,6 +51,7 @@ class Cart(MergeMethod):
         "svd": "randomized",
         "oversample": None,
         "power_iters": 2,
+        "sketch_dtype": "auto",
         "seed": 0,
         "select": "default",
         "include": None,
@@ -62,6 +72,10 @@ class Cart(MergeMethod):
                 continue
             if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 0:
                 raise MergeConfigError(f"cart: {key} must be an int >= 0; got {p[key]!r}")
+        if p["sketch_dtype"] not in SKETCH_DTYPES:
+            raise MergeConfigError(
+                f"cart: sketch_dtype must be one of {', '.join(SKETCH_DTYPES)}; got {p['sketch_dtype']!r}"
+            )
         if p["select"] not in PRESETS:
             raise MergeConfigError(f"cart: select must be one of {', '.join(PRESETS)}; got {p['select']!r}")
         self.selector = make_selector(p["select"], p["include"], p["exclude"])
@@ -97,7 +111,8 @@ class Cart(MergeMethod):
             factors = (m + c) * w
         gemm = 2 * m * c * (k if k is not None else small)
         flops = T * (n + svd_flops + gemm) + 2 * n
-        return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 4 * (3 * n + 2 * factors)}
+        # three float32 copies (mean, centered, accumulator), a bf16 copy for the sketch GEMMs, the factors
+        return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 14 * n + 8 * factors}
 
     # -- merging ------------------------------------------------------------------------------------------
     def merge_tensor(self, name, inputs, base=None):
@@ -113,22 +128,23 @@ class Cart(MergeMethod):
         mean2 = mean.reshape(m, c)
         centered = torch.empty_like(mean2)
         acc = torch.zeros_like(mean2)
-        omega = None
+        omega, sketch_dt = None, None
         if self.energy is None and self.svd == "randomized" and sketch_width(k, self.oversample) < min(m, c):
             # One sketch per tensor, shared by the T tasks: the merge then does not depend on model order.
             omega = sketch((m, c), sketch_width(k, self.oversample), generator(int(self.seed), name), mean.device)
+            sketch_dt = resolve_sketch_dtype(self.sketch_dtype, k, m, c, mean.device)
         for t in range(T):
             ops.center_into(inputs[t].reshape(m, c), mean2, centered)
-            u, s, vh = self._truncated(centered, k, name, omega)
+            u, s, vh = self._truncated(centered, k, name, omega, sketch_dt)
             acc.addmm_(u * s, vh)
         return acc.mul_(float(self.lam)).add_(mean2).reshape(shape)
 
-    def _truncated(self, centered, k, name, omega):
+    def _truncated(self, centered, k, name, omega, sketch_dt):
         if self.energy is not None:
             return energy_svd(
                 centered, float(self.energy), self.svd, self.oversample, self.power_iters,
-                generator=generator(int(self.seed), name, "energy"),
+                generator=generator(int(self.seed), name, "energy"), sketch_dtype=self.sketch_dtype,
             )
         if omega is None:
             return exact_svd(centered, k)
-        return randomized_svd_from_sketch(centered, omega, k, self.power_iters)
+        return randomized_svd_from_sketch(centered, omega, k, self.power_iters, sketch_dt)
