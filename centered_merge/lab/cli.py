@@ -25,6 +25,10 @@ def build_parser(prog: str = "centered-merge lab") -> argparse.ArgumentParser:
                    help="architecture(s) to run (repeatable; default: both)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="checkpoint cache folder (default: DIR/cache under --out)")
+    p.add_argument("--heads", choices=["zeroshot", "probe"], default=None,
+                   help="per-task heads, frozen while fine-tuning: zeroshot (default; the pretrained classifier's "
+                        "rows in the task's label order, no task data, as CLIP's zero-shot heads) or probe (a "
+                        "linear probe fitted on the pretrained features of the task)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: the models are tiny and extra threads only add contention)")
     p.add_argument("--no-cache", action="store_true", help="train everything afresh, write no cache")
@@ -42,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cache = cache_ctx.name
     try:
         run_lab(args.out, profile=args.profile, seed=args.seed, n_tasks=args.tasks, cache_dir=cache,
-                archs=args.arch, threads=args.threads)
+                archs=args.arch, threads=args.threads, heads=args.heads)
     except ValueError as e:
         print(f"centered-merge lab: error: {e}", file=sys.stderr)
         return 2

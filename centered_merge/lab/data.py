@@ -37,6 +37,9 @@ class TaskData:
     train: Split
     val: Split
     test: Split
+    # task label = label_perm[digit]: each task names the ten digits in its own order, so each task is a
+    # distinct 10-way problem with its own head (as CLIP's tasks have their own class names and heads)
+    label_perm: Tuple[int, ...] = tuple(range(10))
 
     def split(self, which: str) -> Split:
         if which not in ("train", "val", "test"):
@@ -44,20 +47,52 @@ class TaskData:
         return getattr(self, which)
 
 
-def load_digits_split(seed: int = 0) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """The digits images scaled to [0, 1], split stratified into train / val / test with ``seed``."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def load_digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as (images (1797, 8, 8) in [0, 1], labels).
 
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)  # (1797, 8, 8)
-    y = d.target.astype(np.int64)
-    n_train, n_val = SPLIT_SIZES
-    x_train, x_rest, y_train, y_rest = train_test_split(
-        x, y, train_size=n_train, stratify=y, random_state=seed)
-    x_val, x_test, y_val, y_test = train_test_split(
-        x_rest, y_rest, train_size=n_val, stratify=y_rest, random_state=seed)
-    return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+    Reads the CSV that ships inside scikit-learn without importing sklearn.datasets (whose import costs
+    more than the rest of a quick run); falls back to sklearn.datasets.load_digits if the file is elsewhere.
+    """
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("sklearn")
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", "digits.csv.gz")
+    if path is not None and os.path.exists(path):
+        raw = np.loadtxt(path, delimiter=",", dtype=np.float32)
+        x, y = raw[:, :-1].reshape(-1, 8, 8), raw[:, -1].astype(np.int64)
+    else:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x, y = d.images.astype(np.float32), d.target.astype(np.int64)
+    if x.shape != (1797, 8, 8):
+        raise RuntimeError(f"unexpected digits data shape {x.shape} (expected (1797, 8, 8))")
+    return x / 16.0, y
+
+
+def load_digits_split(seed: int = 0) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """The digits split stratified by class into train / val / test (about 1200 / 250 / 347) with ``seed``.
+
+    Within each class the images are shuffled with the seed and cut at the same fractions, so every split has
+    the class proportions of the whole set. The split is disjoint and covers all images.
+    """
+    x, y = load_digits_arrays()
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    cuts = (SPLIT_SIZES[0] / n, (SPLIT_SIZES[0] + SPLIT_SIZES[1]) / n)
+    which = np.empty(n, dtype=np.int64)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        q = (np.arange(len(idx)) + 0.5) / len(idx)
+        which[idx] = np.searchsorted(cuts, q)  # 0 train, 1 val, 2 test
+    out = {}
+    for k, name in enumerate(("train", "val", "test")):
+        sel = rng.permutation(np.flatnonzero(which == k))
+        out[name] = (x[sel], y[sel])
+    return out
 
 
 def _stable_seed(name: str, seed: int) -> int:
@@ -122,18 +157,29 @@ def make_transform(name: str, seed: int = 0) -> Callable[[np.ndarray, str], np.n
     raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(('identity',) + TASK_NAMES)}")
 
 
-def make_task(name: str, base: Dict[str, Tuple[np.ndarray, np.ndarray]], seed: int = 0) -> TaskData:
+def label_permutation(name: str, seed: int = 0) -> Tuple[int, ...]:
+    """The task's fixed relabelling of the digits (identity for the pretraining task)."""
+    if name == PRETRAIN_TASK:
+        return tuple(range(10))
+    rng = np.random.default_rng(_stable_seed(name + "/labels", seed))
+    return tuple(int(v) for v in rng.permutation(10))
+
+
+def make_task(name: str, base: Dict[str, Tuple[np.ndarray, np.ndarray]], seed: int = 0,
+              permute_labels: bool = True) -> TaskData:
     tf = make_transform(name, seed)
+    perm = label_permutation(name, seed) if permute_labels else tuple(range(10))
+    lut = np.array(perm, dtype=np.int64)
     splits = {}
     for which, (x, y) in base.items():
         xt = np.ascontiguousarray(tf(x, which), dtype=np.float32)
-        splits[which] = Split(torch.from_numpy(xt).unsqueeze(1), torch.from_numpy(y.copy()))
-    return TaskData(name, splits["train"], splits["val"], splits["test"])
+        splits[which] = Split(torch.from_numpy(xt).unsqueeze(1), torch.from_numpy(lut[y]))
+    return TaskData(name, splits["train"], splits["val"], splits["test"], perm)
 
 
-def make_tasks(names: Sequence[str], seed: int = 0) -> List[TaskData]:
+def make_tasks(names: Sequence[str], seed: int = 0, permute_labels: bool = True) -> List[TaskData]:
     base = load_digits_split(seed)
-    return [make_task(n, base, seed) for n in names]
+    return [make_task(n, base, seed, permute_labels) for n in names]
 
 
 def task_names(n: int) -> List[str]:

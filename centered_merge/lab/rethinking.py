@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .data import TaskData
 from .merging import merge
-from .train import build, features
+from .train import Optimizer, build, features
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -36,10 +36,10 @@ def linear_templates(task: TaskData, seed: int = 0, steps: int = 500, lr: float 
     torch.manual_seed(seed)
     x = task.train.x.reshape(len(task.train.x), 64)
     lin = torch.nn.Linear(64, 10)
-    opt = torch.optim.Adam(lin.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = Optimizer(lin.parameters(), "adam", lr, weight_decay=weight_decay)
     for _ in range(steps):
         loss = F.cross_entropy(lin(x), task.train.y)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():

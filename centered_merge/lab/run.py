@@ -21,7 +21,7 @@ import torch
 from . import cart_analysis, rethinking, table
 from .data import PRETRAIN_TASK, TaskData, make_tasks, task_names
 from .table import SearchGrid, TableResult, TaskModels
-from .train import cached, finetune, fit_probe, pretrain, split_state
+from .train import cached, finetune, fit_probe, pretrain, split_state, zero_shot_head
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -37,7 +37,10 @@ class Profile:
     pretrain_steps: Dict[str, int] = field(default_factory=lambda: {"mlp": 800, "cnn": 800})
     pretrain_lr: float = 1e-3
     probe_steps: int = 300
-    # multi-task fine-tuning (the table): heads frozen, as CLIP's zero-shot heads are
+    # multi-task fine-tuning (the table): heads frozen, as CLIP's zero-shot heads are.
+    # heads="zeroshot": each task's head is the pretrained classifier's rows in the task's label order (no
+    # task data); heads="probe": a linear probe fitted on the pretrained encoder's features of the task.
+    heads: str = "zeroshot"
     ft_steps: Dict[str, int] = field(default_factory=lambda: {"mlp": 500, "cnn": 400})
     ft_optimizer: str = "sgd"
     ft_lr: Dict[str, float] = field(default_factory=lambda: {"mlp": 0.01, "cnn": 0.01})
@@ -47,7 +50,7 @@ class Profile:
     rethink_models: int = 5
     rethink_ns: Tuple[int, ...] = (2, 3, 5)
     rethink_steps: Dict[str, int] = field(default_factory=lambda: {"mlp": 300, "cnn": 200})
-    rethink_lr: Dict[str, float] = field(default_factory=lambda: {"mlp": 0.02, "cnn": 0.01})
+    rethink_lr: Dict[str, float] = field(default_factory=lambda: {"mlp": 0.01, "cnn": 0.003})
     scaling_n: int = 3
     scaling_factor: float = 100.0
     grid: SearchGrid = field(default_factory=SearchGrid)
@@ -77,10 +80,14 @@ PROFILES: Dict[str, Profile] = {
 }
 
 
-def get_profile(name: str, n_tasks: Optional[int] = None) -> Profile:
+def get_profile(name: str, n_tasks: Optional[int] = None, heads: Optional[str] = None) -> Profile:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; expected one of {', '.join(PROFILES)}")
     prof = PROFILES[name]
+    if heads is not None:
+        if heads not in ("zeroshot", "probe"):
+            raise ValueError(f"heads must be 'zeroshot' or 'probe', got {heads!r}")
+        prof = replace(prof, heads=heads)
     if n_tasks is not None:
         task_names(n_tasks)  # validates the number
         prof = replace(prof, n_tasks=n_tasks)
@@ -99,13 +106,20 @@ def train_task_models(prof: Profile, arch: str, pre_task: TaskData, tasks: Seque
                          lambda: pretrain(arch, kw, pre_task, prof.pretrain_steps[arch], prof.pretrain_lr,
                                           prof.batch, seed))
     timing = {"pretrain_s": time.time() - t0, "pretrain_cached": hit}
-    enc0, _ = split_state(pre_sd)
+    enc0, head0 = split_state(pre_sd)
     pre_heads, fts, heads = [], [], []
     t0 = time.time()
     for i, task in enumerate(tasks):
-        probe_cfg = {**base_cfg, "task": task.name, "probe_steps": prof.probe_steps}
-        head_sd, _ = cached(cache_dir, "probe", probe_cfg,
-                            lambda: fit_probe(arch, kw, enc0, task, prof.probe_steps, seed=seed))
+        if prof.heads == "zeroshot":
+            probe_cfg = {**base_cfg, "task": task.name, "heads": "zeroshot", "label_perm": task.label_perm}
+            head_sd = zero_shot_head(head0, task)
+        elif prof.heads == "probe":
+            probe_cfg = {**base_cfg, "task": task.name, "heads": "probe", "probe_steps": prof.probe_steps,
+                         "label_perm": task.label_perm}
+            head_sd, _ = cached(cache_dir, "probe", probe_cfg,
+                                lambda: fit_probe(arch, kw, enc0, task, prof.probe_steps, seed=seed))
+        else:
+            raise ValueError(f"heads must be 'zeroshot' or 'probe', got {prof.heads!r}")
         ft_cfg = {**probe_cfg, "ft_steps": prof.ft_steps[arch], "ft_lr": prof.ft_lr[arch],
                   "ft_optimizer": prof.ft_optimizer, "train_head": prof.train_head}
         sd, _ = cached(cache_dir, "finetuned", ft_cfg,
@@ -123,9 +137,11 @@ def train_rethink_models(prof: Profile, arch: str, pre_sd: StateDict, task: Task
                          cache_dir: Optional[str]) -> List[StateDict]:
     kw = prof.arch_kw[arch]
     enc0, head0 = split_state(pre_sd)
+    head0 = zero_shot_head(head0, task)
     models = []
     for j in range(prof.rethink_models):
         cfg = {"arch": arch, "arch_kw": kw, "seed": seed, "member": j, "task": task.name,
+               "label_perm": task.label_perm,
                "pretrain_steps": prof.pretrain_steps[arch], "steps": prof.rethink_steps[arch],
                "lr": prof.rethink_lr[arch], "batch": prof.batch}
         sd, _ = cached(cache_dir, "rethink", cfg,
@@ -167,18 +183,19 @@ def _seed_summary(tables: List[TableResult]) -> List[dict]:
 
 def run_lab(out_dir: str = "lab_out", profile: str = "demo", seed: int = 0, n_tasks: Optional[int] = None,
             cache_dir: Optional[str] = None, archs: Optional[Sequence[str]] = None, threads: int = 1,
+            heads: Optional[str] = None,
             log: Callable[[str], None] = print) -> dict:
     """Run the lab; returns a summary dict (also written to <out_dir>/results.json)."""
     import matplotlib
     matplotlib.use("Agg")
 
-    prof = get_profile(profile, n_tasks)
+    prof = get_profile(profile, n_tasks, heads)
     if archs is not None:
         bad = [a for a in archs if a not in prof.arch_kw]
         if bad:
             raise ValueError(f"unknown architecture(s) {bad}; expected some of {list(prof.arch_kw)}")
         prof = replace(prof, archs=tuple(archs))
-    if prof.rethink_task not in task_names(len(task_names(12))):
+    if prof.rethink_task not in task_names(12):
         raise ValueError(f"rethink task {prof.rethink_task!r} is not a known task")
     os.makedirs(out_dir, exist_ok=True)
     cache_dir = cache_dir if cache_dir is not None else os.path.join(out_dir, "cache")
@@ -188,7 +205,8 @@ def run_lab(out_dir: str = "lab_out", profile: str = "demo", seed: int = 0, n_ta
     t_start = time.time()
     names = task_names(prof.n_tasks)
     log(f"centered_merge lab: profile {prof.name}, seed {seed}, {len(names)} tasks ({', '.join(names)}), "
-        f"archs {', '.join(prof.archs)}, torch threads {torch.get_num_threads()}, CART svd={prof.svd}")
+        f"archs {', '.join(prof.archs)}, {prof.heads} heads (frozen while fine-tuning), "
+        f"torch threads {torch.get_num_threads()}, CART svd={prof.svd}")
 
     summary: dict = {"profile": asdict(prof), "seed": seed, "tasks": names, "tables": {}, "seed_tables": {},
                      "rank_sweep": {}, "interior_optimum": {}, "spectrum_at": {}, "timing": {}, "files": []}

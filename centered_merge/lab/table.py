@@ -62,9 +62,9 @@ class Evaluator:
 
 @dataclass
 class SearchGrid:
-    ta_lams: Sequence[float] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0)
+    ta_lams: Sequence[float] = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0)
     ties_densities: Sequence[float] = (0.1, 0.2, 0.3, 0.5)
-    ties_lams: Sequence[float] = (0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
+    ties_lams: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
     cart_ranks: Sequence[float] = (0.02, 0.04, 0.08, 0.12, 0.16, 0.25, 0.35, 0.5, 0.75, 1.0)
     cart_lams: Sequence[float] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .data import Split, TaskData
 from .models import Classifier, make_encoder
 
-CACHE_VERSION = "lab-v1"  # bump when training code changes in a way that changes checkpoints
+CACHE_VERSION = "lab-v2"  # bump when training code changes in a way that changes checkpoints
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -88,14 +88,54 @@ def accuracy(model: Classifier, split: Split) -> float:
     return (pred == split.y).float().mean().item()
 
 
+class Optimizer:
+    """Plain SGD with momentum, or Adam, with the same update rules as torch.optim.SGD / torch.optim.Adam
+    (L2 weight decay added to the gradient). Written out because constructing a torch.optim optimizer imports
+    torch._dynamo, which costs more CPU than a whole quick lab run's training."""
+
+    def __init__(self, params, kind: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 betas=(0.9, 0.999), eps: float = 1e-8):
+        if kind not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
+        self.params = [p for p in params if p.requires_grad]
+        self.kind, self.lr, self.momentum, self.wd, self.betas, self.eps = kind, lr, momentum, weight_decay, betas, eps
+        self.state = [None] * len(self.params)
+        self.t = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g = p.grad if self.wd == 0 else p.grad.add(p, alpha=self.wd)
+            if self.kind == "sgd":
+                if self.momentum == 0:
+                    p.add_(g, alpha=-self.lr)
+                    continue
+                if self.state[i] is None:
+                    self.state[i] = g.clone()
+                else:
+                    self.state[i].mul_(self.momentum).add_(g)
+                p.add_(self.state[i], alpha=-self.lr)
+            else:
+                if self.state[i] is None:
+                    self.state[i] = (torch.zeros_like(p), torch.zeros_like(p))
+                m, v = self.state[i]
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
+                p.addcdiv_(m, denom, value=-self.lr / (1 - b1 ** self.t))
+
+
 def _train_loop(model: nn.Module, params, split: Split, steps: int, lr: float, optimizer: str,
                 batch: int, seed: int, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    opt = Optimizer(params, optimizer, lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n = len(split.y)
     order = torch.randperm(n, generator=gen)
@@ -107,7 +147,7 @@ def _train_loop(model: nn.Module, params, split: Split, steps: int, lr: float, o
         idx = order[pos:pos + batch]
         pos += batch
         loss = F.cross_entropy(model(split.x[idx]), split.y[idx])
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
@@ -130,13 +170,20 @@ def fit_probe(arch: str, arch_kw: dict, enc: StateDict, task: TaskData, steps: i
     model = build(arch, arch_kw, enc)
     feats = features(model.encoder, task.train.x)
     head = model.head
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = Optimizer(head.parameters(), "adam", lr, weight_decay=weight_decay)
     for _ in range(steps):
         loss = F.cross_entropy(head(feats), task.train.y)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         opt.step()
     return {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+
+def zero_shot_head(pretrained_head: StateDict, task: TaskData) -> StateDict:
+    """The task's head built from the pretrained classifier alone, with no task data (the analogue of CLIP's
+    zero-shot head built from class names): row label_perm[d] is the pretrained row of digit d."""
+    inv = torch.argsort(torch.tensor(task.label_perm))
+    return {"weight": pretrained_head["weight"][inv].clone(), "bias": pretrained_head["bias"][inv].clone()}
 
 
 def finetune(arch: str, arch_kw: dict, enc: StateDict, head: StateDict, task: TaskData, steps: int,
