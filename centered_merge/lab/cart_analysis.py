@@ -71,12 +71,13 @@ def plot_rank_sweep(rows_by_arch: Dict[str, List[dict]], tables: Dict[str, Table
         for row in tables[arch].rows:
             if row["method"] in styles:
                 ax.axhline(100 * row["abs"], ls=styles[row["method"]], color="gray", lw=1)
-                ax.text(x[0], 100 * row["abs"], f" {row['method']} (test)", fontsize=7, va="bottom", color="gray")
+                ax.text(x[-1], 100 * row["abs"], f"{row['method']} (test) ", fontsize=7, va="bottom", ha="right",
+                        color="gray")
         ax.set_xscale("log")
         ax.set_xlabel("rank ratio r (k = r·min(m, n))")
         ax.set_ylabel("mean accuracy over tasks (%)")
         ax.set_title(f"{arch}: accuracy vs rank (λ chosen on val per r)")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="center left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

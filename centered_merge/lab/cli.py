@@ -19,6 +19,9 @@ def build_parser(prog: str = "centered-merge lab") -> argparse.ArgumentParser:
                    help="quick: tiny models, 2 tasks, seconds; demo (default): 8 tasks, about 2-3 min on 2 cores; "
                         "full: longer training, finer grids, 3 seeds")
     p.add_argument("--seed", type=int, default=0, help="random seed (data split, init, data order); default 0")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="run the merge table for N seeds (seed, seed+1, ...) and report mean ± std "
+                        "(default: 1; full profile: 3)")
     p.add_argument("--tasks", type=int, default=None, metavar="N",
                    help="number of tasks (1-12; default: the profile's, 8 for demo/full)")
     p.add_argument("--arch", action="append", choices=["mlp", "cnn"], default=None,
@@ -46,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cache = cache_ctx.name
     try:
         run_lab(args.out, profile=args.profile, seed=args.seed, n_tasks=args.tasks, cache_dir=cache,
-                archs=args.arch, threads=args.threads, heads=args.heads)
+                archs=args.arch, threads=args.threads, heads=args.heads, seeds=args.seeds)
     except ValueError as e:
         print(f"centered-merge lab: error: {e}", file=sys.stderr)
         return 2

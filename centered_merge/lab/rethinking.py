@@ -31,7 +31,7 @@ BLEND_PAIRS = ((0, 6), (1, 7), (3, 8), (4, 9), (2, 5))
 
 # ------------------------------------------------------------------------------- 1. patterns in weights
 def linear_templates(task: TaskData, seed: int = 0, steps: int = 500, lr: float = 0.05,
-                     weight_decay: float = 1e-3) -> dict:
+                     weight_decay: float = 1e-2) -> dict:
     """Softmax regression on raw pixels; returns weights, class means, blends and their agreement."""
     torch.manual_seed(seed)
     x = task.train.x.reshape(len(task.train.x), 64)
@@ -86,17 +86,17 @@ def plot_templates(res: dict, path: str) -> None:
         v = np.abs(wb).max()
         axes[2, 2 * p + 1].imshow(wb.reshape(8, 8), cmap="RdBu_r", vmin=-v, vmax=v)
         axes[2, 2 * p + 1].set_title(f"½(w{i}+w{j})", fontsize=8)
-    # last row: rows with the average row removed (what distinguishes each class)
-    w = res["weights"] - res["weights"].mean(0, keepdims=True)
+    # last row: class mean minus the mean over classes, what a softmax row can encode (its shift is free)
+    centered = res["means"] - res["means"].mean(0, keepdims=True)
     for c in range(10):
-        v = np.abs(w[c]).max()
-        axes[3, c].imshow(w[c].reshape(8, 8), cmap="RdBu_r", vmin=-v, vmax=v)
-        axes[3, c].set_title(f"w{c} − mean row", fontsize=7)
+        v = np.abs(centered[c]).max()
+        axes[3, c].imshow(centered[c].reshape(8, 8), cmap="RdBu_r", vmin=-v, vmax=v)
+        axes[3, c].set_title(f"mean {c} − all means", fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"Linear classifier on raw digits (test acc {100 * res['acc']:.1f}%): class means, weight rows "
-                 f"(red +, blue −), blended rows", fontsize=9)
+                 f"(red +, blue −), blended rows, centered class means", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -183,13 +183,17 @@ def _seed_summary(tables: List[TableResult]) -> List[dict]:
 
 def run_lab(out_dir: str = "lab_out", profile: str = "demo", seed: int = 0, n_tasks: Optional[int] = None,
             cache_dir: Optional[str] = None, archs: Optional[Sequence[str]] = None, threads: int = 1,
-            heads: Optional[str] = None,
+            heads: Optional[str] = None, seeds: Optional[int] = None,
             log: Callable[[str], None] = print) -> dict:
     """Run the lab; returns a summary dict (also written to <out_dir>/results.json)."""
     import matplotlib
     matplotlib.use("Agg")
 
     prof = get_profile(profile, n_tasks, heads)
+    if seeds is not None:
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {seeds}")
+        prof = replace(prof, seeds=int(seeds))
     if archs is not None:
         bad = [a for a in archs if a not in prof.arch_kw]
         if bad:
