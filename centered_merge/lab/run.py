@@ -274,7 +274,7 @@ def run_lab(out_dir: str = "lab_out", profile: str = "demo", seed: int = 0, n_ta
                         f"{100 * r['norm_mean']:5.1f} ± {100 * r['norm_std']:.1f}")
         files.append("table_seeds.csv")
         log("")
-    summary["seed_tables"] = {a: [_seed_summary(ts)] for a, ts in summary["seed_tables"].items()}
+    summary["seed_tables"] = {a: _seed_summary(ts) for a, ts in summary["seed_tables"].items()}
 
     # CART analyses
     cart_analysis.plot_rank_sweep(rank_rows, tables, os.path.join(out_dir, "cart_rank_sweep.png"))
