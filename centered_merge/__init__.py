@@ -5,12 +5,6 @@ from .errors import MergeConfigError, MergeError, MergeInputError
 
 __version__ = "0.1.0"
 
-try:  # the native build module lands with the extension; keep import working without it
-    from .build import build_info
-except ImportError:  # pragma: no cover
-    def build_info() -> dict:
-        from .backend import describe
-
-        return {"version": __version__, "native": False, **describe()}
+from .build import build_info
 
 __all__ = ["merge", "cart", "methods", "build_info", "MergeError", "MergeConfigError", "MergeInputError"]

@@ -1,0 +1,318 @@
+// CPU kernels: OpenMP over blocks of kBlock elements, SIMD-friendly inner loops (the compiler vectorises them;
+// float16 conversions use F16C when the build enables it). Every kernel reads its inputs once per pass and keeps
+// its per-block accumulators in L1, which is what makes it faster than the eager torch sequence of full sweeps.
+// Rounding: the build passes -ffp-contract=off, so a*b+c is never fused and the results round like torch's
+// eager ops (same operation order as the twins in centered_merge/ops/reference.py).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "kernels.h"
+
+namespace cm {
+namespace cpu {
+namespace {
+
+constexpr int64_t kBlock = 2048;          // elements per work item (8 KiB of float32)
+constexpr int64_t kParallelMin = 1 << 15;  // below this, one thread: the fork/join would cost more than the work
+
+inline int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
+
+void f16_to_f32_block(const uint16_t* s, float* d, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+#endif
+  for (; i < n; ++i) d[i] = f16_to_f32(s[i]);
+}
+
+void f32_to_f16_block(const float* s, uint16_t* d, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < n; ++i) d[i] = f32_to_f16(s[i]);
+}
+
+void bf16_to_f32_block(const uint16_t* __restrict s, float* __restrict d, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = bf16_to_f32(s[i]);
+}
+
+void f32_to_bf16_block(const float* __restrict s, uint16_t* __restrict d, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(s[i]);
+}
+
+inline float madd(float a, float b, float c) {
+#if defined(__FMA__) || defined(__aarch64__) || defined(__ARM_FEATURE_FMA)
+  return std::fma(a, b, c);
+#else
+  return c + a * b;
+#endif
+}
+
+// d[0:len] = float32(src[off : off+len]); returns a pointer to the float32 values (src itself for float32).
+const float* as_f32(const void* src, int32_t dtype, int64_t off, int64_t len, float* d) {
+  if (dtype == kF32) return static_cast<const float*>(src) + off;
+  const uint16_t* s = static_cast<const uint16_t*>(src) + off;
+  if (dtype == kBF16) bf16_to_f32_block(s, d, len);
+  else f16_to_f32_block(s, d, len);
+  return d;
+}
+
+// acc += x (or acc += w * x), x read from src[off : off+len] in its own dtype.
+void add_block(float* __restrict acc, const void* src, int32_t dtype, int64_t off, int64_t len, bool weighted, float w,
+               float* __restrict tmp) {
+  if (dtype == kBF16 && !weighted) {
+    const uint16_t* s = static_cast<const uint16_t*>(src) + off;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) acc[i] += bf16_to_f32(s[i]);
+    return;
+  }
+  const float* x = as_f32(src, dtype, off, len, tmp);
+  if (weighted) {
+    // torch's add_(x, alpha=w) is one fused multiply-add; do the same so the weighted mean is bit-identical
+    // (where the target has no FMA instruction, a rounded product and sum: within one ulp per step).
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) acc[i] = madd(w, x[i], acc[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) acc[i] += x[i];
+  }
+}
+
+inline bool is_nonfinite(float v) { return (f32_bits(v) & 0x7F800000u) == 0x7F800000u; }
+
+}  // namespace
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+bool has_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+void mean_fp32(const InputList& in, float* out, int64_t n, bool accumulate, float scale, bool apply_scale) {
+  const int64_t nb = num_blocks(n);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t b = 0; b < nb; ++b) {
+    alignas(64) float acc[kBlock];
+    alignas(64) float tmp[kBlock];
+    const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+    if (accumulate) std::memcpy(acc, out + off, len * sizeof(float));
+    else std::fill(acc, acc + len, 0.0f);
+    for (int t = 0; t < in.count; ++t) add_block(acc, in.ptr[t], in.dtype[t], off, len, in.weighted != 0, in.weight[t], tmp);
+    if (apply_scale) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) acc[i] *= scale;
+    }
+    std::memcpy(out + off, acc, len * sizeof(float));
+  }
+}
+
+void center(const void* w, int32_t w_dtype, const float* mean, float* out, int64_t n) {
+  const int64_t nb = num_blocks(n);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t b = 0; b < nb; ++b) {
+    alignas(64) float tmp[kBlock];
+    const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+    float* __restrict o = out + off;
+    const float* __restrict m = mean + off;
+    if (w_dtype == kBF16) {
+      const uint16_t* s = static_cast<const uint16_t*>(w) + off;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) o[i] = bf16_to_f32(s[i]) - m[i];
+    } else {
+      const float* x = as_f32(w, w_dtype, off, len, tmp);
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) o[i] = x[i] - m[i];
+    }
+  }
+}
+
+int64_t finalize(const float* x, const float* add, void* out, int32_t out_dtype, int64_t n) {
+  const int64_t nb = num_blocks(n);
+  int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (n >= kParallelMin)
+  for (int64_t b = 0; b < nb; ++b) {
+    alignas(64) float tmp[kBlock];
+    const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+    const float* y = x + off;
+    if (add) {
+      const float* __restrict a = add + off;
+      const float* __restrict xx = x + off;
+      // float32 output: write the sum straight into out
+      float* __restrict dst = out_dtype == kF32 ? static_cast<float*>(out) + off : tmp;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) dst[i] = xx[i] + a[i];
+      y = dst;
+    }
+    // Count NaN/Inf in the converted values, so that overflow of a 16-bit output dtype is counted too.
+    int64_t c = 0;
+    if (out_dtype == kBF16 || out_dtype == kF16) {
+      uint16_t* __restrict o = static_cast<uint16_t*>(out) + off;
+      const uint16_t exp_mask = out_dtype == kBF16 ? 0x7F80u : 0x7C00u;
+      if (out_dtype == kBF16) f32_to_bf16_block(y, o, len);
+      else f32_to_f16_block(y, o, len);
+#pragma omp simd reduction(+ : c)
+      for (int64_t i = 0; i < len; ++i) c += (o[i] & exp_mask) == exp_mask ? 1 : 0;
+    } else {
+#pragma omp simd reduction(+ : c)
+      for (int64_t i = 0; i < len; ++i) c += is_nonfinite(y[i]) ? 1 : 0;
+      if (out != nullptr && !add) std::memcpy(static_cast<float*>(out) + off, y, len * sizeof(float));
+    }
+    bad += c;
+  }
+  return bad;
+}
+
+namespace {
+
+// |x - base| bit patterns of one block into bits[0:len].
+void abs_tau_bits(const void* x, int32_t xd, const float* bb, int64_t off, int64_t len, float* tmp, uint32_t* bits) {
+  const float* xv = as_f32(x, xd, off, len, tmp);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) bits[i] = f32_bits(xv[i] - bb[i]) & 0x7FFFFFFFu;
+}
+
+// The k-th largest |x - base| (NaN counts as the largest, like torch.kthvalue), by a 3-pass radix select.
+float select_threshold(const void* x, int32_t xd, const void* base, int32_t bd, int64_t n, int64_t k) {
+  if (k <= 0) return std::numeric_limits<float>::infinity();
+  if (k >= n) return 0.0f;
+  const int64_t nb = num_blocks(n);
+  uint32_t prefix = 0;
+  uint64_t krem = uint64_t(k);
+  std::vector<uint64_t> hist(kRadixBins);
+  for (int pass = 0; pass < kRadixPasses; ++pass) {
+    const int shift = radix_shift(pass);
+    const uint32_t mask = radix_mask(pass);
+    const int hi = shift + (pass == 2 ? 10 : 11);
+    std::fill(hist.begin(), hist.end(), 0);
+#pragma omp parallel if (n >= kParallelMin)
+    {
+      std::vector<uint64_t> local(kRadixBins, 0);
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < nb; ++b) {
+        alignas(64) float tmp[kBlock], tb[kBlock];
+        alignas(64) uint32_t bits[kBlock];
+        const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+        const float* bb = as_f32(base, bd, off, len, tb);
+        abs_tau_bits(x, xd, bb, off, len, tmp, bits);
+        if (pass == 0) {
+          for (int64_t i = 0; i < len; ++i) ++local[bits[i] >> shift];
+        } else {
+          for (int64_t i = 0; i < len; ++i)
+            if ((bits[i] >> hi) == prefix) ++local[(bits[i] >> shift) & mask];
+        }
+      }
+#pragma omp critical
+      for (int i = 0; i < kRadixBins; ++i) hist[i] += local[i];
+    }
+    uint64_t above = 0;
+    int chosen = 0;
+    for (int bin = kRadixBins - 1; bin >= 0; --bin) {
+      if (above + hist[bin] >= krem) {
+        chosen = bin;
+        break;
+      }
+      above += hist[bin];
+    }
+    krem -= above;
+    prefix = (prefix << (pass == 2 ? 10 : 11)) | uint32_t(chosen);
+  }
+  return bits_f32(prefix);
+}
+
+}  // namespace
+
+void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, int64_t n, int64_t k, float lam,
+                float* thresholds_out) {
+  const int T = in.count;
+  std::vector<float> thr(T);
+  for (int t = 0; t < T; ++t) thr[t] = select_threshold(in.ptr[t], in.dtype[t], base, bd, n, k);
+  if (thresholds_out) std::copy(thr.begin(), thr.end(), thresholds_out);
+  const int64_t nb = num_blocks(n);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t b = 0; b < nb; ++b) {
+    alignas(64) float tmp[kBlock], tb[kBlock], ss[kBlock], num[kBlock], cnt[kBlock];
+    const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+    const float* __restrict bb = as_f32(base, bd, off, len, tb);
+    std::fill(ss, ss + len, 0.0f);
+    // sign election: sum of the trimmed task vectors
+    for (int t = 0; t < T; ++t) {
+      const float* __restrict xv = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
+      const float th = thr[t];
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const float tau = xv[i] - bb[i];
+        ss[i] += std::fabs(tau) >= th ? tau : 0.0f;
+      }
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      ss[i] = sign_of(ss[i]);  // now the elected sign
+      num[i] = 0.0f;
+      cnt[i] = 0.0f;
+    }
+    // disjoint mean: kept entries that agree with the elected sign (the block is still in cache)
+    for (int t = 0; t < T; ++t) {
+      const float* __restrict xv = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
+      const float th = thr[t];
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const float tau = xv[i] - bb[i];
+        const bool keep = std::fabs(tau) >= th && sign_of(tau) == ss[i] && tau != 0.0f;
+        num[i] += keep ? tau : 0.0f;
+        cnt[i] += keep ? 1.0f : 0.0f;
+      }
+    }
+    float* __restrict o = out + off;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float q = num[i] / std::max(cnt[i], 1.0f);
+      const float s = q * lam;
+      o[i] = s + bb[i];
+    }
+  }
+}
+
+void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed) {
+  const int64_t nb = num_blocks(n);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t b = 0; b < nb; ++b) {
+    alignas(64) float tmp[kBlock];
+    const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+    const float* __restrict x = as_f32(tau, dtype, off, len, tmp);
+    float* __restrict o = out + off;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float u = dare_uniform(seed, uint64_t(off + i));
+      o[i] = u < p ? 0.0f : x[i] * scale;
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace cm

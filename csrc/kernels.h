@@ -1,0 +1,53 @@
+// Raw-pointer entry points of the kernels. The bindings (bindings.cpp) validate every argument and then call
+// these; they know nothing about Python. All element counts are flat (the tensors are contiguous).
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "common.h"
+
+namespace cm {
+namespace cpu {
+
+// out = (accumulate ? out : 0) + sum_t w_t x_t, then out *= scale when apply_scale. One pass over the inputs.
+void mean_fp32(const InputList& in, float* out, int64_t n, bool accumulate, float scale, bool apply_scale);
+// out = float32(w) - mean
+void center(const void* w, int32_t w_dtype, const float* mean, float* out, int64_t n);
+// out = dtype(x [+ add]); returns the number of non-finite values of x [+ add] (in float32).
+int64_t finalize(const float* x, const float* add, void* out, int32_t out_dtype, int64_t n);
+// TIES: out = base + lam * disjoint_mean, with per-task threshold = k-th largest |x_t - base|.
+void ties_merge(const InputList& in, const void* base, int32_t base_dtype, float* out, int64_t n, int64_t k, float lam,
+                float* thresholds_out);
+// DARE: out = (u_i < p) ? 0 : float32(tau_i) * scale, u_i = dare_uniform(seed, i)
+void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed);
+
+int max_threads();
+bool has_openmp();
+
+}  // namespace cpu
+
+#ifdef CM_WITH_CUDA
+namespace cuda {
+
+// Device count seen by the (static) CUDA runtime; on failure returns 0 and puts the reason into *why.
+int device_count(std::string* why);
+int runtime_version();
+int driver_version();
+
+// All launches go onto `stream` (a cudaStream_t as an integer, 0 = legacy default stream) on `device`.
+void mean_fp32(const InputList& in, float* out, int64_t n, bool accumulate, float scale, bool apply_scale, int device,
+               uintptr_t stream);
+void center(const void* w, int32_t w_dtype, const float* mean, float* out, int64_t n, int device, uintptr_t stream);
+// Adds the non-finite count to *counter (device memory, int64) without synchronising.
+void finalize(const float* x, const float* add, void* out, int32_t out_dtype, int64_t n, long long* counter, int device,
+              uintptr_t stream);
+size_t ties_workspace_bytes(int num_inputs);
+void ties_merge(const InputList& in, const void* base, int32_t base_dtype, float* out, int64_t n, int64_t k, float lam,
+                void* workspace, int device, uintptr_t stream);
+void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed, int device,
+          uintptr_t stream);
+
+}  // namespace cuda
+#endif
+
+}  // namespace cm

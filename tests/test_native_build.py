@@ -1,0 +1,193 @@
+"""The native build: the extension loads, reports what it was built with, validates its arguments at the
+boundary, borrows DLPack capsules without consuming them, and a missing extension falls back with one warning."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.utils.dlpack import to_dlpack
+
+from centered_merge import _native, backend
+from centered_merge.build import build_info
+from centered_merge.ops import native as native_ops
+from centered_merge.ops import reference
+
+C = _native.get(warn=False)
+needs_ext = pytest.mark.skipif(C is None, reason=f"native extension not built: {_native.error()}")
+
+
+def test_extension_is_built_and_loads():
+    # `make build` / `pip install -e .` always builds it; a failure here means the build rotted.
+    assert C is not None, _native.error()
+
+
+@needs_ext
+def test_build_info_reports_the_build():
+    info = build_info()
+    for key in ("version", "torch", "native_loaded", "cpu_kernels", "openmp", "omp_max_threads", "simd",
+                "cuda_compiled", "cuda_archs", "cuda_version", "gpu_available", "backend"):
+        assert key in info, key
+    assert info["native_loaded"] is True
+    assert set(info["cpu_kernels"]) == {"mean_fp32", "center_into", "finalize", "ties_merge", "dare"}
+    assert info["omp_max_threads"] >= 1
+    assert info["gpu_available"] == torch.cuda.is_available()
+
+
+@needs_ext
+@pytest.mark.skipif(shutil.which("nvcc") is None or os.environ.get("CENTERED_MERGE_CUDA", "auto") == "off",
+                    reason="no nvcc on PATH, or CUDA build switched off")
+def test_cuda_part_is_compiled_whenever_nvcc_is_present():
+    # With CENTERED_MERGE_CUDA=auto the CUDA kernels are compiled on every build where nvcc exists, so they
+    # cannot rot even on machines without a GPU.
+    info = build_info()
+    assert info["cuda_compiled"] is True
+    assert set(info["cuda_archs"].split(",")) >= {"80", "90"} or os.environ.get("CMAKE_CUDA_ARCHITECTURES")
+
+
+@needs_ext
+def test_importing_needs_no_gpu_driver():
+    n, why = C.cuda_device_count()
+    if not torch.cuda.is_available():
+        assert n == 0 and why  # says why, does not crash
+
+
+def test_backend_env_switch(monkeypatch):
+    x = torch.zeros(3)
+    monkeypatch.setenv("CENTERED_MERGE_BACKEND", "torch")
+    assert backend.choose("mean_fp32", x) == "torch"
+    assert backend.implementation("mean_fp32", x) is reference.mean_fp32
+    monkeypatch.setenv("CENTERED_MERGE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="CENTERED_MERGE_BACKEND"):
+        backend.choose("mean_fp32", x)
+    for m in ("auto", "native"):
+        monkeypatch.setenv("CENTERED_MERGE_BACKEND", m)
+        expect = "native-cpu" if C is not None else "torch"
+        assert backend.choose("ties_merge", x) == expect
+        assert backend.choose("ties_merge", x.double()) == "torch"  # no float64 kernel
+        assert backend.choose("dare", x.bfloat16()) == expect
+    with pytest.raises(ValueError, match="unknown op"):
+        backend.choose("nope", x)
+
+
+@needs_ext
+def test_backend_describe(monkeypatch):
+    monkeypatch.delenv("CENTERED_MERGE_BACKEND", raising=False)
+    d = backend.describe()
+    assert d["backend"] == "auto" and d["native"] is True and d["cpu"] == "native"
+    if not torch.cuda.is_available():
+        assert d["cuda"] == "torch"
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["centered_merge._C"] = None          # makes `from . import _C` raise ImportError
+        import torch
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            from centered_merge import ops, backend
+            from centered_merge.build import build_info
+            xs = [torch.randn(5, 3) for _ in range(3)]
+            m = ops.mean_fp32(xs)
+            ops.center_into(xs[0], m, torch.empty(5, 3))
+            ops.finalize(m, torch.bfloat16)
+            assert backend.choose("mean_fp32", xs[0]) == "torch"
+            info = build_info()
+            assert info["native_loaded"] is False and "Error" in info["native_error"], info
+        msgs = [str(r.message) for r in rec if r.category.__name__ == "NativeFallbackWarning"]
+        assert len(msgs) == 1, msgs
+        print("OK", msgs[0])
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "OK" in r.stdout and "native extension is not available" in r.stdout
+
+
+# --- argument checks at the binding boundary: the message names the argument, what was expected, what came --
+def _cap(t):
+    return to_dlpack(t)
+
+
+@needs_ext
+@pytest.mark.parametrize("case, pattern", [
+    ("shape", r"mean_fp32: argument 'inputs\[1\]': expected shape \(4, 3\).*got shape \(3, 4\)"),
+    ("dtype", r"mean_fp32: argument 'inputs\[0\]': expected a float32, float16 or bfloat16 tensor, got int64 tensor"),
+    ("strides", r"mean_fp32: argument 'inputs\[0\]': expected a contiguous tensor, got strides \(1, 4\) for shape \(4, 3\)"),
+    ("object", r"mean_fp32: argument 'inputs\[0\]': expected a DLPack capsule.*got an object of type list"),
+    ("out_dtype", r"mean_fp32: argument 'out': expected a float32 tensor, got bfloat16 tensor"),
+    ("weights", r"mean_fp32: argument 'weights': expected 2 weights \(one per input\), got 3"),
+    ("empty", r"mean_fp32: argument 'inputs': expected at least one tensor"),
+])
+def test_mean_argument_errors(case, pattern):
+    out = torch.empty(4, 3)
+    good = torch.randn(4, 3)
+    inputs, weights = [_cap(good), _cap(good)], None
+    if case == "shape":
+        inputs[1] = _cap(torch.randn(3, 4))
+    elif case == "dtype":
+        inputs[0] = _cap(torch.ones(4, 3, dtype=torch.int64))
+    elif case == "strides":
+        inputs[0] = _cap(torch.randn(3, 4).t())
+    elif case == "object":
+        inputs[0] = [1, 2]
+    elif case == "out_dtype":
+        out = torch.empty(4, 3, dtype=torch.bfloat16)
+    elif case == "weights":
+        weights = [1.0, 2.0, 3.0]
+    elif case == "empty":
+        inputs = []
+    with pytest.raises(ValueError, match=pattern):
+        C.mean_fp32(inputs, weights, _cap(out))
+
+
+@needs_ext
+def test_other_argument_errors():
+    x = torch.randn(6)
+    with pytest.raises(ValueError, match=r"center_into: argument 'mean': expected a float32 tensor, got float16"):
+        C.center_into(_cap(x), _cap(x.half()), _cap(torch.empty(6)))
+    with pytest.raises(ValueError, match=r"finalize: argument 'add': expected shape \(6,\).*got shape \(5,\)"):
+        C.finalize(_cap(x), _cap(torch.randn(5)), None)
+    with pytest.raises(ValueError, match=r"ties_merge: argument 'base': expected a float32, float16 or bfloat16 tensor, got float64"):
+        C.ties_merge([_cap(x)], _cap(x.double()), _cap(torch.empty(6)), 1, 1.0)
+    with pytest.raises(ValueError, match=r"dare: argument 'p': expected 0 <= p <= 1, got"):
+        C.dare(_cap(x), _cap(torch.empty(6)), 1.5, 1.0, 0)
+    cap = _cap(x)
+    torch.from_dlpack(cap)  # consumes it
+    with pytest.raises(ValueError, match=r"argument 'tau': expected an unconsumed DLPack capsule"):
+        C.dare(cap, _cap(torch.empty(6)), 0.5, 2.0, 0)
+
+
+@needs_ext
+def test_capsules_are_borrowed_not_consumed():
+    x = torch.randn(10)
+    cap = _cap(x)
+    out = torch.empty(10)
+    C.mean_fp32([cap], None, _cap(out), apply_scale=True, scale=1.0)
+    assert torch.equal(out, x)
+    y = torch.from_dlpack(cap)  # still a live, unconsumed capsule
+    assert y.data_ptr() == x.data_ptr()
+
+
+@needs_ext
+def test_versioned_capsules_accepted():
+    x = torch.randn(7)
+    try:
+        cap = x.__dlpack__(max_version=(1, 0))
+    except TypeError:
+        pytest.skip("this torch cannot produce DLPack 1.x capsules")
+    out = torch.empty(7)
+    C.center_into(cap, _cap(torch.zeros(7)), out.__dlpack__(max_version=(1, 0)))
+    assert torch.equal(out, x)
+
+
+@needs_ext
+def test_wrappers_fall_back_for_what_kernels_do_not_cover():
+    a, m = torch.randn(4, 3), torch.randn(3)
+    out = torch.empty(4, 3)
+    native_ops.center_into(a, m, out)  # broadcasting: torch rules
+    assert torch.equal(out, a - m)
+    xs = [torch.randn(5, dtype=torch.float64), torch.randn(5)]
+    assert torch.allclose(native_ops.mean_fp32(xs), reference.mean_fp32(xs))
