@@ -16,7 +16,8 @@ def build_parser(prog: str = "centered-merge lab") -> argparse.ArgumentParser:
                     "the tables, write PNG + CSV and merged safetensors checkpoints.")
     p.add_argument("--out", default="lab_out", metavar="DIR", help="output folder (default: lab_out)")
     p.add_argument("--profile", default="demo", choices=["quick", "demo", "full"],
-                   help="quick: tiny models, 2 tasks, seconds; demo (default): 8 tasks, about 2-3 min on 2 cores; "
+                   help="quick: tiny models, 2 tasks, seconds; demo (default): 8 tasks, MLP and CNN, about 80 s of CPU "
+                        "with no cache; "
                         "full: longer training, finer grids, 3 seeds")
     p.add_argument("--seed", type=int, default=0, help="random seed (data split, init, data order); default 0")
     p.add_argument("--seeds", type=int, default=None, metavar="N",

@@ -3,7 +3,7 @@
     run_lab("lab_out", profile="demo", seed=0)
 
 Profiles: "quick" (tiny models, two tasks, seconds: for tests), "demo" (8 tasks, MLP and CNN, the README's
-numbers, about 2-3 minutes on 2 cores with no cache), "full" (same models trained longer, finer grids, three
+numbers, about 80 s of CPU with no cache), "full" (same models trained longer, finer grids, three
 seeds with spread). Trained checkpoints are cached as safetensors under <out>/cache (keyed by a hash of
 their settings), so a rerun only redoes merging and analysis.
 """
