@@ -67,17 +67,16 @@ def plot_rank_sweep(rows_by_arch: Dict[str, List[dict]], tables: Dict[str, Table
         x = [r["rank"] for r in rows]
         ax.plot(x, [100 * r["val"] for r in rows], "o-", label="CART, validation")
         ax.plot(x, [100 * r["test"] for r in rows], "s-", label="CART, test")
-        styles = {"weight_average": ":", "task_arithmetic": "--", "individual": "-."}
+        styles = {"weight_average": ":", "task_arithmetic": "--", "ties": (0, (3, 1, 1, 1)), "individual": "-."}
         for row in tables[arch].rows:
             if row["method"] in styles:
-                ax.axhline(100 * row["abs"], ls=styles[row["method"]], color="gray", lw=1)
-                ax.text(x[-1], 100 * row["abs"], f"{row['method']} (test) ", fontsize=7, va="bottom", ha="right",
-                        color="gray")
+                ax.axhline(100 * row["abs"], ls=styles[row["method"]], color="gray", lw=1,
+                           label=f"{row['method']} (test, {100 * row['abs']:.1f})")
         ax.set_xscale("log")
         ax.set_xlabel("rank ratio r (k = r·min(m, n))")
         ax.set_ylabel("mean accuracy over tasks (%)")
         ax.set_title(f"{arch}: accuracy vs rank (λ chosen on val per r)")
-        ax.legend(fontsize=8, loc="center left")
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
