@@ -94,3 +94,14 @@ def test_cli_rejects_bad_arguments(capsys, tmp_path):
         main(["--profile", "nope"])
     assert main(["--tasks", "99", "--out", str(tmp_path / "x")]) == 2
     assert "number of tasks" in capsys.readouterr().err
+
+
+def test_rank_sweep_full_rank_is_weight_averaging(quick_run):
+    # r = 1 keeps every centered direction; they sum to zero, so CART at full rank is the weight average
+    _, summary, _ = quick_run
+    for arch in ("mlp", "cnn"):
+        wa = next(r for r in summary["tables"][arch]["rows"] if r["method"] == "weight_average")
+        full = next(r for r in summary["rank_sweep"][arch] if r["rank"] == 1.0)
+        assert full["test"] == pytest.approx(wa["abs"], abs=1e-6)
+        assert summary["interior_optimum"][arch]["by_val"]["where"] in (
+            "interior", "lowest rank tried", "largest rank tried")

@@ -46,7 +46,9 @@ def interior_optimum(rows: Sequence[dict], key: str = "val") -> dict:
     best = max(rows, key=lambda r: r[key])
     pos = "interior" if ranks[0] < best["rank"] < ranks[-1] else (
         "lowest rank tried" if best["rank"] == ranks[0] else "largest rank tried")
-    return {"best_rank": best["rank"], "where": pos, key: best[key]}
+    worst = min(rows, key=lambda r: r[key])
+    # the spread tells whether the optimum means anything: a flat curve has an "interior" best by noise
+    return {"best_rank": best["rank"], "where": pos, key: best[key], "spread": best[key] - worst[key]}
 
 
 def write_rank_csv(rows: Sequence[dict], path: str) -> None:

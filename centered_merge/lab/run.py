@@ -244,7 +244,7 @@ def run_lab(out_dir: str = "lab_out", profile: str = "demo", seed: int = 0, n_ta
                                (f"search_{arch}.csv", table.write_search_csv)):
                 writer(res, os.path.join(out_dir, fn))
                 files.append(fn)
-            d = _save_merged(out_dir, arch, res, tm)
+            _save_merged(out_dir, arch, res, tm)
             summary["merged_dir"] = os.path.join(out_dir, "merged")
             t0 = time.time()
             rank_rows[arch] = cart_analysis.rank_sweep(tm, res)
@@ -287,7 +287,8 @@ def run_lab(out_dir: str = "lab_out", profile: str = "demo", seed: int = 0, n_ta
             + "   (val/test)")
         io = summary["interior_optimum"][arch]
         log(f"  {arch}: best rank by validation r={io['by_val']['best_rank']:g} ({io['by_val']['where']}); "
-            f"by test r={io['by_test']['best_rank']:g} ({io['by_test']['where']})")
+            f"by test r={io['by_test']['best_rank']:g} ({io['by_test']['where']}); "
+            f"best - worst rank on validation: {100 * io['by_val']['spread']:.1f} points")
     ratio = 0.12 if 0.12 in cart_analysis.SPECTRUM_RATIOS else cart_analysis.SPECTRUM_RATIOS[0]
     log(f"Spectrum: energy fraction in the top-k singular values at k = floor({ratio}·min(m,n)), mean over tasks:")
     spec = cart_analysis.spectrum_summary(spectrum_rows, ratio)
