@@ -27,8 +27,11 @@ test: build
 demo: build
 	$(PY) -m centered_merge lab --profile demo --out lab_out
 
+# Benchmarks (not part of make test): CART SVD speed, the native kernels, the streaming engine.
 bench: build
 	$(PY) bench/bench_cart_speed.py
+	$(PY) bench/bench_kernels.py
+	$(PY) bench/bench_engine.py --T 4 --size-gb 1 --methods weight_average cart
 
 clean:
 	rm -rf build $(VENV) *.egg-info centered_merge/*.so

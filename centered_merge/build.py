@@ -34,6 +34,7 @@ def build_info() -> dict:
             simd=list(b["simd"]),
             arch_flags=b["arch_flags"],
             compiler=b["compiler"],
+            hugepage_hint=bool(b.get("hugepage_hint", False)),
             cuda_compiled=bool(b["cuda_compiled"]),
             cuda_archs=b.get("cuda_archs"),
             cuda_version=b.get("cuda_runtime_version"),

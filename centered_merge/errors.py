@@ -15,3 +15,7 @@ class MergeConfigError(MergeError):
 
 class MergeInputError(MergeError):
     """The models to merge do not fit together (keys, shapes, dtypes) or hold bad values."""
+
+
+class MergeOutputError(MergeError):
+    """The output cannot be written: the path exists, the disk is full, a write failed."""

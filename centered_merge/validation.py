@@ -57,11 +57,29 @@ def check_group(name: str, tensors: Sequence[torch.Tensor], sources: Sequence[st
     )
 
 
+def count_nonfinite(t: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """Number of NaN/Inf values, cheaply: min and max in one reduction pass over the stored dtype (no float32
+    copy; NaN propagates through both, an Inf shows as an extreme). Only when something is found do we count
+    exactly, in chunks so that the boolean temporaries stay small."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    try:
+        lo, hi = torch.aminmax(t)
+        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+            return 0
+    except (RuntimeError, NotImplementedError):  # dtypes without a min/max kernel (float8): count directly
+        pass
+    flat = t.reshape(-1)
+    bad = 0
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i:i + chunk]
+        bad += int(part.numel() - torch.isfinite(part).sum().item())
+    return bad
+
+
 def check_finite(name: str, tensor: torch.Tensor, source: str) -> None:
     """Raise if `tensor` holds NaN or Inf, naming the tensor, the source and how many bad values."""
-    if tensor.numel() == 0 or not tensor.is_floating_point():
-        return
-    bad = int(tensor.numel() - torch.isfinite(tensor).sum().item())
+    bad = count_nonfinite(tensor)
     if bad:
         raise MergeInputError(
             f"tensor {name!r} in {source} holds {bad} NaN/Inf value(s) of {tensor.numel()}; "

@@ -6,6 +6,8 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -13,10 +15,40 @@
 #include "kernels.h"
 #include "tensor_view.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace py = pybind11;
 using cm::TensorView;
 
 namespace {
+
+// Large CPU outputs are usually fresh allocations that the kernel touches first; with 4 KiB pages the page
+// faults cost more than the kernel itself (about 2 us per page, 45 ms for 64 MiB here). Asking for transparent
+// huge pages on the 2 MiB-aligned interior before the first touch cuts that to about a third. Only a hint:
+// ignored where THP is off or unsupported, never an error. CENTERED_MERGE_HUGEPAGES=0 turns it off.
+bool hugepages_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("CENTERED_MERGE_HUGEPAGES");
+    return !(e && (std::strcmp(e, "0") == 0 || std::strcmp(e, "off") == 0 || std::strcmp(e, "false") == 0));
+  }();
+  return on;
+}
+
+void hint_hugepages(const TensorView& v) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!hugepages_enabled()) return;
+  const size_t bytes = size_t(v.numel) * size_t(v.dtype == cm::kF32 ? 4 : 2);
+  if (!v.is_cpu() || bytes < (size_t(8) << 20)) return;
+  const uintptr_t huge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(v.data);
+  const uintptr_t lo = (p + huge - 1) & ~(huge - 1), hi = (p + bytes) & ~(huge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)v;
+#endif
+}
 
 TensorView arg(const py::handle& h, const char* fn, const std::string& name) {
   return cm::view_capsule(h.ptr(), fn, name);
@@ -75,6 +107,7 @@ void mean_fp32(const py::sequence& inputs, const py::object& weights, const py::
   const char* fn = "mean_fp32";
   TensorView out = output_arg(out_c, fn, "out");
   cm::InputList in = input_list(inputs, weights, out, fn, index_base, nullptr);
+  if (!accumulate) hint_hugepages(out);
   py::gil_scoped_release nogil;
   if (out.is_cpu()) {
     cm::cpu::mean_fp32(in, static_cast<float*>(out.data), out.numel, accumulate, scale, apply_scale);
@@ -138,6 +171,7 @@ py::object finalize(const py::handle& x_c, const py::object& add_c, const py::ob
     o.expect_shape_of(x);
     out = o.data;
     od = o.dtype;
+    hint_hugepages(o);
   }
   if (x.is_cpu()) {
     int64_t bad;
@@ -176,6 +210,7 @@ py::object ties_merge(const py::sequence& inputs, const py::handle& base_c, cons
   base.expect_shape_of(out);
   if (k < 0) throw cm::ArgError(std::string(fn) + ": argument 'k': expected k >= 0, got " + std::to_string(k));
   cm::InputList in = input_list(inputs, py::none(), out, fn, 0, nullptr);
+  hint_hugepages(out);
   if (out.is_cpu()) {
     std::vector<float> thr(in.count);
     {
@@ -213,6 +248,7 @@ void dare(const py::handle& tau_c, const py::handle& out_c, double p, double sca
   tau.expect_shape_of(out);
   if (!(p >= 0.0 && p <= 1.0)) throw cm::ArgError(std::string(fn) + ": argument 'p': expected 0 <= p <= 1, got " + std::to_string(p));
   const float pf = float(p), sf = float(scale);
+  hint_hugepages(out);
   py::gil_scoped_release nogil;
   if (out.is_cpu()) {
     cm::cpu::dare(tau.data, tau.dtype, static_cast<float*>(out.data), out.numel, pf, sf, seed);
@@ -263,6 +299,7 @@ py::dict build_info() {
   d["simd"] = simd_flags();
   d["arch_flags"] = std::string(CM_SIMD_FLAGS);
   d["compiler"] = std::string(CM_CXX_COMPILER);
+  d["hugepage_hint"] = hugepages_enabled();
 #ifdef CM_WITH_CUDA
   d["cuda_compiled"] = true;
   d["cuda_archs"] = std::string(CM_CUDA_ARCHS);

@@ -22,10 +22,30 @@ namespace cm {
 namespace cpu {
 namespace {
 
-constexpr int64_t kBlock = 2048;          // elements per work item (8 KiB of float32)
+#ifndef CM_CPU_BLOCK
+#define CM_CPU_BLOCK 8192
+#endif
+// Elements per work item. Large enough that each input stream is read in runs of many pages (hardware
+// prefetchers stop at 4 KiB page boundaries and must re-train), small enough that the per-block float32
+// accumulators stay in L2.
+constexpr int64_t kBlock = CM_CPU_BLOCK;
 constexpr int64_t kParallelMin = 1 << 15;  // below this, one thread: the fork/join would cost more than the work
 
+#ifndef CM_STREAM_STORES
+#define CM_STREAM_STORES 1
+#endif
+constexpr bool kStreamStores = CM_STREAM_STORES != 0;
+constexpr int64_t kStreamMinBytes = int64_t(64) << 20;
+
 inline int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
+
+// Per-thread scratch of `count` float-sized arrays of kBlock elements (grown once per thread, reused).
+inline float* scratch(int count) {
+  static thread_local std::vector<float> buf;
+  const size_t need = size_t(count) * kBlock;
+  if (buf.size() < need) buf.resize(need);
+  return buf.data();
+}
 
 void f16_to_f32_block(const uint16_t* s, float* d, int64_t n) {
   int64_t i = 0;
@@ -114,12 +134,93 @@ bool has_openmp() {
 #endif
 }
 
-void mean_fp32(const InputList& in, float* out, int64_t n, bool accumulate, float scale, bool apply_scale) {
+namespace {
+
+#ifndef CM_MEAN_GROUP
+#define CM_MEAN_GROUP 2
+#endif
+// Unweighted sum of same-dtype (bfloat16 or float32) inputs. Per block, the inputs are taken CM_MEAN_GROUP at a
+// time with the running sums in registers (each SIMD lane reads its element from the group's streams in turn);
+// between groups the sums wait in an L1/L2-resident block buffer. Few concurrent streams keep the hardware
+// prefetchers effective, and the output is written once. Same addition order as the twin
+// ((0 + x_0) + x_1) + ..., so the same bits.
+template <typename Elem>
+void mean_streams(const InputList& in, float* out, int64_t n, bool accumulate, float scale, bool apply_scale) {
+  const int T = in.count;
   const int64_t nb = num_blocks(n);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  constexpr int G = CM_MEAN_GROUP;
+  constexpr int W = 64;  // lanes per step: four 512-bit (or eight 256-bit) accumulators
+  // Outputs much larger than the caches are written with streaming stores (64-byte aligned runs only).
+  const bool stream_out = kStreamStores && n * 4 >= kStreamMinBytes && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
-    alignas(64) float acc[kBlock];
-    alignas(64) float tmp[kBlock];
+    const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+    float* o = out + off;
+    float* acc = scratch(1);
+    for (int g0 = 0; g0 < T; g0 += G) {
+      const int g1 = std::min(T, g0 + G);
+      const bool first = g0 == 0, last = g1 == T;
+      // src and dst may be the same buffer (no __restrict): each lane loads its sum before storing it
+      const float* src = first ? o : acc;  // running sums so far (o only read when accumulating)
+      float* dst = last ? o : acc;
+      const bool load = !first || accumulate;
+      const Elem* p[G];
+      for (int t = g0; t < g1; ++t) p[t - g0] = static_cast<const Elem*>(in.ptr[t]) + off;
+      const int gn = g1 - g0;
+      int64_t i0 = 0;
+      for (; i0 + W <= len; i0 += W) {
+        float a[W];
+        for (int l = 0; l < W; ++l) a[l] = load ? src[i0 + l] : 0.0f;
+        for (int t = 0; t < gn; ++t) {
+          const Elem* __restrict q = p[t] + i0;
+          for (int l = 0; l < W; ++l) {
+            if constexpr (sizeof(Elem) == 2) a[l] += bf16_to_f32(q[l]);
+            else a[l] += q[l];
+          }
+        }
+        if (last && apply_scale) {
+          for (int l = 0; l < W; ++l) a[l] *= scale;
+        }
+#if defined(__AVX512F__)
+        if (last && stream_out) {  // non-temporal: no read-for-ownership of the output lines
+          for (int l = 0; l < W; l += 16) _mm512_stream_ps(dst + i0 + l, _mm512_loadu_ps(a + l));
+          continue;
+        }
+#endif
+        for (int l = 0; l < W; ++l) dst[i0 + l] = a[l];
+      }
+      for (int64_t i = i0; i < len; ++i) {
+        float a = load ? src[i] : 0.0f;
+        for (int t = 0; t < gn; ++t) {
+          if constexpr (sizeof(Elem) == 2) a += bf16_to_f32(p[t][i]);
+          else a += p[t][i];
+        }
+        dst[i] = last && apply_scale ? a * scale : a;
+      }
+    }
+#if defined(__AVX512F__)
+    if (stream_out) _mm_sfence();
+#endif
+  }
+}
+
+}  // namespace
+
+void mean_fp32(const InputList& in, float* out, int64_t n, bool accumulate, float scale, bool apply_scale) {
+  if (!in.weighted) {
+    bool all_bf16 = true, all_f32 = true;
+    for (int t = 0; t < in.count; ++t) {
+      all_bf16 = all_bf16 && in.dtype[t] == kBF16;
+      all_f32 = all_f32 && in.dtype[t] == kF32;
+    }
+    if (all_bf16) return mean_streams<uint16_t>(in, out, n, accumulate, scale, apply_scale);
+    if (all_f32) return mean_streams<float>(in, out, n, accumulate, scale, apply_scale);
+  }
+  const int64_t nb = num_blocks(n);
+#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
+  for (int64_t b = 0; b < nb; ++b) {
+    float* acc = scratch(2);
+    float* tmp = acc + kBlock;
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
     if (accumulate) std::memcpy(acc, out + off, len * sizeof(float));
     else std::fill(acc, acc + len, 0.0f);
@@ -134,9 +235,9 @@ void mean_fp32(const InputList& in, float* out, int64_t n, bool accumulate, floa
 
 void center(const void* w, int32_t w_dtype, const float* mean, float* out, int64_t n) {
   const int64_t nb = num_blocks(n);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
-    alignas(64) float tmp[kBlock];
+    float* tmp = scratch(1);
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
     float* __restrict o = out + off;
     const float* __restrict m = mean + off;
@@ -155,9 +256,9 @@ void center(const void* w, int32_t w_dtype, const float* mean, float* out, int64
 int64_t finalize(const float* x, const float* add, void* out, int32_t out_dtype, int64_t n) {
   const int64_t nb = num_blocks(n);
   int64_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(+ : bad) if (n >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
-    alignas(64) float tmp[kBlock];
+    float* tmp = scratch(1);
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
     const float* y = x + off;
     if (add) {
@@ -197,52 +298,69 @@ void abs_tau_bits(const void* x, int32_t xd, const float* bb, int64_t off, int64
   for (int64_t i = 0; i < len; ++i) bits[i] = f32_bits(xv[i] - bb[i]) & 0x7FFFFFFFu;
 }
 
-// The k-th largest |x - base| (NaN counts as the largest, like torch.kthvalue), by a 3-pass radix select.
-float select_threshold(const void* x, int32_t xd, const void* base, int32_t bd, int64_t n, int64_t k) {
-  if (k <= 0) return std::numeric_limits<float>::infinity();
-  if (k >= n) return 0.0f;
+// Per task, the k-th largest |x_t - base| (NaN counts as the largest, like torch.kthvalue), by a radix select
+// on the bit patterns: 3 digit passes (11, 11, 10 bits). Each pass is ONE parallel sweep that reads base once
+// and every task's input once, filling per-thread histograms for all tasks (T x 2048 counters); between passes
+// the digit holding the k-th largest value is picked per task and becomes the prefix of the next pass.
+// Keeping it to three parallel regions matters on busy machines, where every OpenMP barrier can cost a
+// scheduler time slice.
+void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_t n, int64_t k, float* thr) {
+  const int T = in.count;
+  if (k <= 0 || k >= n) {
+    for (int t = 0; t < T; ++t) thr[t] = k <= 0 ? std::numeric_limits<float>::infinity() : 0.0f;
+    return;
+  }
   const int64_t nb = num_blocks(n);
-  uint32_t prefix = 0;
-  uint64_t krem = uint64_t(k);
-  std::vector<uint64_t> hist(kRadixBins);
+  std::vector<uint32_t> prefix(T, 0);
+  std::vector<uint64_t> krem(T, uint64_t(k));
+  std::vector<uint64_t> hist(size_t(T) * kRadixBins);
   for (int pass = 0; pass < kRadixPasses; ++pass) {
     const int shift = radix_shift(pass);
     const uint32_t mask = radix_mask(pass);
-    const int hi = shift + (pass == 2 ? 10 : 11);
+    const int width = pass == 2 ? 10 : 11;
+    const int hi = shift + width;
     std::fill(hist.begin(), hist.end(), 0);
 #pragma omp parallel if (n >= kParallelMin)
     {
-      std::vector<uint64_t> local(kRadixBins, 0);
-#pragma omp for schedule(static)
+      std::vector<uint64_t> local(size_t(T) * kRadixBins, 0);
+#pragma omp for schedule(dynamic, 1) nowait
       for (int64_t b = 0; b < nb; ++b) {
-        alignas(64) float tmp[kBlock], tb[kBlock];
-        alignas(64) uint32_t bits[kBlock];
+        float* tmp = scratch(3);
+        float* tb = tmp + kBlock;
+        uint32_t* bits = reinterpret_cast<uint32_t*>(tb + kBlock);
         const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
         const float* bb = as_f32(base, bd, off, len, tb);
-        abs_tau_bits(x, xd, bb, off, len, tmp, bits);
-        if (pass == 0) {
-          for (int64_t i = 0; i < len; ++i) ++local[bits[i] >> shift];
-        } else {
-          for (int64_t i = 0; i < len; ++i)
-            if ((bits[i] >> hi) == prefix) ++local[(bits[i] >> shift) & mask];
+        for (int t = 0; t < T; ++t) {
+          abs_tau_bits(in.ptr[t], in.dtype[t], bb, off, len, tmp, bits);
+          uint64_t* h = local.data() + size_t(t) * kRadixBins;
+          if (pass == 0) {
+            for (int64_t i = 0; i < len; ++i) ++h[bits[i] >> shift];
+          } else {
+            const uint32_t p = prefix[t];
+            for (int64_t i = 0; i < len; ++i)
+              if ((bits[i] >> hi) == p) ++h[(bits[i] >> shift) & mask];
+          }
         }
       }
-#pragma omp critical
-      for (int i = 0; i < kRadixBins; ++i) hist[i] += local[i];
+#pragma omp critical(cm_ties_hist)
+      for (size_t i = 0; i < hist.size(); ++i) hist[i] += local[i];
     }
-    uint64_t above = 0;
-    int chosen = 0;
-    for (int bin = kRadixBins - 1; bin >= 0; --bin) {
-      if (above + hist[bin] >= krem) {
-        chosen = bin;
-        break;
+    for (int t = 0; t < T; ++t) {
+      const uint64_t* h = hist.data() + size_t(t) * kRadixBins;
+      uint64_t above = 0;
+      int chosen = 0;
+      for (int bin = kRadixBins - 1; bin >= 0; --bin) {
+        if (above + h[bin] >= krem[t]) {
+          chosen = bin;
+          break;
+        }
+        above += h[bin];
       }
-      above += hist[bin];
+      krem[t] -= above;
+      prefix[t] = (prefix[t] << width) | uint32_t(chosen);
     }
-    krem -= above;
-    prefix = (prefix << (pass == 2 ? 10 : 11)) | uint32_t(chosen);
   }
-  return bits_f32(prefix);
+  for (int t = 0; t < T; ++t) thr[t] = bits_f32(prefix[t]);
 }
 
 }  // namespace
@@ -251,12 +369,16 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
                 float* thresholds_out) {
   const int T = in.count;
   std::vector<float> thr(T);
-  for (int t = 0; t < T; ++t) thr[t] = select_threshold(in.ptr[t], in.dtype[t], base, bd, n, k);
+  select_thresholds(in, base, bd, n, k, thr.data());
   if (thresholds_out) std::copy(thr.begin(), thr.end(), thresholds_out);
   const int64_t nb = num_blocks(n);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
-    alignas(64) float tmp[kBlock], tb[kBlock], ss[kBlock], num[kBlock], cnt[kBlock];
+    float* tmp = scratch(5);
+    float* tb = tmp + kBlock;
+    float* ss = tb + kBlock;
+    float* num = ss + kBlock;
+    float* cnt = num + kBlock;
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
     const float* __restrict bb = as_f32(base, bd, off, len, tb);
     std::fill(ss, ss + len, 0.0f);
@@ -300,9 +422,9 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
 
 void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed) {
   const int64_t nb = num_blocks(n);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
-    alignas(64) float tmp[kBlock];
+    float* tmp = scratch(1);
     const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
     const float* __restrict x = as_f32(tau, dtype, off, len, tmp);
     float* __restrict o = out + off;

@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..validation import count_nonfinite
+
 F32 = torch.float32
 
 
@@ -43,13 +45,15 @@ def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = 
     Counting after the conversion catches values that overflow the output dtype (e.g. > 65504 in float16).
     """
     y = (x if add is None else x + add).to(dtype)
-    nonfinite = int(y.numel() - torch.isfinite(y).sum().item()) if y.numel() else 0
-    return y, nonfinite
+    return y, count_nonfinite(y)
 
 
 def kept_count(numel: int, density: float) -> int:
     """How many entries TIES keeps per task: ceil(density * numel), so any density > 0 keeps at least one."""
-    return min(numel, max(0, math.ceil(density * numel - 1e-9)))
+    if numel == 0 or density <= 0.0:
+        return 0
+    # the 1e-9 keeps float noise (0.3 * 10 = 3.0000000000000004) from adding an entry
+    return min(numel, max(1, math.ceil(density * numel - 1e-9)))
 
 
 def magnitude_threshold(tau: torch.Tensor, density: float) -> float:

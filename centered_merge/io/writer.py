@@ -1,0 +1,349 @@
+"""The output side of the engine: an HF-style directory, written tensor by tensor, made visible only when complete.
+
+Layout: model.safetensors (one shard) or model-0000i-of-0000N.safetensors + model.safetensors.index.json,
+config.json / generation and tokenizer files copied from a reference model, and a README.md card.
+
+Why this module writes the safetensors format itself: `safetensors.torch.save_file` needs every tensor of a
+shard in memory at once (a 5 GB shard = 5 GB of RAM), which would break the engine's promise that memory is
+bounded by the largest tensor. The format is simple (8-byte little-endian header length, a JSON header with
+dtype / shape / data_offsets per tensor, then the raw bytes, contiguous, no holes), and every tensor's shape and
+dtype is known before the merge starts, so each shard's header is written first and the tensor bytes are then
+appended as they are produced. Files written here are read back with safetensors' own reader in the tests.
+
+Atomicity: everything goes to a hidden sibling directory `.NAME.partial-XXXX`; only a complete output is renamed
+to NAME. On any failure the partial directory is removed, so nothing at NAME ever looks finished when it is not.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import queue
+import re
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import MergeConfigError, MergeOutputError
+from .base import TensorInfo
+
+ST_DTYPE = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _attr, _name in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
+                     ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _attr):
+        ST_DTYPE[getattr(torch, _attr)] = _name
+
+# copied from the reference model's directory when present
+COPY_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt", "vocab.json",
+    "merges.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+)
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.I)
+
+
+def parse_size(text) -> int:
+    """'5GB' -> 5*10**9, '500MiB' -> 500*2**20, '1e9' or 1000 -> bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        n = int(text)
+    else:
+        s = str(text)
+        m = _SIZE.match(s)
+        if m:
+            num, unit, binary = m.groups()
+            base = 1024 if binary else 1000
+            n = int(float(num) * base ** " kmgt".index(unit.lower() or " "))
+        else:
+            try:
+                n = int(float(s))
+            except ValueError:
+                raise MergeConfigError(f"shard size {text!r} is not a size (examples: 5GB, 500MB, 2GiB)") from None
+    if n <= 0:
+        raise MergeConfigError(f"shard size must be positive; got {text!r}")
+    return n
+
+
+def check_output_path(out_dir, overwrite: bool) -> Path:
+    """Refuse an existing non-empty output unless overwrite; called before any work and again at the end."""
+    out = Path(out_dir)
+    if out.exists() or out.is_symlink():
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            return out
+        if not overwrite:
+            what = "directory is not empty" if out.is_dir() else "path exists and is not a directory"
+            raise MergeOutputError(f"{out}: output {what}; pass --overwrite (API: overwrite=True) to replace it")
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:  # missing parents are created later
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MergeOutputError(f"{out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise MergeOutputError(f"{out}: directory {parent} is not writable")
+    return out
+
+
+def plan_shards(items: Sequence[Tuple[str, TensorInfo]], shard_size: int) -> List[List[Tuple[str, TensorInfo]]]:
+    """Split tensors (in the given order) into shards of at most shard_size bytes (a bigger tensor gets its own).
+
+    Inside a shard, tensors are laid out by element size, largest first (stable), so that every tensor starts at
+    an offset aligned to its element size without padding (safetensors allows no holes).
+    """
+    shards: List[List[Tuple[str, TensorInfo]]] = []
+    cur: List[Tuple[str, TensorInfo]] = []
+    size = 0
+    for name, info in items:
+        if cur and size + info.nbytes > shard_size:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((name, info))
+        size += info.nbytes
+    if cur or not shards:
+        shards.append(cur)
+    return [sorted(s, key=lambda kv: -_itemsize(kv[1].dtype)) for s in shards]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return 1 if dtype == torch.bool else torch.empty((), dtype=dtype).element_size()
+
+
+def _header_bytes(shard: Sequence[Tuple[str, TensorInfo]], metadata: Dict[str, str]) -> Tuple[bytes, int]:
+    header = {"__metadata__": metadata}
+    off = 0
+    for name, info in shard:
+        if info.dtype not in ST_DTYPE:
+            raise MergeConfigError(f"tensor {name!r}: dtype {info.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": ST_DTYPE[info.dtype], "shape": list(info.shape),
+                        "data_offsets": [off, off + info.nbytes]}
+        off += info.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, off
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+class ShardedWriter:
+    """Writes the planned tensors, in `order`, into shards in a hidden temporary directory; `commit` publishes.
+
+    `write(name, tensor)` hands the tensor to a background thread (a bounded queue of `queue_depth` tensors, so
+    memory stays bounded) and returns. Errors of the thread surface at the next write or at commit.
+    """
+
+    def __init__(self, out_dir, items: Sequence[Tuple[str, TensorInfo]], *, shard_size: int = 5 * 10**9,
+                 overwrite: bool = False, queue_depth: int = 2, fsync: bool = True,
+                 on_written: Optional[Callable[[str, int], None]] = None):
+        self.out = check_output_path(out_dir, overwrite)
+        self.overwrite = overwrite
+        self.fsync = fsync
+        self.on_written = on_written
+        self.shards = plan_shards(list(items), int(shard_size))
+        n = len(self.shards)
+        self.shard_names = (["model.safetensors"] if n == 1 else
+                            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.order = [name for shard in self.shards for name, _ in shard]
+        self._info = dict(items)
+        self._next = 0
+        parent = self.out.absolute().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=parent))
+        except OSError as e:
+            raise MergeOutputError(f"{self.out}: cannot create a temporary directory in {parent} ({e.strerror})") from None
+        self._q: "queue.Queue" = queue.Queue(maxsize=max(1, queue_depth))
+        self._error: Optional[BaseException] = None
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="centered_merge-writer", daemon=True)
+        self._thread.start()
+
+    # --- producer side -------------------------------------------------------------------------------------
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._raise_if_failed()
+        expected = self.order[self._next] if self._next < len(self.order) else None
+        if name != expected:
+            raise RuntimeError(f"writer: got tensor {name!r}, expected {expected!r} (engine bug)")
+        info = self._info[name]
+        if tuple(tensor.shape) != tuple(info.shape) or tensor.dtype != info.dtype:
+            raise RuntimeError(f"writer: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned "
+                               f"{info.shape} {info.dtype} (engine bug)")
+        self._next += 1
+        while True:
+            try:
+                self._q.put((name, tensor), timeout=0.2)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def _raise_if_failed(self):
+        if self._error is not None:
+            raise self._error
+
+    # --- writer thread -------------------------------------------------------------------------------------
+    def _run(self):
+        f = None
+        path = None
+        try:
+            for shard, fname in zip(self.shards, self.shard_names):
+                path = self.tmp / fname
+                name = None
+                try:
+                    f = open(path, "wb", buffering=0)
+                    head, _ = _header_bytes(shard, {"format": "pt"})
+                    f.write(head)
+                    for expect, info in shard:
+                        item = self._q.get()
+                        if item is None:  # abort
+                            return
+                        name, tensor = item
+                        assert name == expect
+                        buf = _tensor_bytes(tensor)
+                        del tensor, item
+                        view, pos = buf, 0
+                        while pos < len(view):  # os-level writes may be short
+                            pos += f.write(view[pos:pos + (1 << 26)])
+                        del buf, view
+                        if self.on_written is not None:
+                            self.on_written(name, info.nbytes)
+                    if self.fsync:
+                        os.fsync(f.fileno())
+                    f.close()
+                    f = None
+                except OSError as e:
+                    what = f"tensor {name!r}" if name else "the header"
+                    reason = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                              errno.EFBIG: "file size limit reached"}.get(e.errno, "write error")
+                    raise MergeOutputError(
+                        f"{self.out}: {reason} while writing {what} to {fname} ({e.strerror or e}); "
+                        "nothing was written to the output path"
+                    ) from None
+            self._done = True
+        except BaseException as e:  # noqa: BLE001  (handed to the producer)
+            self._error = e
+            # drain so a blocked producer wakes up and sees the error
+            try:
+                while True:
+                    self._q.get_nowait()
+            except queue.Empty:
+                pass
+        finally:
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+    # --- end -----------------------------------------------------------------------------------------------
+    def commit(self, *, config_dir=None, card: Optional[str] = None, out_dtype: Optional[torch.dtype] = None,
+               extra_files: Optional[Dict[str, str]] = None) -> Path:
+        """Wait for the writes, add index, config/tokenizer files and card, then rename into place."""
+        try:
+            if self._next != len(self.order):
+                raise RuntimeError(f"writer: {len(self.order) - self._next} planned tensor(s) never came (engine bug)")
+            self._thread.join()
+            self._raise_if_failed()
+            if not self._done:
+                raise MergeOutputError(f"{self.out}: writing stopped before the end")
+            try:
+                if len(self.shards) > 1:
+                    index = {
+                        "metadata": {"total_size": sum(i.nbytes for s in self.shards for _, i in s)},
+                        "weight_map": {name: fname for shard, fname in zip(self.shards, self.shard_names)
+                                       for name, _ in shard},
+                    }
+                    (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+                if config_dir is not None:
+                    copy_model_files(Path(config_dir), self.tmp, out_dtype)
+                for fname, text in (extra_files or {}).items():
+                    (self.tmp / fname).write_text(text)
+                if card is not None:
+                    (self.tmp / "README.md").write_text(card)
+            except OSError as e:
+                raise MergeOutputError(f"{self.out}: write error while finishing the output ({e.strerror or e})") from None
+            self._publish()
+            return self.out
+        except BaseException:
+            self.abort()
+            raise
+
+    def _publish(self):
+        out = self.out
+        old = None
+        check_output_path(out, self.overwrite)  # something may have appeared there meanwhile
+        if out.exists() or out.is_symlink():
+            if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+                out.rmdir()
+            else:
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                os.rename(out, old)
+        try:
+            os.rename(self.tmp, out)
+        except OSError as e:
+            if old is not None:
+                os.rename(old, out)
+            raise MergeOutputError(f"{out}: cannot move the finished output into place ({e.strerror})") from None
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+
+    def abort(self) -> None:
+        """Stop the thread and remove the partial directory (idempotent)."""
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            try:
+                while True:
+                    self._q.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                self._q.put_nowait(None)
+            except queue.Full:
+                pass
+            self._thread.join(timeout=30)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def copy_model_files(src: Path, dst: Path, out_dtype: Optional[torch.dtype] = None) -> List[str]:
+    """Copy config, generation and tokenizer files; set config.json's dtype to the output dtype."""
+    copied = []
+    names = list(COPY_FILES) + sorted(p.name for p in src.glob("tokenizer*") if p.name not in COPY_FILES)
+    for name in names:
+        p = src / name
+        if not p.is_file():
+            continue
+        if name == "config.json" and out_dtype is not None:
+            try:
+                cfg = json.loads(p.read_text())
+            except ValueError:
+                cfg = None
+            if isinstance(cfg, dict):
+                dt = str(out_dtype).replace("torch.", "")
+                for key in ("torch_dtype", "dtype"):
+                    if key in cfg:
+                        cfg[key] = dt
+                (dst / name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+                copied.append(name)
+                continue
+        shutil.copyfile(p, dst / name)
+        copied.append(name)
+    return copied

@@ -1,0 +1,149 @@
+"""Readers: every input kind gives the same tensors, lazily, with clear errors for broken files."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from centered_merge.errors import MergeInputError
+from centered_merge.io import HFDirectory, SafetensorsFile, StateDictSource, TorchFile, open_model
+from centered_merge.io.writer import ShardedWriter
+from centered_merge.io.base import TensorInfo
+
+from _engine_util import make_state_dicts
+
+
+@pytest.fixture
+def sd():
+    return make_state_dicts(T=1)[1][0]
+
+
+def _same(src, sd):
+    assert sorted(src.keys()) == sorted(sd)
+    for k, v in sd.items():
+        assert src.info(k) == TensorInfo(tuple(v.shape), v.dtype)
+        assert torch.equal(src.get(k), v)
+
+
+def test_safetensors_file_is_zero_copy_view(tmp_path, sd):
+    p = tmp_path / "m.safetensors"
+    save_file(sd, str(p))
+    src = open_model(p)
+    assert isinstance(src, SafetensorsFile)
+    _same(src, sd)
+    t = src.get("model.embed_tokens.weight")
+    # a view of the mapped file, not a private copy: two reads share storage bytes
+    assert t.untyped_storage().data_ptr() != 0
+    assert src.total_bytes() == sum(v.numel() * v.element_size() for v in sd.values())
+
+
+def test_hf_dir_with_sharded_index(tmp_path, sd):
+    items = [(k, TensorInfo(tuple(v.shape), v.dtype)) for k, v in sd.items()]
+    w = ShardedWriter(tmp_path / "m", items, shard_size=1500)
+    for k in w.order:
+        w.write(k, sd[k])
+    w.commit()
+    assert (tmp_path / "m" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "m").glob("model-*-of-*.safetensors"))) > 1
+    src = open_model(tmp_path / "m")
+    assert isinstance(src, HFDirectory)
+    _same(src, sd)
+    assert src.file_of("lm_head.weight").endswith(".safetensors")
+
+
+def test_hf_dir_index_names_missing_shard(tmp_path, sd):
+    d = tmp_path / "m"
+    d.mkdir()
+    save_file(sd, str(d / "model-00001-of-00002.safetensors"))
+    wm = {k: "model-00001-of-00002.safetensors" for k in sd}
+    wm["extra.weight"] = "model-00002-of-00002.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    with pytest.raises(MergeInputError, match=r"model-00002-of-00002.safetensors: file not found.*extra.weight"):
+        open_model(d)
+
+
+def test_hf_dir_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(MergeInputError, match="no model weights found.*config.json"):
+        open_model(tmp_path)
+
+
+def test_torch_bin_weights_only_and_nested(tmp_path, sd):
+    p = tmp_path / "pytorch_model.bin"
+    torch.save({"state_dict": sd, "epoch": 3}, str(p))
+    src = open_model(p)
+    assert isinstance(src, TorchFile)
+    _same(src, sd)
+    (tmp_path / "d").mkdir()
+    torch.save(sd, str(tmp_path / "d" / "pytorch_model.bin"))
+    _same(open_model(tmp_path / "d"), sd)
+
+
+class Opaque:  # pickled by reference: weights_only loading must refuse it
+    def __init__(self):
+        self.x = 1
+
+
+def test_torch_pickle_needs_explicit_trust(tmp_path, sd):
+    p = tmp_path / "m.pt"
+    torch.save({**sd, "extra": Opaque()}, str(p))
+    with pytest.raises(MergeInputError, match=r"m.pt: .*full pickle.*--trust-pickle"):
+        open_model(p)
+    _same(open_model(p, trust_pickle=True), sd)  # non-tensor entries are dropped
+
+
+def test_memory_state_dict_and_module(sd):
+    _same(open_model(sd), sd)
+    lin = torch.nn.Linear(3, 2)
+    src = open_model(lin, index=1)
+    assert isinstance(src, StateDictSource) and "model #2" in src.label
+    assert sorted(src.keys()) == ["bias", "weight"]
+    assert not src.get("weight").requires_grad
+    with pytest.raises(MergeInputError, match="not a tensor"):
+        open_model({"a": 1})
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "header"])
+def test_broken_safetensors_named(tmp_path, sd, damage):
+    p = tmp_path / "bad.safetensors"
+    save_file(sd, str(p))
+    data = p.read_bytes()
+    if damage == "truncate":
+        p.write_bytes(data[:-200])
+    elif damage == "garbage":
+        p.write_bytes(b"this is not a checkpoint at all" * 3)
+    elif damage == "empty":
+        p.write_bytes(b"")
+    else:
+        p.write_bytes(data[:8] + b"X" + data[9:])  # break the JSON
+    with pytest.raises(MergeInputError, match=r"bad.safetensors: .*(truncated|corrupt|not a safetensors)"):
+        open_model(p)
+
+
+def test_truncated_names_the_tensor(tmp_path):
+    p = tmp_path / "t.safetensors"
+    save_file({"a.weight": torch.zeros(4, 4), "b.weight": torch.zeros(64, 64)}, str(p))
+    p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(MergeInputError, match=r"t.safetensors: truncated or corrupt: tensor 'b.weight'"):
+        open_model(p)
+
+
+def test_missing_and_unknown_paths(tmp_path):
+    with pytest.raises(MergeInputError, match=r"nope.safetensors: file or directory not found"):
+        open_model(tmp_path / "nope.safetensors")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(MergeInputError, match="unknown checkpoint format"):
+        open_model(tmp_path / "x.txt")
+
+
+def test_byte_ranges_for_prefetch(tmp_path, sd):
+    p = tmp_path / "m.safetensors"
+    save_file(sd, str(p))
+    src = SafetensorsFile(p)
+    raw = p.read_bytes()
+    for k, v in sd.items():
+        off, n = src._ranges[k]
+        assert raw[off:off + n] == v.contiguous().view(torch.uint8).numpy().tobytes()
+        src.prefetch(k)  # a hint: must never fail
+    src.close()
+    open_model(tmp_path).prefetch("lm_head.weight")

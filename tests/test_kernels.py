@@ -1,0 +1,355 @@
+"""Every native kernel equals its torch twin (centered_merge/ops/reference.py is the spec).
+
+Across input dtypes (bfloat16, float16, float32), shapes (empty, one element, one row, odd sizes, a size large
+enough for the multi-threaded path with a ragged last block), T in {1, 2, 8}, non-contiguous inputs, and
+values (random, zeros, huge enough to overflow float32 sums, NaN/Inf). The kernels round exactly like the
+twins' eager ops, so results are compared bit for bit (NaN positions must match; NaN payloads may differ).
+CUDA tests run the CUDA kernels against the same twins and against the CPU kernels; they skip without a GPU.
+"""
+import math
+
+import pytest
+import torch
+
+from centered_merge import _native
+from centered_merge.ops import native as N
+from centered_merge.ops import reference as R
+
+pytestmark = pytest.mark.skipif(_native.get(warn=False) is None,
+                                reason=f"native extension not built: {_native.error()}")
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _native.cuda_usable()),
+                          reason="needs a CUDA GPU and the extension's CUDA kernels")
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+DT_IDS = ["bf16", "fp16", "fp32"]
+# empty, empty 2-D, one element, one row, odd 2-D, 3-D; BIG has > 32768 elements (the multi-threaded path, with
+# a ragged last block) and gets its own, smaller grid of tests below.
+SHAPES = [(0,), (0, 5), (1,), (1, 7), (37, 129), (3, 5, 7)]
+BIG = (181, 191)
+VALUES = ["randn", "zeros", "huge", "nonfinite"]
+TS = [1, 2, 8]
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    # Small tensors run on one thread (the kernels and torch would too, below their grain sizes; on a shared,
+    # oversubscribed 2-core machine every extra OpenMP barrier costs a scheduler time slice). The large shape
+    # runs with two threads, so the multi-threaded paths (block split, per-thread histograms) are tested.
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    big = math.prod(params.get("shape", (0,))) >= 32768
+    before = torch.get_num_threads()
+    torch.set_num_threads(2 if big else 1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make(shape, dtype, values="randn", seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if values == "zeros":
+        x.zero_()
+    elif values == "huge":  # near the dtype's max: sums of a few overflow float32 (for bf16/fp32)
+        big = torch.finfo(dtype).max
+        x = torch.where(x >= 0, 1.0, -1.0) * big * (0.5 + 0.5 * torch.rand(shape, generator=g))
+    elif values == "nonfinite":
+        flat = x.view(-1)
+        i = torch.arange(flat.numel())
+        flat[(i + seed) % 7 == 0] = float("nan")
+        flat[(i + seed) % 11 == 0] = float("inf")
+        flat[(i + seed) % 13 == 0] = float("-inf")
+    return x.to(dtype).to(device)
+
+
+def same(a, b, ctx=""):
+    assert a.shape == b.shape, (ctx, a.shape, b.shape)
+    assert a.dtype == b.dtype, (ctx, a.dtype, b.dtype)
+    torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0, equal_nan=True,
+                               msg=lambda m: f"{ctx}: {m}" if ctx else m)
+
+
+def noncontig(x, how):
+    """A non-contiguous view with the same values as x."""
+    if how == "transposed" and x.dim() == 2:
+        return x.t().contiguous().t()
+    if how == "strided":
+        big = torch.stack([x, torch.full_like(x, 123.0)], dim=-1)
+        return big[..., 0]
+    return x
+
+
+# --- T-way mean --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_mean(dtype, shape, values):
+    for T in TS:
+        xs = [make(shape, dtype, values, seed=t) for t in range(T)]
+        same(N.mean_fp32(xs), R.mean_fp32(xs), f"T={T}")
+        w = [0.5 / (t + 1) - 0.1 for t in range(T)]
+        same(N.mean_fp32(xs, w), R.mean_fp32(xs, w), f"T={T} weighted")
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["bf16", "mixed"])
+@pytest.mark.parametrize("T", [17, 40])
+def test_mean_many_inputs_in_groups(T, mixed):
+    # more inputs than one kernel call takes: later groups accumulate onto the first, same rounding order
+    xs = [make((33, 65), DTYPES[t % 3] if mixed else torch.bfloat16, seed=t) for t in range(T)]
+    same(N.mean_fp32(xs), R.mean_fp32(xs))
+    w = [math.sin(t) for t in range(T)]
+    same(N.mean_fp32(xs, w), R.mean_fp32(xs, w))
+
+
+@pytest.mark.parametrize("how", ["transposed", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_mean_noncontiguous_and_mixed_dtypes(dtype, how):
+    xs = [noncontig(make((37, 129), dtype, seed=t), how) for t in range(3)]
+    assert not xs[0].is_contiguous()
+    same(N.mean_fp32(xs), R.mean_fp32(xs))
+    mixed = [make((37, 129), d, seed=i) for i, d in enumerate(DTYPES)]
+    same(N.mean_fp32(mixed), R.mean_fp32(mixed))
+
+
+def test_mean_rejects_bad_weights():
+    with pytest.raises(ValueError, match="weights"):
+        N.mean_fp32([torch.zeros(3)] * 2, [1.0])
+
+
+# --- centering ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_center_into(dtype, shape):
+    for values in VALUES:
+        w = make(shape, dtype, values, seed=1)
+        mean = make(shape, torch.float32, values, seed=2)
+        out = torch.full(shape, 7.0)
+        res = N.center_into(w, mean, out)
+        assert res is out
+        same(out, R.center_into(w, mean, torch.empty(shape)), values)
+
+
+@pytest.mark.parametrize("how", ["transposed", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_center_into_noncontiguous(dtype, how):
+    w = noncontig(make((37, 129), dtype, seed=1), how)
+    mean = noncontig(make((37, 129), torch.float32, seed=2), how)
+    out = noncontig(torch.zeros(37, 129), how)  # the caller's buffer may be a strided view too
+    N.center_into(w, mean, out)
+    same(out, R.center_into(w, mean, torch.empty(37, 129)))
+
+
+def test_center_into_reuses_the_buffer():
+    out = torch.empty(50, 3)
+    ptr = out.data_ptr()
+    for t in range(3):
+        w = make((50, 3), torch.bfloat16, seed=t)
+        N.center_into(w, torch.ones(50, 3), out)
+        assert out.data_ptr() == ptr
+        same(out, w.float() - 1)
+
+
+# --- finalize (low-rank accumulate epilogue + output conversion + NaN/Inf count) ---------------------------
+@pytest.mark.parametrize("with_add", [False, True], ids=["x", "x+add"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_finalize(dtype, shape, with_add):
+    for values in VALUES:
+        x = make(shape, torch.float32, values, seed=3)
+        if values == "huge":
+            x = x * 3e-34  # ~1e5: overflows float16 on conversion (counted in float32: finite, as the twin does)
+        add = make(shape, torch.float32, "randn", seed=4) if with_add else None
+        y, n = N.finalize(x, dtype, add)
+        y_ref, n_ref = R.finalize(x, dtype, add)
+        same(y, y_ref, values)
+        assert n == n_ref, values
+        if values == "nonfinite" and x.numel() > 20:
+            assert n > 0
+
+
+def test_finalize_rounding_edges():
+    # ties to even, subnormals, overflow thresholds of both half types
+    edge = torch.tensor([65504.0, 65519.99, 65520.0, 6.1e-5, 6.0e-8, 2.9e-8, 3.0e-8, -0.0, 1.0 + 2**-11,
+                         1.0 + 3 * 2**-11, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.3895e38, 3.4e38, 1e-40])
+    x = torch.cat([edge, -edge, torch.randn(4000) * torch.logspace(-30, 30, 4000)])
+    for dtype in (torch.float16, torch.bfloat16):
+        y, n = N.finalize(x, dtype)
+        y_ref, n_ref = R.finalize(x, dtype)
+        same(y, y_ref)
+        assert torch.equal(y.view(torch.int16), y_ref.view(torch.int16))
+        assert n == n_ref == int((~torch.isfinite(y_ref)).sum())
+
+
+def test_finalize_counts_overflow_of_the_output_dtype():
+    x = torch.tensor([1.0, 7e4, -1e5, 65504.0, 3.0e38, float("nan")])
+    assert N.finalize(x, torch.float16)[1] == R.finalize(x, torch.float16)[1] == 4
+    assert N.finalize(x, torch.bfloat16)[1] == R.finalize(x, torch.bfloat16)[1] == 1
+    assert N.finalize(x, torch.float32)[1] == 1
+
+
+def test_finalize_fp32_without_add_returns_x_like_the_twin():
+    x = torch.randn(10)
+    y, n = N.finalize(x, torch.float32)
+    assert y is x and n == 0
+
+
+@pytest.mark.parametrize("how", ["transposed", "strided"])
+def test_finalize_noncontiguous(how):
+    x = noncontig(make((37, 129), torch.float32, "nonfinite", seed=5), how)
+    add = noncontig(make((37, 129), torch.float32, seed=6), how)
+    y, n = N.finalize(x, torch.bfloat16, add)
+    y_ref, n_ref = R.finalize(x, torch.bfloat16, add)
+    same(y, y_ref)
+    assert n == n_ref
+
+
+# --- TIES --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("density", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_ties(dtype, shape, density, values):
+    base = make(shape, dtype, "randn" if values != "zeros" else "zeros", seed=100)
+    for T in TS:
+        xs = [make(shape, dtype, values, seed=t) for t in range(T)]
+        same(N.ties_merge(xs, base, density, 0.7), R.ties_merge(xs, base, density, 0.7), f"T={T}")
+
+
+@pytest.mark.parametrize("density", [1e-4, 0.05, 0.5, 0.999])
+def test_ties_thresholds_with_ties_and_signs(density):
+    # many equal magnitudes (ties at the threshold keep all of them), mixed signs, a float32 base with bf16 inputs
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(211, 97, generator=g)
+    xs = [(base + torch.randint(-3, 4, (211, 97), generator=g).float() * 0.25).to(torch.bfloat16) for _ in range(5)]
+    same(N.ties_merge(xs, base, density, 1.3), R.ties_merge(xs, base, density, 1.3))
+
+
+@pytest.mark.parametrize("how", ["transposed", "strided"])
+def test_ties_noncontiguous(how):
+    base = noncontig(make((37, 129), torch.bfloat16, seed=9), how)
+    xs = [noncontig(make((37, 129), torch.bfloat16, seed=t), how) for t in range(3)]
+    same(N.ties_merge(xs, base, 0.3, 1.0), R.ties_merge(xs, base, 0.3, 1.0))
+
+
+# --- DARE --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_dare(dtype, shape, p):
+    for values in VALUES:
+        tau = make(shape, dtype, values, seed=11)
+        same(N.dare(tau, p, 12345), R.dare(tau, p, 12345), values)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**62 + 12345, 2**64 - 1, -5, 2**70 + 3])
+def test_dare_mask_is_a_function_of_seed_and_index(seed):
+    tau = torch.ones(70001)
+    got = N.dare(tau, 0.37, seed)
+    same(got, R.dare(tau, 0.37, seed))
+    kept = (got != 0).float().mean().item()
+    assert abs(kept - 0.63) < 0.01
+    # the mask of a prefix is the prefix of the mask: it depends on the flat index only, not on the split
+    same(N.dare(tau[:1000], 0.37, seed), got[:1000])
+
+
+def test_dare_noncontiguous():
+    tau = noncontig(make((37, 129), torch.float16, seed=12), "transposed")
+    same(N.dare(tau, 0.3, 99), R.dare(tau, 0.3, 99))
+
+
+# --- the multi-threaded path (> 32768 elements, two threads), every kernel, every dtype and value kind -------
+@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_big_all_kernels(dtype, values, shape=BIG):
+    xs = [make(shape, dtype, values, seed=t) for t in range(8)]
+    m = N.mean_fp32(xs)
+    same(m, R.mean_fp32(xs), "mean")
+    w = [0.5 / (t + 1) - 0.1 for t in range(8)]
+    same(N.mean_fp32(xs, w), R.mean_fp32(xs, w), "weighted mean")
+    out = torch.empty(shape)
+    same(N.center_into(xs[1], m, out), R.center_into(xs[1], m, torch.empty(shape)), "center")
+    y, n = N.finalize(m, dtype, out)
+    y_ref, n_ref = R.finalize(m, dtype, out)
+    same(y, y_ref, "finalize")
+    assert n == n_ref
+    base = make(shape, dtype, "randn", seed=100)
+    for density in (0.0, 0.2, 1.0):
+        same(N.ties_merge(xs[:5], base, density, 0.7), R.ties_merge(xs[:5], base, density, 0.7), f"ties {density}")
+    same(N.dare(xs[2], 0.3, 77), R.dare(xs[2], 0.3, 77), "dare")
+
+
+def test_mean_large_output_uses_streaming_stores_and_stays_exact():
+    # >= 64 MiB of float32 output takes the non-temporal store path (with an odd tail)
+    torch.set_num_threads(2)
+    xs = [make((4096 * 4096 + 37,), torch.bfloat16, seed=t) for t in range(2)]
+    same(N.mean_fp32(xs), R.mean_fp32(xs))
+
+
+# --- CUDA: the same kernels on a GPU (skipped without one) --------------------------------------------------
+CUDA_SHAPES = [(0,), (1,), (37, 129), (2049, 1031)]
+
+
+@cuda
+@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_cuda_mean_center_finalize(dtype, shape, values):
+    for T in TS:
+        ctx = f"T={T}"
+        xs = [make(shape, dtype, values, seed=t, device="cuda") for t in range(T)]
+        m = N.mean_fp32(xs)
+        same(m, R.mean_fp32(xs), ctx)
+        same(m, N.mean_fp32([x.cpu() for x in xs]), ctx)
+        w = [0.5 / (t + 1) - 0.1 for t in range(T)]
+        same(N.mean_fp32(xs, w), N.mean_fp32([x.cpu() for x in xs], w), ctx + " weighted")
+        out = torch.empty(shape, device="cuda")
+        N.center_into(xs[0], m, out)
+        same(out, R.center_into(xs[0], m, torch.empty(shape, device="cuda")), ctx)
+        y, n = N.finalize(m, dtype, out)
+        y_ref, n_ref = R.finalize(m.cpu(), dtype, out.cpu())
+        same(y, y_ref, ctx)
+        assert n == n_ref, ctx
+
+
+@cuda
+@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("density", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_cuda_ties(dtype, shape, density, values):
+    base = make(shape, dtype, "randn", seed=100, device="cuda")
+    for T in TS:
+        xs = [make(shape, dtype, values, seed=t, device="cuda") for t in range(T)]
+        got = N.ties_merge(xs, base, density, 0.7)
+        same(got, R.ties_merge([x.cpu() for x in xs], base.cpu(), density, 0.7), f"T={T}")
+
+
+@cuda
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_cuda_dare_same_mask_as_cpu(dtype, shape, p):
+    tau = make(shape, dtype, "randn", seed=5, device="cuda")
+    got = N.dare(tau, p, 2**61 + 7)
+    same(got, N.dare(tau.cpu(), p, 2**61 + 7))
+    same(got, R.dare(tau, p, 2**61 + 7))
+
+
+@cuda
+def test_cuda_runs_on_the_callers_stream():
+    s = torch.cuda.Stream()
+    xs = [make((1024, 1024), torch.bfloat16, seed=t, device="cuda") for t in range(4)]
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s):
+        m = N.mean_fp32(xs)
+        y, n = N.finalize(m, torch.bfloat16, m)
+    s.synchronize()
+    same(m, R.mean_fp32([x.cpu() for x in xs]))
+    assert n == 0
+
+
+@cuda
+def test_cuda_device_mismatch_is_an_argument_error():
+    with pytest.raises(ValueError, match=r"argument 'w': expected a tensor on cuda:0"):
+        from centered_merge import _native as nat
+        from torch.utils.dlpack import to_dlpack
+        nat.get().center_into(to_dlpack(torch.zeros(4)), to_dlpack(torch.zeros(4, device="cuda")),
+                              to_dlpack(torch.zeros(4, device="cuda")))
