@@ -1,0 +1,159 @@
+"""The paper's table on the digits replica: merge the task encoders, evaluate each task with its own head.
+
+Hyper-parameters (lambda, TIES density, CART rank) are chosen by the mean validation accuracy over tasks;
+the test split is only read for the configurations chosen that way (and, for the rank sweep, the
+validation-best lambda of each rank). Absolute accuracy is the mean test accuracy over tasks; normalized
+accuracy is the mean over tasks of (merged accuracy / individual fine-tuned accuracy), as in the papers.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import TaskData
+from .merging import merge
+from .train import build, features
+
+StateDict = Dict[str, torch.Tensor]
+
+
+@dataclass
+class TaskModels:
+    """One architecture's models for the multi-task table."""
+    arch: str
+    arch_kw: dict
+    tasks: List[TaskData]
+    pretrained: StateDict            # encoder
+    pretrained_heads: List[StateDict]  # per-task heads fitted on the pretrained encoder
+    finetuned: List[StateDict]       # per-task fine-tuned encoders
+    heads: List[StateDict]           # per-task heads used with the fine-tuned and merged encoders
+
+    @property
+    def task_names(self) -> List[str]:
+        return [t.name for t in self.tasks]
+
+
+class Evaluator:
+    """Per-task accuracy of an encoder, each task read through its own head."""
+
+    def __init__(self, arch: str, arch_kw: dict, tasks: Sequence[TaskData], heads: Sequence[StateDict]):
+        self.model = build(arch, arch_kw)
+        self.tasks = list(tasks)
+        self.heads = [(h["weight"].float(), h["bias"].float()) for h in heads]
+
+    @torch.no_grad()
+    def accs(self, enc: StateDict, split: str) -> np.ndarray:
+        self.model.encoder.load_state_dict(enc)
+        out = []
+        for task, (w, b) in zip(self.tasks, self.heads):
+            s = task.split(split)
+            pred = F.linear(features(self.model.encoder, s.x), w, b).argmax(1)
+            out.append((pred == s.y).float().mean().item())
+        return np.array(out)
+
+
+@dataclass
+class SearchGrid:
+    ta_lams: Sequence[float] = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0)
+    ties_densities: Sequence[float] = (0.1, 0.2, 0.3, 0.5)
+    ties_lams: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
+    cart_ranks: Sequence[float] = (0.02, 0.04, 0.08, 0.12, 0.16, 0.25, 0.35, 0.5, 0.75, 1.0)
+    cart_lams: Sequence[float] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+
+
+@dataclass
+class TableResult:
+    arch: str
+    task_names: List[str]
+    rows: List[dict]                 # one per method: name, params, val, test (per task), abs, norm
+    search: List[dict] = field(default_factory=list)   # every (method, params, val mean) tried
+    merged: Dict[str, StateDict] = field(default_factory=dict)
+
+
+def method_configs(grid: SearchGrid, svd: str, seed: int) -> Dict[str, List[dict]]:
+    return {
+        "weight_average": [{}],
+        "task_arithmetic": [{"lam": l} for l in grid.ta_lams],
+        "ties": [{"density": d, "lam": l} for d, l in itertools.product(grid.ties_densities, grid.ties_lams)],
+        "cart": [{"rank": r, "lam": l, "svd": svd, "seed": seed}
+                 for r, l in itertools.product(grid.cart_ranks, grid.cart_lams)],
+    }
+
+
+def merge_with(tm: TaskModels, method: str, params: dict) -> StateDict:
+    base = tm.pretrained if method in ("task_arithmetic", "ties") else None
+    return merge(tm.finetuned, method, base=base, **params)
+
+
+def merge_table(tm: TaskModels, grid: SearchGrid, svd: str = "exact", seed: int = 0,
+                log: Callable[[str], None] = lambda s: None) -> TableResult:
+    ev = Evaluator(tm.arch, tm.arch_kw, tm.tasks, tm.heads)
+    ev_pre = Evaluator(tm.arch, tm.arch_kw, tm.tasks, tm.pretrained_heads)
+    individual_test = np.array([Evaluator(tm.arch, tm.arch_kw, [t], [h]).accs(e, "test")[0]
+                                for t, h, e in zip(tm.tasks, tm.heads, tm.finetuned)])
+    individual_val = np.array([Evaluator(tm.arch, tm.arch_kw, [t], [h]).accs(e, "val")[0]
+                               for t, h, e in zip(tm.tasks, tm.heads, tm.finetuned)])
+
+    def row(name: str, params: dict, val: np.ndarray, test: np.ndarray) -> dict:
+        return {"method": name, "params": params, "val": float(val.mean()), "test": test.tolist(),
+                "abs": float(test.mean()), "norm": float((test / individual_test).mean())}
+
+    rows = [row("pretrained", {}, ev_pre.accs(tm.pretrained, "val"), ev_pre.accs(tm.pretrained, "test")),
+            row("individual", {}, individual_val, individual_test)]
+    result = TableResult(tm.arch, tm.task_names, rows)
+    for method, configs in method_configs(grid, svd, seed).items():
+        best = None
+        for params in configs:
+            v = float(ev.accs(merge_with(tm, method, params), "val").mean())
+            result.search.append({"method": method, "params": params, "val": v})
+            if best is None or v > best[1] + 1e-12:
+                best = (params, v)
+        params = best[0]
+        merged = merge_with(tm, method, params)  # re-merged with the chosen settings; this is what is saved
+        result.merged[method] = merged
+        result.rows.append(row(method, params, ev.accs(merged, "val"), ev.accs(merged, "test")))
+        log(f"  [{tm.arch}] {method:16s} {_fmt_params(params):28s} val {best[1]:.3f}  "
+            f"test {result.rows[-1]['abs']:.3f}")
+    return result
+
+
+def _fmt_params(params: dict) -> str:
+    shown = {k: v for k, v in params.items() if k not in ("svd", "seed")}
+    return ", ".join(f"{k}={v:g}" for k, v in shown.items()) or "-"
+
+
+def format_table(res: TableResult) -> str:
+    short = [n[:8] for n in res.task_names]
+    head = f"{'method':16s} {'params':24s} " + " ".join(f"{s:>8s}" for s in short) + f" {'abs':>6s} {'norm':>6s}"
+    lines = [f"Merge table, {res.arch} encoder, {len(res.task_names)} tasks (test accuracy, %; "
+             f"settings chosen on validation)", head, "-" * len(head)]
+    for r in res.rows:
+        lines.append(f"{r['method']:16s} {_fmt_params(r['params']):24s} "
+                     + " ".join(f"{100 * a:8.1f}" for a in r["test"])
+                     + f" {100 * r['abs']:6.1f} {100 * r['norm']:6.1f}")
+    return "\n".join(lines)
+
+
+def write_table_csv(res: TableResult, path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arch", "method", "params", "val_mean", "test_abs", "test_norm"] + res.task_names)
+        for r in res.rows:
+            w.writerow([res.arch, r["method"], json.dumps(r["params"], sort_keys=True), f"{r['val']:.4f}",
+                        f"{r['abs']:.4f}", f"{r['norm']:.4f}"] + [f"{a:.4f}" for a in r["test"]])
+
+
+def write_search_csv(res: TableResult, path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arch", "method", "params", "val_mean"])
+        for s in res.search:
+            w.writerow([res.arch, s["method"], json.dumps(s["params"], sort_keys=True), f"{s['val']:.4f}"])
