@@ -10,12 +10,12 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
 from ..errors import MergeInputError
-from .base import TensorInfo, TensorSource
+from .memory import StateDictSource
 
 
 def _flatten(obj, prefix="") -> Dict[str, torch.Tensor]:
@@ -59,25 +59,14 @@ def load_torch_file(path: Path, trust_pickle: bool = False) -> Dict[str, torch.T
     return tensors
 
 
-class TorchFile(TensorSource):
+class TorchFile(StateDictSource):
     """One torch checkpoint file. The dict of (mmap-backed) tensors is held; their bytes are paged in lazily."""
 
     def __init__(self, path, trust_pickle: bool = False, label: str | None = None):
         self.path = Path(path)
-        self.label = label or str(self.path)
-        self.config_dir = None
-        self._t = load_torch_file(self.path, trust_pickle)
+        # once loaded (memory-mapped where the format allows), a torch file is a state dict
+        super().__init__(load_torch_file(self.path, trust_pickle), label or str(self.path))
         self.mmapped = zipfile.is_zipfile(self.path)
-
-    def keys(self) -> List[str]:
-        return list(self._t)
-
-    def info(self, key: str) -> TensorInfo:
-        t = self._t[key]
-        return TensorInfo(tuple(t.shape), t.dtype)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._t[key]
 
     def file_of(self, key: str) -> str:
         return str(self.path)

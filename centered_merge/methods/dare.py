@@ -2,16 +2,15 @@
 1/(1-p), then theta_0 + lam * sum. The mask of model t for tensor `name` comes from (seed, name, t)."""
 from __future__ import annotations
 
-import torch
-
 from .. import ops
 from ..seeding import derive_seed
-from .base import MergeMethod, check_number
+from .base import check_number
 from .registry import register
+from .task_arithmetic import TaskArithmetic
 
 
 @register
-class Dare(MergeMethod):
+class Dare(TaskArithmetic):
     name = "dare"
     needs_base = True
     defaults = {"p": 0.5, "lam": 1.0, "seed": 0}
@@ -20,11 +19,5 @@ class Dare(MergeMethod):
         check_number(self.name, "p", self.params["p"], lo=0.0, hi=1.0, hi_open=True)
         check_number(self.name, "lam", self.params["lam"])
 
-    def merge_tensor(self, name, inputs, base):
-        base32 = base.to(torch.float32)
-        acc = torch.zeros_like(base32)
-        tau = torch.empty_like(base32)
-        for t in range(len(inputs)):
-            ops.center_into(inputs[t], base32, tau)
-            acc.add_(ops.dare(tau, float(self.p), derive_seed(int(self.seed), name, t)))
-        return acc.mul_(float(self.lam)).add_(base32)
+    def task_vector(self, tau, name, t):
+        return ops.dare(tau, float(self.p), derive_seed(int(self.seed), name, t))

@@ -24,5 +24,9 @@ class TaskArithmetic(MergeMethod):
         acc = torch.zeros_like(base32)
         tau = torch.empty_like(base32)
         for t in range(len(inputs)):
-            acc.add_(ops.center_into(inputs[t], base32, tau))
+            acc.add_(self.task_vector(ops.center_into(inputs[t], base32, tau), name, t))
         return acc.mul_(float(self.lam)).add_(base32)
+
+    def task_vector(self, tau: torch.Tensor, name: str, t: int) -> torch.Tensor:
+        """What task t adds for tensor `name` (subclasses such as DARE transform it)."""
+        return tau
