@@ -88,6 +88,12 @@ def cases(quick, device):
                         native=lambda xs=xs: N.mean_fp32(xs), torch=lambda xs=xs: R.mean_fp32(xs)))
         m = R.mean_fp32(xs)
         buf = torch.empty(shape, device=device)
+        # the same mean into a buffer reused across calls (as the memcpy is): the kernel without the allocation
+        # and first-touch page faults of a fresh 4-byte-per-element output
+        out.append(dict(kernel="mean_fp32", case=f"T={T}, out= reused", shape=shape, dtype=dtype,
+                        bytes=n * (T * esize(dtype) + 4),
+                        native=lambda xs=xs, b=buf: N.mean_fp32(xs, out=b),
+                        torch=lambda xs=xs, b=buf: R.mean_fp32(xs, out=b)))
         out.append(dict(kernel="center_into", case="W_t - M", shape=shape, dtype=dtype, bytes=n * (esize(dtype) + 8),
                         native=lambda w=xs[0], m=m, b=buf: N.center_into(w, m, b),
                         torch=lambda w=xs[0], m=m, b=buf: R.center_into(w, m, b)))

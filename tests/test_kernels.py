@@ -353,3 +353,25 @@ def test_cuda_device_mismatch_is_an_argument_error():
         from torch.utils.dlpack import to_dlpack
         nat.get().center_into(to_dlpack(torch.zeros(4)), to_dlpack(torch.zeros(4, device="cuda")),
                               to_dlpack(torch.zeros(4, device="cuda")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weights", [None, [0.5, 0.25, 0.25]])
+def test_mean_into_reused_dirty_buffer_equals_fresh(dtype, weights):
+    """mean_fp32(..., out=buf) overwrites whatever buf held and equals the fresh-output result bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(37, 129, generator=g).to(dtype) for _ in range(3)]
+    want = R.mean_fp32(xs, weights)
+    for impl in (N.mean_fp32, R.mean_fp32):
+        buf = torch.full((37, 129), float("nan"))
+        got = impl(xs, weights, out=buf)
+        assert got is buf
+        assert torch.equal(got, want)
+
+
+def test_mean_out_mismatch_is_named():
+    xs = [torch.ones(4, 4)]
+    with pytest.raises(ValueError, match="argument 'out'"):
+        R.mean_fp32(xs, out=torch.empty(4, 5))
+    with pytest.raises(ValueError, match="argument 'out'"):
+        N.mean_fp32(xs, out=torch.empty(4, 4, dtype=torch.float16))

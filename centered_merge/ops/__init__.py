@@ -6,8 +6,8 @@ from ..backend import implementation as _impl
 from .reference import kept_count, magnitude_threshold  # noqa: F401  (scalar helpers, no native twin needed)
 
 
-def mean_fp32(inputs, weights=None):
-    return _impl("mean_fp32", inputs[0])(inputs, weights)
+def mean_fp32(inputs, weights=None, out=None):
+    return _impl("mean_fp32", inputs[0])(inputs, weights, out)
 
 
 def center_into(w, mean, out):

@@ -40,7 +40,8 @@ def _contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def mean_fp32(inputs: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+def mean_fp32(inputs: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     T = len(inputs)
     if T == 0:
         raise ValueError("mean_fp32: argument 'inputs': expected at least one tensor, got an empty sequence")
@@ -49,7 +50,11 @@ def mean_fp32(inputs: Sequence[torch.Tensor], weights: Optional[Sequence[float]]
         if len(weights) != T:
             raise ValueError(f"mean_fp32: argument 'weights': expected {T} weights (one per input), got {len(weights)}")
     first = inputs[0]
-    out = torch.empty(first.shape, dtype=F32, device=first.device)
+    if out is not None and (out.dtype != F32 or out.shape != first.shape or out.device != first.device
+                            or not out.is_contiguous()):
+        return reference.mean_fp32(inputs, weights, out)  # torch's rules and messages for a mismatched out
+    if out is None:
+        out = torch.empty(first.shape, dtype=F32, device=first.device)
     C = _C()
     stream = _stream(out)
     out_cap = _cap(out)

@@ -21,10 +21,19 @@ from ..validation import count_nonfinite
 F32 = torch.float32
 
 
-def mean_fp32(inputs: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None) -> torch.Tensor:
-    """sum_t weights[t] * inputs[t] in float32 (weights default to 1/T each)."""
+def mean_fp32(
+    inputs: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """sum_t weights[t] * inputs[t] in float32 (weights default to 1/T each), into `out` when given (a float32
+    buffer of the inputs' shape, reused across calls to spare the allocation and first-touch page faults)."""
     T = len(inputs)
-    acc = torch.zeros(inputs[0].shape, dtype=F32, device=inputs[0].device)
+    if out is None:
+        acc = torch.zeros(inputs[0].shape, dtype=F32, device=inputs[0].device)
+    else:
+        if out.dtype != F32 or tuple(out.shape) != tuple(inputs[0].shape):
+            raise ValueError(f"mean_fp32: argument 'out': expected float32 of shape {tuple(inputs[0].shape)}, "
+                             f"got {out.dtype} of shape {tuple(out.shape)}")
+        acc = out.zero_()
     if weights is None:
         for t in range(T):
             acc.add_(inputs[t])
