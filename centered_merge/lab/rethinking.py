@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .data import TaskData
 from .merging import merge
-from .train import Optimizer, build, features
+from .train import build, features, fit_full_batch
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -36,12 +36,7 @@ def linear_templates(task: TaskData, seed: int = 0, steps: int = 500, lr: float 
     torch.manual_seed(seed)
     x = task.train.x.reshape(len(task.train.x), 64)
     lin = torch.nn.Linear(64, 10)
-    opt = Optimizer(lin.parameters(), "adam", lr, weight_decay=weight_decay)
-    for _ in range(steps):
-        loss = F.cross_entropy(lin(x), task.train.y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_full_batch(lin, x, task.train.y, steps, lr, weight_decay)
     with torch.no_grad():
         acc = (lin(task.test.x.reshape(-1, 64)).argmax(1) == task.test.y).float().mean().item()
     w = lin.weight.detach().numpy().copy()

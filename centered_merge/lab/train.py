@@ -170,13 +170,19 @@ def fit_probe(arch: str, arch_kw: dict, enc: StateDict, task: TaskData, steps: i
     model = build(arch, arch_kw, enc)
     feats = features(model.encoder, task.train.x)
     head = model.head
-    opt = Optimizer(head.parameters(), "adam", lr, weight_decay=weight_decay)
+    fit_full_batch(head, feats, task.train.y, steps, lr, weight_decay)
+    return {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+
+def fit_full_batch(module: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
+                   weight_decay: float) -> None:
+    """Full-batch Adam on cross-entropy: the linear probes and the raw-pixel classifier."""
+    opt = Optimizer(module.parameters(), "adam", lr, weight_decay=weight_decay)
     for _ in range(steps):
-        loss = F.cross_entropy(head(feats), task.train.y)
+        loss = F.cross_entropy(module(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return {k: v.detach().clone() for k, v in head.state_dict().items()}
 
 
 def zero_shot_head(pretrained_head: StateDict, task: TaskData) -> StateDict:
