@@ -90,10 +90,7 @@ cm::InputList input_list(const py::sequence& inputs, const py::object& weights, 
   }
   for (size_t t = 0; t < T; ++t) {
     TensorView v = arg(inputs[t], fn, "inputs[" + std::to_string(index_base + int(t)) + "]");
-    v.expect_device_of(ref);
-    v.expect_float();
-    v.expect_contiguous();
-    v.expect_shape_of(ref);
+    v.expect_input_like(ref);
     in.ptr[t] = v.data;
     in.dtype[t] = v.dtype;
     in.weight[t] = w.empty() ? 1.0f : float(w[t]);
@@ -122,10 +119,7 @@ void center_into(const py::handle& w_c, const py::handle& mean_c, const py::hand
   const char* fn = "center_into";
   TensorView out = output_arg(out_c, fn, "out");
   TensorView w = arg(w_c, fn, "w");
-  w.expect_device_of(out);
-  w.expect_float();
-  w.expect_contiguous();
-  w.expect_shape_of(out);
+  w.expect_input_like(out);
   TensorView mean = arg(mean_c, fn, "mean");
   mean.expect_device_of(out);
   mean.expect_f32();
@@ -204,10 +198,7 @@ py::object ties_merge(const py::sequence& inputs, const py::handle& base_c, cons
   const char* fn = "ties_merge";
   TensorView out = output_arg(out_c, fn, "out");
   TensorView base = arg(base_c, fn, "base");
-  base.expect_device_of(out);
-  base.expect_float();
-  base.expect_contiguous();
-  base.expect_shape_of(out);
+  base.expect_input_like(out);
   if (k < 0) throw cm::ArgError(std::string(fn) + ": argument 'k': expected k >= 0, got " + std::to_string(k));
   cm::InputList in = input_list(inputs, py::none(), out, fn, 0, nullptr);
   hint_hugepages(out);
@@ -242,10 +233,7 @@ void dare(const py::handle& tau_c, const py::handle& out_c, double p, double sca
   const char* fn = "dare";
   TensorView out = output_arg(out_c, fn, "out");
   TensorView tau = arg(tau_c, fn, "tau");
-  tau.expect_device_of(out);
-  tau.expect_float();
-  tau.expect_contiguous();
-  tau.expect_shape_of(out);
+  tau.expect_input_like(out);
   if (!(p >= 0.0 && p <= 1.0)) throw cm::ArgError(std::string(fn) + ": argument 'p': expected 0 <= p <= 1, got " + std::to_string(p));
   const float pf = float(p), sf = float(scale);
   hint_hugepages(out);

@@ -101,6 +101,13 @@ struct TensorView {
       fail("shape " + shape_str(ref.shape) + " (the shape of " + ref.where.substr(ref.where.find('\'')) + ")",
            "shape " + shape_str(shape));
   }
+  // An input read alongside `ref` (usually the output): same device and shape, a float dtype, contiguous.
+  void expect_input_like(const TensorView& ref) const {
+    expect_device_of(ref);
+    expect_float();
+    expect_contiguous();
+    expect_shape_of(ref);
+  }
   void expect_numel(int64_t n) const {
     if (numel != n) fail(std::to_string(n) + " elements", std::to_string(numel) + " elements");
   }

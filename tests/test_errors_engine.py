@@ -22,6 +22,15 @@ from _engine_util import leftovers, make_state_dicts, save_models
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
+def write_safetensors(tmp_path, models):
+    """Each state dict as tmp_path/m{i}.safetensors; the paths, in order."""
+    paths = []
+    for i, m in enumerate(models):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file(m, paths[-1])
+    return paths
+
 def run_cli(argv, capsys):
     rc = main(argv)
     err = capsys.readouterr().err
@@ -70,10 +79,7 @@ def test_key_sets_differ(tmp_path, capsys):
     _, models = make_state_dicts(T=3)
     del models[1]["lm_head.weight"]
     del models[2]["model.norm.weight"]
-    paths = []
-    for i, m in enumerate(models):
-        paths.append(str(tmp_path / f"m{i}.safetensors"))
-        save_file(m, paths[-1])
+    paths = write_safetensors(tmp_path, models)
     rc, err = run_cli(["merge", *paths, "--method", "cart", "--out", str(tmp_path / "out")], capsys)
     assert_clean_failure(rc, err, tmp_path, "m1.safetensors lacks 1 tensor(s) the others have: lm_head.weight",
                          "m2.safetensors lacks 1 tensor(s) the others have: model.norm.weight")
@@ -83,10 +89,7 @@ def test_key_sets_differ(tmp_path, capsys):
 def test_shape_mismatch(tmp_path, capsys):
     _, models = make_state_dicts(T=2)
     models[1]["model.layers.0.mlp.up_proj.weight"] = torch.zeros(32, 17, dtype=torch.bfloat16)
-    paths = []
-    for i, m in enumerate(models):
-        paths.append(str(tmp_path / f"m{i}.safetensors"))
-        save_file(m, paths[-1])
+    paths = write_safetensors(tmp_path, models)
     rc, err = run_cli(["merge", *paths, "--method", "cart", "--out", str(tmp_path / "out")], capsys)
     assert_clean_failure(rc, err, tmp_path, "'model.layers.0.mlp.up_proj.weight'", "(32, 16)", "(32, 17)",
                          "m0.safetensors", "m1.safetensors")
@@ -95,10 +98,7 @@ def test_shape_mismatch(tmp_path, capsys):
 def test_non_float_tensor(tmp_path, capsys):
     _, models = make_state_dicts(T=2)
     models[1]["model.norm.weight"] = torch.ones(16, dtype=torch.int32)
-    paths = []
-    for i, m in enumerate(models):
-        paths.append(str(tmp_path / f"m{i}.safetensors"))
-        save_file(m, paths[-1])
+    paths = write_safetensors(tmp_path, models)
     rc, err = run_cli(["merge", *paths, "--method", "weight_average", "--out", str(tmp_path / "out")], capsys)
     assert_clean_failure(rc, err, tmp_path, "'model.norm.weight'", "not in", "m1.safetensors", "torch.int32")
 
@@ -106,10 +106,7 @@ def test_non_float_tensor(tmp_path, capsys):
 def test_differing_integer_tensors_fail_mid_stream(tmp_path, capsys):
     _, models = make_state_dicts(T=2)
     models[1]["model.position_ids"] = torch.arange(8, dtype=torch.int64) * 2
-    paths = []
-    for i, m in enumerate(models):
-        paths.append(str(tmp_path / f"m{i}.safetensors"))
-        save_file(m, paths[-1])
+    paths = write_safetensors(tmp_path, models)
     rc, err = run_cli(["merge", *paths, "--method", "weight_average", "--out", str(tmp_path / "out")], capsys)
     assert_clean_failure(rc, err, tmp_path, "'model.position_ids' is not floating point", "differs")
 
@@ -118,10 +115,7 @@ def test_differing_integer_tensors_fail_mid_stream(tmp_path, capsys):
 def test_nonfinite_input_named_and_flag_proceeds(tmp_path, capsys, bad):
     _, models = make_state_dicts(T=2, dtype=torch.float32)
     models[1]["model.layers.0.self_attn.o_proj.weight"][3, 4] = bad
-    paths = []
-    for i, m in enumerate(models):
-        paths.append(str(tmp_path / f"m{i}.safetensors"))
-        save_file(m, paths[-1])
+    paths = write_safetensors(tmp_path, models)
     rc, err = run_cli(["merge", *paths, "--method", "cart", "--out", str(tmp_path / "out")], capsys)
     assert_clean_failure(rc, err, tmp_path, "'model.layers.0.self_attn.o_proj.weight' in",
                          "m1.safetensors holds 1 NaN/Inf value(s)", "--allow-nonfinite")
@@ -136,10 +130,7 @@ def test_nonfinite_input_named_and_flag_proceeds(tmp_path, capsys, bad):
 def test_overflow_in_output_dtype(tmp_path, capsys):
     _, models = make_state_dicts(T=2, dtype=torch.float32)
     models[0]["model.norm.weight"][0] = 1e6  # finite in float32, not in float16
-    paths = []
-    for i, m in enumerate(models):
-        paths.append(str(tmp_path / f"m{i}.safetensors"))
-        save_file(m, paths[-1])
+    paths = write_safetensors(tmp_path, models)
     rc, err = run_cli(["merge", *paths, "--method", "weight_average", "--out-dtype", "float16",
                        "--out", str(tmp_path / "out")], capsys)
     assert_clean_failure(rc, err, tmp_path, "merged tensor 'model.norm.weight' has 1 NaN/Inf", "float16")
