@@ -3,9 +3,15 @@
 Synthetic 8-task set shaped like CLIP ViT-B/32's visual transformer: 12 blocks, each with attn.in_proj_weight
 2304x768, attn.out_proj.weight 768x768, mlp.c_fc.weight 3072x768, mlp.c_proj.weight 768x3072, fp32. Task
 weights are base + a full-rank difference with a power-law spectrum (sigma_i ~ i^-decay), as fine-tuning
-differences tend to have. Both merges run in this process, one after the other, on the same inputs.
+differences tend to have.
 
-    python bench/bench_cart_speed.py [--blocks 12] [--tasks 8] [--rank 0.12] [--threads N]
+All approaches run in this process on the same inputs, matrix by matrix and taking turns (the order rotates
+from one matrix to the next), so that they see the same machine: on a shared VM the speed drifts by 20% and
+more over the minutes a full run takes, which would otherwise land on whichever approach ran during a slow
+spell. Each approach's time is the sum over the matrices (with --repeats R, of each matrix's fastest of R).
+centered_merge is called through its public API, cm.cart, once per matrix.
+
+    python bench/bench_cart_speed.py [--blocks 12] [--tasks 8] [--rank 0.12] [--threads N] [--repeats R]
 """
 from __future__ import annotations
 
@@ -56,12 +62,6 @@ def official_style(models, rank: float, lam: float):
     return out
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=12)
@@ -70,6 +70,7 @@ def main(argv=None):
     ap.add_argument("--lam", type=float, default=2.0)
     ap.add_argument("--decay", type=float, default=1.0, help="power-law exponent of the task spectra")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=1, help="time each matrix R times per approach, keep the best")
     ap.add_argument("--with-exact", action="store_true", help="also time svd=exact through centered_merge")
     args = ap.parse_args(argv)
     if args.threads:
@@ -82,30 +83,54 @@ def main(argv=None):
           f"lambda {args.lam}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
 
-    ours, t_ours = timed(lambda: cm.cart(models, rank=args.rank, lam=args.lam, select="all2d"))
-    f32, t_f32 = timed(lambda: cm.cart(models, rank=args.rank, lam=args.lam, select="all2d", sketch_dtype="float32"))
-    ref, t_ref = timed(lambda: official_style(models, args.rank, args.lam))
-    rows = [("official approach (full SVD, then slice)", t_ref)]
-    if args.with_exact:
-        exact, t_exact = timed(lambda: cm.cart(models, rank=args.rank, lam=args.lam, select="all2d", svd="exact"))
-        rows.append(("centered_merge, svd=exact", t_exact))
-    rows.append(("centered_merge, randomized, float32 sketch", t_f32))
-    auto = resolve_sketch_dtype("auto", 1, 1 << 20, 1 << 20, "cpu")
-    rows.append((f"centered_merge, randomized, default ({str(auto).replace('torch.', '')} sketch)", t_ours))
+    def ours(**kw):
+        return lambda sub: cm.cart(sub, rank=args.rank, lam=args.lam, select="all2d", **kw)
 
-    avg = cm.merge(models, "weight_average")
+    auto = str(resolve_sketch_dtype("auto", 1, 1 << 20, 1 << 20, "cpu")).replace("torch.", "")
+    approaches = {  # label -> function of a list of single-matrix state dicts
+        "official approach (full SVD, then slice)": lambda sub: official_style(sub, args.rank, args.lam),
+        f"centered_merge, randomized, default ({auto} sketch)": ours(),
+        "centered_merge, randomized, float32 sketch": ours(sketch_dtype="float32"),
+    }
+    if args.with_exact:
+        approaches["centered_merge, svd=exact"] = ours(svd="exact")
+    labels = list(approaches)
+    seconds = dict.fromkeys(labels, 0.0)
+    merged = {label: {} for label in labels}
+    by_shape = {}  # (label, shape) -> seconds
+    for i, name in enumerate(models[0]):
+        sub = [{name: m[name]} for m in models]
+        shape = tuple(models[0][name].shape)
+        for j in range(len(labels)):
+            label = labels[(i + j) % len(labels)]
+            best = math.inf
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                out = approaches[label](sub)
+                best = min(best, time.perf_counter() - t0)
+            seconds[label] += best
+            by_shape[label, shape] = by_shape.get((label, shape), 0.0) + best
+            merged[label][name] = out[name]
+
+    ref_label, default_label = labels[0], labels[1]
+    t_ref = seconds[ref_label]
     print(f"{'approach':<58}{'seconds':>10}{'speed-up':>10}")
-    for label, t in rows:
-        print(f"{label:<58}{t:>10.2f}{t_ref / t:>10.2f}")
-    for label, got in (("default", ours), ("float32 sketch", f32)):
+    for label in labels:
+        print(f"{label:<58}{seconds[label]:>10.2f}{t_ref / seconds[label]:>10.2f}")
+    print("default vs official, by matrix shape:")
+    for shape in SHAPES.values():
+        a, b = by_shape[ref_label, shape], by_shape[default_label, shape]
+        print(f"  {shape[0]:>5} x {shape[1]:<5} {a:8.2f} s vs {b:6.2f} s  {a / b:6.2f}x")
+
+    ref = merged[ref_label]
+    avg = cm.merge(models, "weight_average")
+    for label in labels[1:]:
+        got = merged[label]
         num = sum((got[k] - ref[k]).double().pow(2).sum() for k in ref).sqrt().item()
         den = sum(ref[k].double().pow(2).sum() for k in ref).sqrt().item()
         den_delta = sum((ref[k] - avg[k]).double().pow(2).sum() for k in ref).sqrt().item()
         print(f"{label}: relative Frobenius difference to the official merge over all matrices {num / den:.2e}"
               f" (relative to the low-rank update, merged - average: {num / den_delta:.2e})")
-    if args.with_exact:
-        ex_diff = max(((exact[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
-        print(f"svd=exact vs official, worst matrix: {ex_diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import torch
 
 import centered_merge as cm
 from centered_merge.methods import get_method
+from centered_merge.methods.cart import LowRankSum
 
 from conftest import decaying_matrix
 
@@ -192,3 +193,41 @@ def test_plan_reports_k(make_models):
     p = m.plan_tensor("blocks.0.mlp.c_fc.weight", (64, 16), torch.float32, 4)
     assert p["lowrank"] and p["k"] == 4 and p["flops"] > 0
     assert not m.plan_tensor("blocks.0.ln_1.weight", (16,), torch.float32, 4)["lowrank"]
+
+
+@pytest.mark.parametrize("m, n, T, k", [(40, 60, 3, 4), (40, 60, 8, 9), (30, 30, 5, 12), (50, 20, 4, 18)])
+def test_low_rank_sum_adds_lam_times_the_terms(m, n, T, k):
+    """Both layouts (factors all buffered, or flushed into an accumulator) give target + lam * sum_t lt_t^T r_t,
+    and the buffers plus accumulator stay within 1.5 matrices (or one matrix plus one task's factors)."""
+    g = torch.Generator().manual_seed(m + n + T + k)
+    target = torch.randn(m, n, generator=g)
+    terms = [(torch.randn(k, m, generator=g), torch.randn(k, n, generator=g)) for _ in range(T)]
+    want = target.clone().double()
+    for lt, r in terms:
+        want += 0.7 * (lt.double().mT @ r.double())
+    rows, acc = LowRankSum.layout(m, n, T, k)
+    assert rows % k == 0 and rows >= k
+    assert rows * (m + n) + (m * n if acc else 0) <= max(1.5 * m * n, m * n + k * (m + n))
+    s = LowRankSum(target.clone(), 0.7, T, k)
+    for t, (lt, r) in enumerate(terms):
+        if t % 2:
+            s.add(lt, r)
+        else:
+            dst_lt, dst_r = s.slots(k)
+            dst_lt.copy_(lt)
+            dst_r.copy_(r)
+    assert (s.acc is not None) == acc
+    assert torch.allclose(s.finish().double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_low_rank_sum_takes_terms_wider_than_its_buffers():
+    """Energy mode's per-task k can exceed the buffers: such a term goes straight into the accumulator."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(20, 30, generator=g)
+    small = (torch.randn(1, 20, generator=g), torch.randn(1, 30, generator=g))
+    wide = (torch.randn(15, 20, generator=g), torch.randn(15, 30, generator=g))
+    s = LowRankSum(target.clone(), 2.0, 2, 1)
+    s.add(*small)
+    s.add(*wide)
+    want = target + 2.0 * (small[0].mT @ small[1] + wide[0].mT @ wide[1])
+    assert torch.allclose(s.finish(), want, rtol=1e-5, atol=1e-4)

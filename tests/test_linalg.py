@@ -7,7 +7,9 @@ from centered_merge.linalg import (
     energy_svd,
     exact_svd,
     fast_bf16_matmul,
+    randomized_lowrank_factors,
     randomized_svd,
+    randomized_svd_from_sketch,
     resolve_rank,
     resolve_sketch_dtype,
 )
@@ -96,3 +98,21 @@ def test_auto_sketch_dtype_rule():
     assert resolve_sketch_dtype("auto", 30, 100, 100, "cpu") == torch.float32  # k > min/4: always float32
     want = torch.bfloat16 if fast_bf16_matmul("cpu") else torch.float32
     assert resolve_sketch_dtype("auto", 25, 100, 100, "cpu") == want
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300), (150, 150)])
+@pytest.mark.parametrize("sketch_dtype", [torch.float32, torch.bfloat16])
+def test_lowrank_factors_equal_the_svd_route(shape, sketch_dtype):
+    """CART's factor form lt^T r is the same rank-k matrix as U S Vh, and writes into the given buffers."""
+    a = decaying_matrix(*shape, seed=7)
+    k, w = 12, 22
+    omega = torch.randn(max(shape), w, generator=torch.Generator().manual_seed(1))
+    u, s, vh = randomized_svd_from_sketch(a, omega, k, 2, sketch_dtype)
+    lt, r = randomized_lowrank_factors(a, omega, k, 2, sketch_dtype)
+    assert lt.shape == (k, shape[0]) and r.shape == (k, shape[1])
+    want = (u * s) @ vh
+    assert torch.allclose(lt.mT @ r, want, atol=1e-5 * want.abs().max().item())
+    bufs = (torch.full((k, shape[0]), float("nan")), torch.full((k, shape[1]), float("nan")))
+    got = randomized_lowrank_factors(a, omega, k, 2, sketch_dtype, out=bufs)
+    assert got[0].data_ptr() == bufs[0].data_ptr() and got[1].data_ptr() == bufs[1].data_ptr()
+    assert torch.equal(bufs[0], lt) and torch.equal(bufs[1], r)

@@ -23,7 +23,7 @@ from ..linalg import (
     SKETCH_DTYPES,
     energy_svd,
     exact_svd,
-    randomized_svd_from_sketch,
+    randomized_lowrank_factors,
     resolve_rank,
     resolve_sketch_dtype,
     sketch,
@@ -111,8 +111,10 @@ class Cart(MergeMethod):
             factors = (m + c) * w
         gemm = 2 * m * c * (k if k is not None else small)
         flops = T * (n + svd_flops + gemm) + 2 * n
-        # three float32 copies (mean, centered, accumulator), a bf16 copy for the sketch GEMMs, the factors
-        return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 14 * n + 8 * factors}
+        # the mean and the centered buffer (float32), a bf16 copy for the sketch GEMMs, one task's SVD factors,
+        # and the buffers that gather the rank-k terms (energy mode: an accumulator, as its k varies per task)
+        terms = LowRankSum.workspace_bytes(m, c, T, k) if k is not None else 4 * (n + T * (m + c))
+        return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 10 * n + 8 * factors + terms}
 
     # -- merging ------------------------------------------------------------------------------------------
     def merge_tensor(self, name, inputs, base=None):
@@ -127,24 +129,99 @@ class Cart(MergeMethod):
             return mean  # full rank: sum_t C_t = 0 exactly
         mean2 = mean.reshape(m, c)
         centered = torch.empty_like(mean2)
-        acc = torch.zeros_like(mean2)
+        terms = LowRankSum(mean2, float(self.lam), T, k or 1)  # energy mode: k varies per task
         omega, sketch_dt = None, None
         if self.energy is None and self.svd == "randomized" and sketch_width(k, self.oversample) < min(m, c):
             # One sketch per tensor, shared by the T tasks: the merge then does not depend on model order.
             omega = sketch((m, c), sketch_width(k, self.oversample), generator(int(self.seed), name), mean.device)
             sketch_dt = resolve_sketch_dtype(self.sketch_dtype, k, m, c, mean.device)
+            omega = omega.to(sketch_dt)  # converted once for the T tasks
         for t in range(T):
             ops.center_into(inputs[t].reshape(m, c), mean2, centered)
-            u, s, vh = self._truncated(centered, k, name, omega, sketch_dt)
-            acc.addmm_(u * s, vh)
-        return acc.mul_(float(self.lam)).add_(mean2).reshape(shape)
+            if omega is not None:
+                randomized_lowrank_factors(centered, omega, k, self.power_iters, sketch_dt, out=terms.slots(k))
+            else:
+                u, s, vh = self._truncated(centered, k, name)
+                terms.add(u.mT, s[:, None] * vh)
+        # Every task has been centered, so the mean may now receive lam * sum_t of the rank-k terms in place.
+        return terms.finish().reshape(shape)
 
-    def _truncated(self, centered, k, name, omega, sketch_dt):
+    def _truncated(self, centered, k, name):
         if self.energy is not None:
             return energy_svd(
                 centered, float(self.energy), self.svd, self.oversample, self.power_iters,
                 generator=generator(int(self.seed), name, "energy"), sketch_dtype=self.sketch_dtype,
             )
-        if omega is None:
-            return exact_svd(centered, k)
-        return randomized_svd_from_sketch(centered, omega, k, self.power_iters, sketch_dt)
+        return exact_svd(centered, k)
+
+
+class LowRankSum:
+    """target + lam * sum_t lt_t^T r_t for rank-k terms arriving one task at a time, in as few GEMMs as memory
+    allows.
+
+    The factors of successive tasks are stacked into two row buffers, LT (rows x m) and R (rows x n), and added
+    to the target with one GEMM once every task is in. That spares the float32 accumulator matrix, its zero
+    fill and the final pass that adds it to the mean (~3% of a ViT-B/32 merge, bench/bench_cart_speed.py).
+    The buffers may hold up to 1.5 matrices' worth of floats. When the T tasks' factors need more, the buffers
+    shrink to half a matrix (or one task's factors, if those are larger) and are flushed into an accumulator
+    whenever they fill up, because the target (the mean) must stay unchanged until every task has been
+    centered on it. Either way the factors and the accumulator together take at most 1.5 float32 copies of the
+    matrix, whatever T is (one copy plus one task's factors when k > mn / (2(m + n))).
+    """
+
+    BUDGET = 1.5  # float32 matrices' worth of memory for the factor buffers and the accumulator together
+
+    @staticmethod
+    def layout(m: int, n: int, num_terms: int, k: int):
+        """(rows of the factor buffers, whether an accumulator is needed) for T = num_terms rank-k terms."""
+        if (m + n) * num_terms * k <= LowRankSum.BUDGET * m * n:
+            return num_terms * k, False
+        return max(k, int((LowRankSum.BUDGET - 1.0) * m * n / (m + n)) // k * k), True
+
+    @staticmethod
+    def workspace_bytes(m: int, n: int, num_terms: int, k: int) -> int:
+        rows, acc = LowRankSum.layout(m, n, num_terms, k)
+        return 4 * (rows * (m + n) + (m * n if acc else 0))
+
+    def __init__(self, target: torch.Tensor, lam: float, num_terms: int, k: int):
+        m, n = target.shape
+        self.target, self.lam = target, lam
+        rows, _ = self.layout(m, n, num_terms, k)
+        self.lt = torch.empty(rows, m, dtype=torch.float32, device=target.device)
+        self.r = torch.empty(rows, n, dtype=torch.float32, device=target.device)
+        self.used = 0
+        self.acc = None
+
+    def slots(self, k: int):
+        """(lt, r) views of the next k rows, flushing first if they do not fit."""
+        if self.used + k > self.lt.shape[0]:
+            self._flush()
+        lo, self.used = self.used, self.used + k
+        return self.lt[lo : self.used], self.r[lo : self.used]
+
+    def add(self, lt: torch.Tensor, r: torch.Tensor) -> None:
+        """Add one term given as factors (lt: k x m, r: k x n)."""
+        if lt.shape[0] > self.lt.shape[0]:  # wider than the buffers (energy mode's k varies): straight in
+            self._flush()
+            self._accumulator().addmm_(lt.mT, r)
+            return
+        dst_lt, dst_r = self.slots(lt.shape[0])
+        dst_lt.copy_(lt)
+        dst_r.copy_(r)
+
+    def _accumulator(self) -> torch.Tensor:
+        if self.acc is None:
+            self.acc = torch.zeros_like(self.target)
+        return self.acc
+
+    def _flush(self) -> None:
+        if self.used:
+            self._accumulator().addmm_(self.lt[: self.used].mT, self.r[: self.used])
+        self.used = 0
+
+    def finish(self) -> torch.Tensor:
+        """The target with lam * (sum of the terms) added in place."""
+        if self.acc is None:
+            return self.target.addmm_(self.lt[: self.used].mT, self.r[: self.used], alpha=self.lam)
+        self._flush()
+        return self.target.add_(self.acc, alpha=self.lam)
