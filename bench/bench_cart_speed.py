@@ -131,6 +131,10 @@ def main(argv=None):
         den_delta = sum((ref[k] - avg[k]).double().pow(2).sum() for k in ref).sqrt().item()
         print(f"{label}: relative Frobenius difference to the official merge over all matrices {num / den:.2e}"
               f" (relative to the low-rank update, merged - average: {num / den_delta:.2e})")
+    if args.with_exact:
+        exact = merged["centered_merge, svd=exact"]
+        worst = max(((exact[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
+        print(f"svd=exact vs official, worst matrix: relative Frobenius difference {worst:.2e}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ For each tensor W with inputs W_1..W_T:
     C_t = W_t - M                                       (centered task vectors; sum_t C_t = 0)
     out = M + lam * sum_t SVD_k(C_t)                    (for matrices chosen by the selector)
     out = M                                             (every other tensor)
-No base model is needed. All math runs in float32. Memory per tensor: M, one reusable centering buffer and the
-accumulator (three float32 copies) plus the (m + n)(k + p) factors of one task at a time, whatever T is.
+No base model is needed. All math runs in float32. Memory per low-rank tensor, whatever T is: M and one
+reusable centering buffer (two float32 copies), a bf16 copy for the range finder, the (m + n)(k + p) factors
+of one task, and LowRankSum's buffers of the T tasks' rank-k terms (at most 1.5 float32 copies).
 
 At full rank the low-rank sum is sum_t C_t = 0, so the method returns M without computing SVDs; this is the
 formula's exact value, not an approximation.
