@@ -1,4 +1,4 @@
-"""pytest-benchmark: one CART matrix step (center, truncated SVD, accumulate) per SVD mode, ViT-B/32 MLP shape.
+"""pytest-benchmark: one CART matrix's truncated SVD per SVD mode, ViT-B/32 MLP shape.
 
     .venv/bin/python -m pytest bench/test_bench_cart.py --benchmark-only
 (not collected by `make test`, which runs tests/ only)
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from centered_merge.linalg import exact_svd, randomized_svd
+from centered_merge.linalg import exact_svd, randomized_lowrank_factors, randomized_svd, sketch, sketch_width
 
 M, N, RANK = 3072, 768, 0.12
 
@@ -32,3 +32,10 @@ def test_exact_truncated_svd(benchmark, centered):
 def test_randomized_svd(benchmark, centered, power_iters):
     g = torch.Generator().manual_seed(0)
     benchmark(lambda: randomized_svd(centered, K, oversample=10, power_iters=power_iters, generator=g))
+
+
+@pytest.mark.parametrize("sketch_dtype", [torch.float32, torch.bfloat16])
+def test_lowrank_factors(benchmark, centered, sketch_dtype):
+    """The form CART's merge loop uses: factors lt, r with lt^T r the rank-k approximation."""
+    omega = sketch((M, N), sketch_width(K), torch.Generator().manual_seed(0), "cpu").to(sketch_dtype)
+    benchmark(lambda: randomized_lowrank_factors(centered, omega, K, 2, sketch_dtype))
