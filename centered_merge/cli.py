@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank", type=_rank, metavar="R", help="cart: ratio of min(m, n) (0.12) or an absolute k (16)")
     g.add_argument("--lambda", dest="lam", type=float, metavar="L", help="cart / task_arithmetic / ties: scale")
     g.add_argument("--energy", type=float, metavar="E", help="cart: pick k by this fraction of sigma^2 instead of rank")
+    g.add_argument("--indices", metavar="LIST",
+                   help="cart: keep these singular indices (0-based, e.g. 0-7,16) instead of the top k; exact SVD")
     g.add_argument("--svd", choices=["randomized", "exact"], help="cart: SVD flavour (default randomized)")
     g.add_argument("--density", type=float, metavar="D", help="ties: fraction of each task vector kept")
     g.add_argument("--weights", type=float, nargs="+", metavar="W", help="weight_average: one weight per model")
@@ -112,7 +114,7 @@ def _merge_request(a) -> dict:
     if a.out_dtype is not None:
         req["out_dtype"] = a.out_dtype
     accepted = method_class(req["method"]).defaults
-    for flag, key in (("rank", "rank"), ("lam", "lam"), ("energy", "energy"), ("svd", "svd"),
+    for flag, key in (("rank", "rank"), ("lam", "lam"), ("energy", "energy"), ("indices", "indices"), ("svd", "svd"),
                       ("density", "density"), ("weights", "weights"), ("seed", "seed")):
         v = getattr(a, flag)
         if v is None:

@@ -8,7 +8,7 @@ Accepted shape (the part of mergekit's format that the methods we share can hono
       - model: path/to/ft1
         parameters: {weight: 1.0, density: 0.2}
       - model: path/to/ft2
-    parameters:                   # global; lambda -> lam; CART's own: rank, energy, svd, oversample, ...
+    parameters:                   # global; lambda -> lam; CART's own: rank, energy, indices, svd, ...
       lambda: 2.0
       rank: 0.12
     dtype: float32                # mergekit's compute dtype (we always accumulate in float32)
@@ -34,7 +34,7 @@ METHOD_ALIASES = {
 }
 # global parameter names (mergekit's or ours) -> our parameter name, per method
 _RENAME = {"lambda": "lam", "lam": "lam", "prior": "lam"}
-CART_PARAMS = ("rank", "energy", "svd", "oversample", "power_iters", "seed", "select", "include", "exclude")
+CART_PARAMS = ("rank", "energy", "indices", "svd", "oversample", "power_iters", "seed", "select", "include", "exclude")
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
              "name", "chat_template", "tokenizer"}
 
@@ -121,7 +121,8 @@ def from_mapping(cfg: Dict[str, Any], cfg_dir: Path = Path("."), source: str = "
     gp = cfg.get("parameters") or {}
     if not isinstance(gp, dict):
         raise MergeConfigError(f"{source}: 'parameters' must be a mapping")
-    gp = {k: _scalar(v, f"{source}: parameters.{k}") for k, v in gp.items()}
+    # CART's indices is a list by nature (not a per-layer schedule): it goes through as given
+    gp = {k: v if k == "indices" else _scalar(v, f"{source}: parameters.{k}") for k, v in gp.items()}
     params: Dict[str, Any] = {}
     normalize = gp.pop("normalize", None)
     g_weight = gp.pop("weight", None)

@@ -6,7 +6,8 @@ import torch
 
 import centered_merge as cm
 from centered_merge.methods import get_method
-from centered_merge.methods.cart import LowRankSum
+from centered_merge.errors import MergeConfigError
+from centered_merge.methods.cart import LowRankSum, parse_indices
 
 from conftest import decaying_matrix
 
@@ -231,3 +232,43 @@ def test_low_rank_sum_takes_terms_wider_than_its_buffers():
     s.add(*wide)
     want = target + 2.0 * (small[0].mT @ small[1] + wide[0].mT @ wide[1])
     assert torch.allclose(s.finish(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_indices_mode_keeps_the_listed_triplets(make_models):
+    """indices=[1, 3]: mean + lam * sum_t (sigma_1 u_1 v_1^T + sigma_3 u_3 v_3^T) of each centered matrix, against
+    a full SVD written here; indices 0..k-1 equal rank k; indices a matrix lacks are dropped."""
+    _, models = make_models(T=3)
+    key = "blocks.0.attn.out_proj.weight"  # 16 x 16
+    got = cm.cart(models, indices=[3, 1], lam=1.5)[key]
+    stack = torch.stack([m[key].double() for m in models])
+    mean = stack.mean(0)
+    want = mean.clone()
+    for w in stack:
+        u, s, vh = torch.linalg.svd(w - mean)
+        want += 1.5 * (u[:, [1, 3]] * s[[1, 3]]) @ vh[[1, 3]]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    top = cm.cart(models, indices="0-2", svd="exact")
+    assert_close_dicts(top, cm.cart(models, rank=3, svd="exact"))
+    beyond = cm.cart(models, indices=[100, 200])  # no matrix is that large: nothing kept -> the average
+    assert_close_dicts(beyond, cm.merge(models, "weight_average"))
+    plan = get_method("cart", indices=[0, 5, 40]).plan_tensor("blocks.0.mlp.c_fc.weight", (64, 16), torch.float32, 3)
+    assert plan["lowrank"] and plan["k"] == 2  # index 40 does not exist in a 64 x 16 matrix
+
+
+@pytest.mark.parametrize("spec, match", [
+    ([], "at least one"), ([-1, 2], "count from 0"), ([2, 2], "more than once"), ([1.0], "list of ints"),
+    ([True], "list of ints"), ("3-1", "backwards"), ("a,b", "integers and ranges"), (5, "list of ints or a string"),
+])
+def test_indices_rejects(spec, match):
+    with pytest.raises(MergeConfigError, match=match):
+        get_method("cart", indices=spec)
+
+
+def test_indices_and_energy_exclude_each_other():
+    with pytest.raises(MergeConfigError, match="energy or indices"):
+        get_method("cart", indices=[0], energy=0.9)
+
+
+def test_parse_indices_ranges():
+    assert parse_indices("0-2, 7,9-10") == (0, 1, 2, 7, 9, 10)
+    assert parse_indices((4, 1)) == (1, 4)

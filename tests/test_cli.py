@@ -165,3 +165,20 @@ def test_python_dash_m(tmp_path, ckpts):
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stderr and "100%" in r.stderr
     assert load_file(str(tmp_path / "o" / "model.safetensors"))["lm_head.weight"].dtype == torch.bfloat16
+
+
+def test_cart_indices_from_flags_and_yaml(tmp_path, ckpts, capsys):
+    """--indices 0-1 and a YAML list reach CART's indices mode (k = 2 on every low-rank matrix)."""
+    base, models = ckpts
+    rc = main(["merge", *models, "--method", "cart", "--indices", "0-1", "--out", str(tmp_path / "o"), "--dry-run"])
+    assert rc == 0 and "low rank k=2" in capsys.readouterr().out
+    req = from_mapping({"merge_method": "cart", "models": models, "parameters": {"indices": [0, 1], "lambda": 1.0}})
+    assert req["params"]["indices"] == [0, 1]
+    out = tmp_path / "y"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "cart", "models": models, "parameters": {"indices": [0, 1]}}))
+    assert main(["merge", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    flags = tmp_path / "f"
+    assert main(["merge", *models, "--method", "cart", "--indices", "0,1", "--out", str(flags), "--quiet"]) == 0
+    a, b = load_file(out / "model.safetensors"), load_file(flags / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

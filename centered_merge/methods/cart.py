@@ -49,6 +49,7 @@ class Cart(MergeMethod):
         "rank": 0.12,
         "lam": 2.0,
         "energy": None,
+        "indices": None,
         "svd": "randomized",
         "oversample": None,
         "power_iters": 2,
@@ -65,6 +66,9 @@ class Cart(MergeMethod):
             resolve_rank(p["rank"], 1 << 20, 1 << 20)  # raises on a bad ratio / int
         else:
             check_number(self.name, "energy", p["energy"], lo=0.0, hi=1.0, lo_open=True)
+        self.kept_indices = None if p["indices"] is None else parse_indices(p["indices"])
+        if self.kept_indices is not None and p["energy"] is not None:
+            raise MergeConfigError("cart: give energy or indices, not both")
         check_number(self.name, "lam", p["lam"])
         if p["svd"] not in SVD_MODES:
             raise MergeConfigError(f"cart: svd must be one of {', '.join(SVD_MODES)}; got {p['svd']!r}")
@@ -86,10 +90,18 @@ class Cart(MergeMethod):
         return self.selector(name, shape)
 
     def rank_for(self, shape) -> int | None:
-        """k for a selected tensor (None in energy mode, where k is found per task)."""
+        """k for a selected tensor (None in energy mode, where k is found per task; in indices mode, how many of
+        the listed indices the matrix has)."""
         if self.energy is not None:
             return None
+        if self.kept_indices is not None:
+            return len(self._indices_in(shape))
         return resolve_rank(self.rank, *matrix_shape(shape))
+
+    def _indices_in(self, shape):
+        """The listed singular indices that exist in a matrix of this shape (those >= min(m, n) are dropped)."""
+        full = min(matrix_shape(shape))
+        return [i for i in self.kept_indices if i < full]
 
     def plan_tensor(self, name, shape, dtype, num_models):
         n = numel_of(shape)
@@ -98,10 +110,10 @@ class Cart(MergeMethod):
             return {"lowrank": False, "k": None, "flops": n * T, "workspace_bytes": 4 * n}
         m, c = matrix_shape(shape)
         k = self.rank_for(shape)
-        if k is not None and k >= min(m, c):
+        if k is not None and (k >= min(m, c) or k == 0):
             return {"lowrank": False, "k": k, "flops": n * T, "workspace_bytes": 4 * n}
         small, big = min(m, c), max(m, c)
-        if self.svd == "exact" or k is None or sketch_width(k, self.oversample) >= small:
+        if not self._randomized(k, m, c):
             svd_flops = 4 * big * small * small + 8 * small ** 3  # Golub-Kahan bidiagonalisation, roughly
             factors = (m + c + 1) * small
         else:
@@ -128,11 +140,13 @@ class Cart(MergeMethod):
         k = self.rank_for(shape)
         if k is not None and k >= min(m, c):
             return mean  # full rank: sum_t C_t = 0 exactly
+        if k == 0:
+            return mean  # indices mode, and none of the listed indices exists in this matrix
         mean2 = mean.reshape(m, c)
         centered = torch.empty_like(mean2)
         terms = LowRankSum(mean2, float(self.lam), T, k or 1)  # energy mode: k varies per task
         omega, sketch_dt = None, None
-        if self.energy is None and self.svd == "randomized" and sketch_width(k, self.oversample) < min(m, c):
+        if self._randomized(k, m, c):
             # One sketch per tensor, shared by the T tasks: the merge then does not depend on model order.
             omega = sketch((m, c), sketch_width(k, self.oversample), generator(int(self.seed), name), mean.device)
             sketch_dt = resolve_sketch_dtype(self.sketch_dtype, k, m, c, mean.device)
@@ -147,13 +161,57 @@ class Cart(MergeMethod):
         # Every task has been centered, so the mean may now receive lam * sum_t of the rank-k terms in place.
         return terms.finish().reshape(shape)
 
+    def _randomized(self, k, m, c) -> bool:
+        """Whether this matrix's truncated SVDs use the randomized range finder (else the exact SVD)."""
+        return (self.svd == "randomized" and self.energy is None and self.kept_indices is None
+                and sketch_width(k, self.oversample) < min(m, c))
+
     def _truncated(self, centered, k, name):
+        if self.kept_indices is not None:
+            # Individual triplets, not a leading subspace: the exact SVD, as in the authors' code. A randomized
+            # sketch approximates the top-k subspace as a whole, not each singular vector near its edge.
+            idx = self._indices_in(centered.shape)
+            u, s, vh = exact_svd(centered, idx[-1] + 1)
+            return u[:, idx], s[idx], vh[idx]
         if self.energy is not None:
             return energy_svd(
                 centered, float(self.energy), self.svd, self.oversample, self.power_iters,
                 generator=generator(int(self.seed), name, "energy"), sketch_dtype=self.sketch_dtype,
             )
         return exact_svd(centered, k)
+
+
+def parse_indices(spec) -> tuple:
+    """Singular indices (0-based) for CART's indices mode, from a sequence of ints or a string such as
+    "0-7,16,20-23" (ranges inclusive). Returns them sorted; raises MergeConfigError on anything else."""
+    where = f"cart: indices {spec!r}"
+    if isinstance(spec, str):
+        out = []
+        for part in spec.split(","):
+            part = part.strip()
+            lo, sep, hi = part.partition("-")
+            try:
+                a = int(lo)
+                b = int(hi) if sep else a
+            except ValueError:
+                raise MergeConfigError(f"{where}: expected integers and ranges like 0-7,16") from None
+            if b < a:
+                raise MergeConfigError(f"{where}: range {part!r} runs backwards")
+            out.extend(range(a, b + 1))
+    elif isinstance(spec, (list, tuple)):
+        out = list(spec)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in out):
+            raise MergeConfigError(f"{where}: expected a list of ints")
+    else:
+        raise MergeConfigError(f"{where}: expected a list of ints or a string like 0-7,16")
+    if not out:
+        raise MergeConfigError(f"{where}: name at least one singular index")
+    if min(out) < 0:
+        raise MergeConfigError(f"{where}: indices count from 0; got {min(out)}")
+    if len(set(out)) != len(out):
+        dup = sorted({i for i in out if out.count(i) > 1})
+        raise MergeConfigError(f"{where}: {dup} listed more than once")
+    return tuple(sorted(out))
 
 
 class LowRankSum:
