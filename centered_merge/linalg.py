@@ -149,19 +149,23 @@ def _big_times(big: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (x.mT @ big.mT).mT
 
 
-def _on_short_side(a: torch.Tensor):
-    """(wide view of a, whether it was transposed): the range finder always runs on the shorter side."""
-    return (a.mT, True) if a.shape[0] > a.shape[1] else (a, False)
+def _sketched(a: torch.Tensor, omega: torch.Tensor, k: int, power_iters: int, sketch_dtype: torch.dtype):
+    """The randomized SVD's shared steps, on the shorter side of `a` (a^T when a is tall): the range basis q,
+    the projection b = q^T a, and b's top-k left singular vectors `top` (w x k) and values s. Returns
+    (q, b, top, s, flipped), flipped telling whether they describe a^T."""
+    flipped = a.shape[0] > a.shape[1]
+    wide = a.mT if flipped else a
+    q = _range_basis(wide, omega, power_iters, sketch_dtype)
+    b = q.mT @ wide
+    top, s = _top_eigvecs(b, k)
+    return q, b, top, s, flipped
 
 
 def randomized_svd_from_sketch(
     a: torch.Tensor, omega: torch.Tensor, k: int, power_iters: int, sketch_dtype: torch.dtype = torch.float32
 ) -> SVD:
     """Top-k SVD (U, S, Vh) of `a` (m x n float32) from the range of its shorter side probed with `omega`."""
-    wide, flipped = _on_short_side(a)
-    q = _range_basis(wide, omega, power_iters, sketch_dtype)
-    b = q.mT @ wide
-    top, s = _top_eigvecs(b, k)
+    q, b, top, s, flipped = _sketched(a, omega, k, power_iters, sketch_dtype)
     u, vh = q @ top, (top.mT @ b) / torch.where(s > 0, s, 1.0)[:, None]
     return (vh.mT, s, u.mT) if flipped else (u, s, vh)
 
@@ -180,10 +184,7 @@ def randomized_lowrank_factors(
     `out` = (lt, r) buffers to write into, e.g. row blocks of larger buffers that gather the factors of several
     matrices so that their sum is one GEMM (CART's accumulation).
     """
-    wide, flipped = _on_short_side(a)
-    q = _range_basis(wide, omega, power_iters, sketch_dtype)
-    b = q.mT @ wide
-    top, _ = _top_eigvecs(b, k)
+    q, b, top, _, flipped = _sketched(a, omega, k, power_iters, sketch_dtype)
     lt_out, r_out = (None, None) if out is None else out
     basis_out, proj_out = (r_out, lt_out) if flipped else (lt_out, r_out)
     basis_t = torch.mm(top.mT, q.mT, out=basis_out)  # (k x short side) = U_k^T of the wide view
