@@ -34,9 +34,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from . import ops
+from .distributed import RankContext, assign
 from .errors import MergeConfigError, MergeError, MergeInputError, MergeOutputError
 from .io import TensorInfo, TensorSource, open_model
-from .io.writer import ShardedWriter, check_output_path, parse_size
+from .io.writer import PartitionedShardWriter, ShardedWriter, check_output_path, parse_size
 from .methods import get_method
 from .validation import check_group, check_key_sets, count_nonfinite
 
@@ -380,6 +381,12 @@ class _Reader:
             self.thread.join(timeout=30)
 
 
+def _cost(method, key: str, info: TensorInfo, kind: str, num_models: int) -> int:
+    """Planned work for one tensor, to share tensors out between ranks: FLOPs plus bytes moved."""
+    flops = method.plan_tensor(key, info.shape, info.dtype, num_models)["flops"] if kind == "float" else 0
+    return int(flops) + info.nbytes * (num_models + 1)
+
+
 def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_dtype=None, dtype=None,
                       device="auto", shard_size=5 * 10**9, overwrite: bool = False, progress: bool = True,
                       read_ahead: int = 2, allow_nonfinite: bool = False, trust_pickle: bool = False,
@@ -403,12 +410,17 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
         raise MergeConfigError(f"read_ahead must be >= 0; got {read_ahead}")
     check_output_path(out_dir, overwrite)
 
+    ctx = RankContext.current()  # several processes (torch.distributed): each merges and writes a share
     inputs = _Inputs(models, base, m, trust_pickle)
     writer = reader = bar = None
     try:
         kinds = {k: inputs.check_meta(k) for k in inputs.keys}
         items = [(k, _out_info(inputs, k, kinds[k], out_dt)) for k in inputs.keys]
-        total = sum(i.nbytes for _, i in items)
+        owner = None
+        if ctx is not None:
+            owner = assign([(k, _cost(m, k, info, kinds[k], len(inputs.sources))) for k, info in items], ctx.world)
+        total = sum(i.nbytes for k, i in items if owner is None or owner[k] == ctx.rank)
+        progress = progress and (ctx is None or ctx.rank == 0)
         if progress:
             from tqdm.auto import tqdm
 
@@ -422,8 +434,12 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
                 bar.update(nbytes)
                 bar.set_postfix_str(f"{done[0]}/{len(items)} tensors", refresh=False)
 
-        writer = ShardedWriter(out_dir, items, shard_size=shard_size, overwrite=overwrite,
-                               queue_depth=write_queue, on_written=on_written)
+        if ctx is None:
+            writer = ShardedWriter(out_dir, items, shard_size=shard_size, overwrite=overwrite,
+                                   queue_depth=write_queue, on_written=on_written)
+        else:
+            writer = PartitionedShardWriter(out_dir, items, ctx=ctx, owner=owner, shard_size=shard_size,
+                                            overwrite=overwrite, on_written=on_written)
         reader = _Reader(inputs, writer.order, kinds, dev, read_ahead, allow_nonfinite)
         stats = {"read": 0, "merged": 0, "pass": 0}
         out_info = dict(items)
@@ -474,12 +490,14 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
             waits["write"] += clock() - tc
         for msg in reader.nonfinite:
             warnings.warn(msg + " (merged anyway: allow_nonfinite)", stacklevel=2)
+        stats["merged"], stats["pass"], stats["read"] = writer.finish([stats["merged"], stats["pass"], stats["read"]])
         ref = inputs.base if (inputs.base is not None and inputs.base.config_dir is not None) else next(
             (s for s in inputs.sources if s.config_dir is not None), None)
         float_dts = {i.dtype for k, i in items if kinds[k] == "float"}
         report = MergeReport(out_dir=Path(out_dir), method=m.describe(), tensors=len(items),
                              merged=stats["merged"], passthrough=stats["pass"], bytes_read=stats["read"],
-                             bytes_written=total, seconds=0.0, nonfinite_inputs=list(reader.nonfinite))
+                             bytes_written=sum(i.nbytes for _, i in items), seconds=0.0,
+                             nonfinite_inputs=list(reader.nonfinite))
         card = model_card(m.describe(), [s.label for s in inputs.sources],
                           inputs.base.label if inputs.base is not None else None,
                           sorted(str(d).replace("torch.", "") for d in float_dts), report)

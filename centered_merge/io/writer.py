@@ -129,6 +129,26 @@ def _header_bytes(shard: Sequence[Tuple[str, TensorInfo]], metadata: Dict[str, s
     return len(raw).to_bytes(8, "little") + raw, off
 
 
+def _shard_names(n: int) -> List[str]:
+    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _write_error(out: Path, e: OSError, what: str, fname: str) -> MergeOutputError:
+    reason = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+              errno.EFBIG: "file size limit reached"}.get(e.errno, "write error")
+    return MergeOutputError(f"{out}: {reason} while writing {what} to {fname} ({e.strerror or e}); "
+                            "nothing was written to the output path")
+
+
+def _make_partial_dir(out: Path) -> Path:
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as e:
+        raise MergeOutputError(f"{out}: cannot create a temporary directory in {parent} ({e.strerror})") from None
+
+
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach()
     if t.device.type != "cpu":
@@ -156,18 +176,11 @@ class ShardedWriter:
         self.fsync = fsync
         self.on_written = on_written
         self.shards = plan_shards(list(items), int(shard_size))
-        n = len(self.shards)
-        self.shard_names = (["model.safetensors"] if n == 1 else
-                            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.shard_names = _shard_names(len(self.shards))
         self.order = [name for shard in self.shards for name, _ in shard]
         self._info = dict(items)
         self._next = 0
-        parent = self.out.absolute().parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=parent))
-        except OSError as e:
-            raise MergeOutputError(f"{self.out}: cannot create a temporary directory in {parent} ({e.strerror})") from None
+        self.tmp = _make_partial_dir(self.out)
         self._q: "queue.Queue" = queue.Queue(maxsize=max(1, queue_depth))
         self._error: Optional[BaseException] = None
         self._done = False
@@ -177,14 +190,7 @@ class ShardedWriter:
     # --- producer side -------------------------------------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._raise_if_failed()
-        expected = self.order[self._next] if self._next < len(self.order) else None
-        if name != expected:
-            raise RuntimeError(f"writer: got tensor {name!r}, expected {expected!r} (engine bug)")
-        info = self._info[name]
-        if tuple(tensor.shape) != tuple(info.shape) or tensor.dtype != info.dtype:
-            raise RuntimeError(f"writer: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned "
-                               f"{info.shape} {info.dtype} (engine bug)")
-        self._next += 1
+        _accept(self, name, tensor)
         while True:
             try:
                 self._q.put((name, tensor), timeout=0.2)
@@ -227,13 +233,7 @@ class ShardedWriter:
                     f.close()
                     f = None
                 except OSError as e:
-                    what = f"tensor {name!r}" if name else "the header"
-                    reason = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
-                              errno.EFBIG: "file size limit reached"}.get(e.errno, "write error")
-                    raise MergeOutputError(
-                        f"{self.out}: {reason} while writing {what} to {fname} ({e.strerror or e}); "
-                        "nothing was written to the output path"
-                    ) from None
+                    raise _write_error(self.out, e, f"tensor {name!r}" if name else "the header", fname) from None
             self._done = True
         except BaseException as e:  # noqa: BLE001  (handed to the producer)
             self._error = e
@@ -251,6 +251,11 @@ class ShardedWriter:
                     pass
 
     # --- end -----------------------------------------------------------------------------------------------
+    def finish(self, counts: Sequence[int]) -> List[int]:
+        """The merge's counts summed over every process that wrote part of the output: here, just `counts`
+        (PartitionedShardWriter sums them across ranks)."""
+        return list(counts)
+
     def commit(self, *, config_dir=None, card: Optional[str] = None, out_dtype: Optional[torch.dtype] = None,
                extra_files: Optional[Dict[str, str]] = None) -> Path:
         """Wait for the writes, add index, config/tokenizer files and card, then rename into place."""
@@ -261,49 +266,11 @@ class ShardedWriter:
             self._raise_if_failed()
             if not self._done:
                 raise MergeOutputError(f"{self.out}: writing stopped before the end")
-            try:
-                if len(self.shards) > 1:
-                    index = {
-                        "metadata": {"total_size": sum(i.nbytes for s in self.shards for _, i in s)},
-                        "weight_map": {name: fname for shard, fname in zip(self.shards, self.shard_names)
-                                       for name, _ in shard},
-                    }
-                    (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-                if config_dir is not None:
-                    copy_model_files(Path(config_dir), self.tmp, out_dtype)
-                for fname, text in (extra_files or {}).items():
-                    (self.tmp / fname).write_text(text)
-                if card is not None:
-                    (self.tmp / "README.md").write_text(card)
-            except OSError as e:
-                raise MergeOutputError(f"{self.out}: write error while finishing the output ({e.strerror or e})") from None
-            self._publish()
+            _finish_directory(self, config_dir, card, out_dtype, extra_files)
             return self.out
         except BaseException:
             self.abort()
             raise
-
-    def _publish(self):
-        out = self.out
-        old = None
-        check_output_path(out, self.overwrite)  # something may have appeared there meanwhile
-        if out.exists() or out.is_symlink():
-            if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-                out.rmdir()
-            else:
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.rename(out, old)
-        try:
-            os.rename(self.tmp, out)
-        except OSError as e:
-            if old is not None:
-                os.rename(old, out)
-            raise MergeOutputError(f"{out}: cannot move the finished output into place ({e.strerror})") from None
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
 
     def abort(self) -> None:
         """Stop the thread and remove the partial directory (idempotent)."""
@@ -321,6 +288,203 @@ class ShardedWriter:
             self._thread.join(timeout=30)
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _accept(w, name: str, tensor: torch.Tensor) -> None:
+    """Check that `tensor` is the next one a writer expects, as planned (shape, dtype)."""
+    expected = w.order[w._next] if w._next < len(w.order) else None
+    if name != expected:
+        raise RuntimeError(f"writer: got tensor {name!r}, expected {expected!r} (engine bug)")
+    info = w._info[name]
+    if tuple(tensor.shape) != tuple(info.shape) or tensor.dtype != info.dtype:
+        raise RuntimeError(f"writer: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned "
+                           f"{info.shape} {info.dtype} (engine bug)")
+    w._next += 1
+
+
+def _finish_directory(w, config_dir, card, out_dtype, extra_files) -> None:
+    """Index, config/tokenizer files and card into the partial directory of writer `w`, then publish it."""
+    try:
+        if len(w.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(i.nbytes for s in w.shards for _, i in s)},
+                "weight_map": {name: fname for shard, fname in zip(w.shards, w.shard_names) for name, _ in shard},
+            }
+            (w.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if config_dir is not None:
+            copy_model_files(Path(config_dir), w.tmp, out_dtype)
+        for fname, text in (extra_files or {}).items():
+            (w.tmp / fname).write_text(text)
+        if card is not None:
+            (w.tmp / "README.md").write_text(card)
+    except OSError as e:
+        raise MergeOutputError(f"{w.out}: write error while finishing the output ({e.strerror or e})") from None
+    _publish(w.tmp, w.out, w.overwrite)
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished partial directory to `out`, replacing what is there when `overwrite`."""
+    old = None
+    check_output_path(out, overwrite)  # something may have appeared there meanwhile
+    if out.exists() or out.is_symlink():
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError as e:
+        if old is not None:
+            os.rename(old, out)
+        raise MergeOutputError(f"{out}: cannot move the finished output into place ({e.strerror})") from None
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+class PartitionedShardWriter:
+    """ShardedWriter's output, written by several processes (torch.distributed ranks) at once.
+
+    Every rank plans the same shards. Rank 0 creates the partial directory, writes every shard's header and
+    sizes each file to its final length; each rank then writes the bytes of its own tensors (`owner`) at their
+    planned offsets with pwrite, so the files come out byte for byte as one process writes them. `finish`
+    sums the merge's counts and a failure flag over the ranks; if every rank succeeded, rank 0 adds the index,
+    config files and card and publishes, and the others learn the outcome from it. On any failure no rank
+    publishes and rank 0 removes the partial directory.
+
+    Collectives, in the same order on every rank: one broadcast when constructed, one sum in `finish` (or in
+    `abort`, for a rank that failed before it), one broadcast in `commit`.
+    """
+
+    COUNTS = 3  # what the engine sums through finish(): tensors merged, tensors passed through, bytes read
+
+    def __init__(self, out_dir, items: Sequence[Tuple[str, TensorInfo]], *, ctx, owner: Dict[str, int],
+                 shard_size: int = 5 * 10**9, overwrite: bool = False, fsync: bool = True,
+                 on_written: Optional[Callable[[str, int], None]] = None):
+        self.ctx, self.overwrite, self.fsync, self.on_written = ctx, overwrite, fsync, on_written
+        self.out = check_output_path(out_dir, overwrite)
+        self.shards = plan_shards(list(items), int(shard_size))
+        self.shard_names = _shard_names(len(self.shards))
+        self._info = dict(items)
+        self._where: Dict[str, Tuple[int, int]] = {}  # name -> (shard index, byte offset in its file)
+        headers = []
+        for i, shard in enumerate(self.shards):
+            head, _ = _header_bytes(shard, {"format": "pt"})
+            headers.append(head)
+            off = len(head)
+            for name, info in shard:
+                self._where[name] = (i, off)
+                off += info.nbytes
+        self.order = [name for shard in self.shards for name, _ in shard if owner[name] == ctx.rank]
+        self._next = 0
+        self._fds: Dict[int, int] = {}
+        self._stage = "writing"
+        made = None
+        if ctx.rank == 0:
+            try:
+                self.tmp = _make_partial_dir(self.out)
+                made = str(self.tmp)
+                for shard, fname, head in zip(self.shards, self.shard_names, headers):
+                    with open(self.tmp / fname, "wb") as f:
+                        f.write(head)
+                        f.truncate(len(head) + sum(info.nbytes for _, info in shard))
+            except (OSError, MergeOutputError) as e:
+                made = e if isinstance(e, MergeOutputError) else _write_error(self.out, e, "the headers", "the shards")
+        made = ctx.broadcast(made if not isinstance(made, BaseException) else ("error", str(made)))
+        if isinstance(made, tuple):
+            if ctx.rank == 0 and getattr(self, "tmp", None) is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise MergeOutputError(made[1])
+        self.tmp = Path(made)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        _accept(self, name, tensor)
+        shard, off = self._where[name]
+        fname = self.shard_names[shard]
+        try:
+            if shard not in self._fds:
+                self._fds[shard] = os.open(self.tmp / fname, os.O_WRONLY)
+            view = _tensor_bytes(tensor)
+            pos = 0
+            while pos < len(view):  # os-level writes may be short
+                pos += os.pwrite(self._fds[shard], view[pos:pos + (1 << 26)], off + pos)
+        except OSError as e:
+            raise _write_error(self.out, e, f"tensor {name!r}", fname) from None
+        if self.on_written is not None:
+            self.on_written(name, self._info[name].nbytes)
+
+    def _close_files(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def finish(self, counts: Sequence[int]) -> List[int]:
+        """Collective. Sums `counts` over the ranks; raises on every rank if any rank failed."""
+        if len(counts) != self.COUNTS:
+            raise ValueError(f"writer: finish() takes {self.COUNTS} counts, got {len(counts)} (engine bug)")
+        ok = 1
+        try:
+            if self._next != len(self.order):
+                raise RuntimeError(f"writer: {len(self.order) - self._next} planned tensor(s) never came (engine bug)")
+            self._close_files()
+        except OSError as e:
+            ok = 0
+            err = _write_error(self.out, e, "its tensors", "the shards")
+        except BaseException as e:  # noqa: BLE001  (the others must still hear of it)
+            ok, err = 0, e
+        self._stage = "finished"
+        total = self.ctx.sum([1 - ok, *counts])
+        if total[0]:
+            self._cleanup()
+            if not ok:
+                raise err
+            raise MergeOutputError(f"{self.out}: {total[0]} other rank(s) failed; nothing was written to the output "
+                                   "path (their errors are in their own logs)")
+        return total[1:]
+
+    def commit(self, *, config_dir=None, card: Optional[str] = None, out_dtype: Optional[torch.dtype] = None,
+               extra_files: Optional[Dict[str, str]] = None) -> Path:
+        """Collective. Rank 0 finishes and publishes the directory; every rank returns or raises with it."""
+        outcome = None
+        if self.ctx.rank == 0:
+            try:
+                _finish_directory(self, config_dir, card, out_dtype, extra_files)
+            except BaseException as e:  # noqa: BLE001  (broadcast, then raised below)
+                self._cleanup()
+                outcome = str(e) or type(e).__name__
+        outcome = self.ctx.broadcast(outcome)
+        self._stage = "done"
+        if outcome is not None:
+            raise MergeOutputError(outcome)
+        return self.out
+
+    def _cleanup(self) -> None:
+        self._close_files_quietly()
+        if self.ctx.rank == 0 and self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _close_files_quietly(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = {}
+
+    def abort(self) -> None:
+        """For a rank that failed while writing: tell the others (the sum `finish` would have done), clean up."""
+        if self._stage == "writing":
+            self._stage = "finished"
+            self._close_files_quietly()
+            self.ctx.sum([1] + [0] * self.COUNTS)
+            self._cleanup()
 
 
 def copy_model_files(src: Path, dst: Path, out_dtype: Optional[torch.dtype] = None) -> List[str]:
