@@ -43,12 +43,17 @@ def _run_ranks(tmp_path, world, models, base, out, fail_rank=-1, **kwargs):
     results = ctx.Queue()
     init_file = tmp_path / f"init-{world}-{fail_rank}"
     procs = [ctx.Process(target=_rank_main, args=(r, world, str(init_file), models, base, str(out), fail_rank,
-                                                   kwargs, results)) for r in range(world)]
+                                                   kwargs, results), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0, f"rank process exited with {p.exitcode}"
+    try:
+        for p in procs:
+            p.join(timeout=120)
+            assert p.exitcode == 0, f"rank process exited with {p.exitcode} (None: still running after 120 s)"
+    finally:
+        for p in procs:  # never leave a hung rank behind
+            if p.is_alive():
+                p.kill()
     return sorted(results.get(timeout=5) for _ in range(world))
 
 
