@@ -1,5 +1,5 @@
 """The streaming engine gives exactly what the in-memory API gives, for every method and input kind, with the
-same bytes whatever the read-ahead depth, torch thread count or shard size."""
+same bytes whatever the read-ahead depth, torch thread count (on these small tensors) or shard size."""
 import json
 
 import pytest
