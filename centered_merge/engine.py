@@ -400,6 +400,9 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
     accumulation is always float32 here, so it only sets the default out_dtype. params: the method's parameters
     (see centered_merge.methods). Returns a MergeReport. Raises MergeError subclasses naming file and tensor;
     on any failure nothing is left at out_dir.
+
+    Inside an initialised torch.distributed group of several processes, call it on every rank with the same
+    arguments: the ranks share the tensors out and write one output together (centered_merge.distributed).
     """
     t0 = time.perf_counter()
     m = get_method(method, **params)
