@@ -391,6 +391,8 @@ class PartitionedShardWriter:
                     with open(self.tmp / fname, "wb") as f:
                         f.write(head)
                         f.truncate(len(head) + sum(info.nbytes for _, info in shard))
+                        if self.fsync:
+                            os.fsync(f.fileno())
             except (OSError, MergeOutputError) as e:
                 made = e if isinstance(e, MergeOutputError) else _write_error(self.out, e, "the headers", "the shards")
         made = ctx.broadcast(made if not isinstance(made, BaseException) else ("error", str(made)))
