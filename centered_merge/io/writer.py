@@ -419,13 +419,19 @@ class PartitionedShardWriter:
             self.on_written(name, self._info[name].nbytes)
 
     def _close_files(self) -> None:
+        """fsync and close this rank's files; every one is closed even if one fails, then the first error raises."""
         fds, self._fds = self._fds, {}
+        first = None
         for fd in fds.values():
             try:
                 if self.fsync:
                     os.fsync(fd)
+            except OSError as e:
+                first = first or e
             finally:
                 os.close(fd)
+        if first is not None:
+            raise first
 
     def finish(self, counts: Sequence[int]) -> List[int]:
         """Collective. Sums `counts` over the ranks; raises on every rank if any rank failed."""
