@@ -57,7 +57,7 @@ def official_style(models, rank: float, lam: float):
         acc = torch.zeros_like(avg)
         for m in models:
             u, s, vh = torch.linalg.svd(m[name] - avg, full_matrices=False)
-            acc += u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
+            acc += (u[:, :k] * s[:k]) @ vh[:k]  # the authors' reconstruction, (U_k * s_k) @ Vh_k
         out[name] = avg + lam * acc
     return out
 
