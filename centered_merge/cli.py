@@ -165,12 +165,19 @@ def cmd_merge(a) -> int:
         raise MergeConfigError("--out DIR is required")
     from .distributed import init_from_env
 
-    ctx = init_from_env(a.device)  # under torchrun: every rank merges a share of the tensors
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rep = merge_checkpoints(req["models"], a.out, shard_size=a.shard_size, overwrite=a.overwrite,
-                                progress=not a.quiet, allow_nonfinite=a.allow_nonfinite, **common)
-    for w in caught:  # one plain line each, not Python's file:line format
+    ctx, created = init_from_env(a.device)  # under torchrun: every rank merges a share of the tensors
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rep = merge_checkpoints(req["models"], a.out, shard_size=a.shard_size, overwrite=a.overwrite,
+                                    progress=not a.quiet, allow_nonfinite=a.allow_nonfinite,
+                                    distributed=ctx is not None, **common)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    for w in caught if ctx is None or ctx.rank == 0 else ():  # one plain line each, not Python's file:line format
         print(f"{PROG}: warning: {w.message}", file=sys.stderr)
     if not a.quiet and (ctx is None or ctx.rank == 0):
         ranks = "" if ctx is None else f" by {ctx.world} processes"

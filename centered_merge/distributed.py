@@ -7,8 +7,10 @@ Launch with torchrun (every rank runs the same command):
     torchrun --nproc-per-node 4 -m centered_merge merge ft_*/ --method cart --out merged/
 
 Under torchrun (WORLD_SIZE > 1) the CLI joins the process group itself (gloo on CPU, nccl on CUDA). From Python,
-initialise torch.distributed first and call merge_checkpoints on every rank with the same arguments. Every rank
-must see the same input files and the same output directory (one machine, or a shared filesystem).
+initialise torch.distributed first and call merge_checkpoints(..., distributed=True) on every rank with the same
+arguments (checked: ranks given different ones all raise). Every rank must see the same input files and the
+same output directory (one machine, or a shared filesystem). Without distributed=True a merge inside a process
+group is an ordinary one-process merge, e.g. on rank 0 only.
 
 Assignment is deterministic: tensors sorted by planned cost (FLOPs + bytes), each given to the least loaded
 rank (longest-processing-time first), so every rank computes the same plan without talking to the others.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,38 +48,33 @@ class RankContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def sum(self, values: Sequence[int]) -> List[int]:
-        """Element-wise sum of an int vector over the ranks."""
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
         import torch.distributed as dist
 
-        t = torch.tensor(list(values), dtype=torch.int64, device=_collective_device())
-        dist.all_reduce(t)
-        return [int(v) for v in t.cpu()]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
 
-def _collective_device() -> torch.device:
-    import torch.distributed as dist
+def init_from_env(device: str = "auto") -> Tuple[Optional[RankContext], bool]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment).
 
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def init_from_env(device: str = "auto") -> Optional[RankContext]:
-    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment), once; None otherwise.
-
+    Returns (context or None, whether this call created the group, so the caller should destroy it).
     Backend: nccl when the merge runs on CUDA, gloo on the CPU.
     """
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return None
+        return None, False
+    created = False
     if not dist.is_initialized():
         use_cuda = str(device) != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return RankContext.current()
+        created = True
+    return RankContext.current(), created
 
 
 def assign(costs: Sequence[Tuple[str, int]], world: int) -> Dict[str, int]:

@@ -20,6 +20,7 @@ Determinism: the threads only move data; every tensor is computed by the same co
 """
 from __future__ import annotations
 
+import json
 import math
 import queue
 from collections import abc
@@ -390,7 +391,7 @@ def _cost(method, key: str, info: TensorInfo, kind: str, num_models: int) -> int
 def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_dtype=None, dtype=None,
                       device="auto", shard_size=5 * 10**9, overwrite: bool = False, progress: bool = True,
                       read_ahead: int = 2, allow_nonfinite: bool = False, trust_pickle: bool = False,
-                      write_queue: int = 1, **params) -> MergeReport:
+                      write_queue: int = 1, distributed: bool = False, **params) -> MergeReport:
     """Merge checkpoints tensor by tensor into an HF-style directory `out_dir`.
 
     models: paths (.safetensors file, HF directory, torch .bin/.pt), state dicts or nn.Modules, same keys and
@@ -401,8 +402,9 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
     (see centered_merge.methods). Returns a MergeReport. Raises MergeError subclasses naming file and tensor;
     on any failure nothing is left at out_dir.
 
-    Inside an initialised torch.distributed group of several processes, call it on every rank with the same
-    arguments: the ranks share the tensors out and write one output together (centered_merge.distributed).
+    distributed=True: call it on every rank of an initialised torch.distributed group, with the same arguments;
+    the ranks share the tensors out and write one output together (centered_merge.distributed). Otherwise the
+    merge is a one-process merge even inside a process group.
     """
     t0 = time.perf_counter()
     m = get_method(method, **params)
@@ -413,7 +415,14 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
         raise MergeConfigError(f"read_ahead must be >= 0; got {read_ahead}")
     check_output_path(out_dir, overwrite)
 
-    ctx = RankContext.current()  # several processes (torch.distributed): each merges and writes a share
+    ctx = None
+    if distributed:  # several processes (torch.distributed): each merges and writes a share
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise MergeConfigError("distributed=True needs an initialised torch.distributed process group "
+                                   "(torchrun, then torch.distributed.init_process_group)")
+        ctx = RankContext.current()  # None for a group of one: an ordinary merge
     inputs = _Inputs(models, base, m, trust_pickle)
     writer = reader = bar = None
     try:
@@ -422,7 +431,8 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
         owner = None
         if ctx is not None:
             owner = assign([(k, _cost(m, k, info, kinds[k], len(inputs.sources))) for k, info in items], ctx.world)
-        total = sum(i.nbytes for k, i in items if owner is None or owner[k] == ctx.rank)
+        mine = [k for k, _ in items if owner is None or owner[k] == ctx.rank]
+        total = sum(dict(items)[k].nbytes for k in mine)
         progress = progress and (ctx is None or ctx.rank == 0)
         if progress:
             from tqdm.auto import tqdm
@@ -435,14 +445,17 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
             done[0] += 1
             if bar is not None:
                 bar.update(nbytes)
-                bar.set_postfix_str(f"{done[0]}/{len(items)} tensors", refresh=False)
+                bar.set_postfix_str(f"{done[0]}/{len(mine)} tensors", refresh=False)
 
         if ctx is None:
             writer = ShardedWriter(out_dir, items, shard_size=shard_size, overwrite=overwrite,
                                    queue_depth=write_queue, on_written=on_written)
         else:
+            fingerprint = json.dumps([m.describe(), [s.label for s in inputs.sources],
+                                      inputs.base.label if inputs.base is not None else None, str(out_dt),
+                                      allow_nonfinite], sort_keys=True, default=str)
             writer = PartitionedShardWriter(out_dir, items, ctx=ctx, owner=owner, shard_size=shard_size,
-                                            overwrite=overwrite, on_written=on_written)
+                                            overwrite=overwrite, on_written=on_written, fingerprint=fingerprint)
         reader = _Reader(inputs, writer.order, kinds, dev, read_ahead, allow_nonfinite)
         stats = {"read": 0, "merged": 0, "pass": 0}
         out_info = dict(items)
@@ -491,16 +504,17 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
             writer.write(key, out)
             del out
             waits["write"] += clock() - tc
-        for msg in reader.nonfinite:
+        counts, nonfinite = writer.finish([stats["merged"], stats["pass"], stats["read"]], list(reader.nonfinite))
+        stats["merged"], stats["pass"], stats["read"] = counts
+        for msg in nonfinite:
             warnings.warn(msg + " (merged anyway: allow_nonfinite)", stacklevel=2)
-        stats["merged"], stats["pass"], stats["read"] = writer.finish([stats["merged"], stats["pass"], stats["read"]])
         ref = inputs.base if (inputs.base is not None and inputs.base.config_dir is not None) else next(
             (s for s in inputs.sources if s.config_dir is not None), None)
         float_dts = {i.dtype for k, i in items if kinds[k] == "float"}
         report = MergeReport(out_dir=Path(out_dir), method=m.describe(), tensors=len(items),
                              merged=stats["merged"], passthrough=stats["pass"], bytes_read=stats["read"],
                              bytes_written=sum(i.nbytes for _, i in items), seconds=0.0,
-                             nonfinite_inputs=list(reader.nonfinite))
+                             nonfinite_inputs=nonfinite)
         card = model_card(m.describe(), [s.label for s in inputs.sources],
                           inputs.base.label if inputs.base is not None else None,
                           sorted(str(d).replace("torch.", "") for d in float_dts), report)

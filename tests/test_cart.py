@@ -257,7 +257,8 @@ def test_indices_mode_keeps_the_listed_triplets(make_models):
 
 @pytest.mark.parametrize("spec, match", [
     ([], "at least one"), ([-1, 2], "count from 0"), ([2, 2], "more than once"), ([1.0], "list of ints"),
-    ([True], "list of ints"), ("3-1", "backwards"), ("a,b", "integers and ranges"), (5, "list of ints or a string"),
+    ([True], "list of ints"), ("3-1", "backwards"), ("a,b", "integers and ranges"), (5.0, "list of ints or a string"),
+    ("0-1000000000", "below"), ([0, 1 << 30], "below"),
 ])
 def test_indices_rejects(spec, match):
     with pytest.raises(MergeConfigError, match=match):
@@ -272,3 +273,10 @@ def test_indices_and_energy_exclude_each_other():
 def test_parse_indices_ranges():
     assert parse_indices("0-2, 7,9-10") == (0, 1, 2, 7, 9, 10)
     assert parse_indices((4, 1)) == (1, 4)
+    assert parse_indices(5) == (5,)  # a YAML scalar, like --indices 5
+
+
+def test_indices_mode_describes_what_applies():
+    d = get_method("cart", indices="0-2").describe()
+    assert d["indices"] == [0, 1, 2] and "rank" not in d and "svd" not in d
+    assert "rank" in get_method("cart").describe()

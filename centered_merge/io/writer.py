@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import MergeConfigError, MergeOutputError
+from ..errors import MergeConfigError, MergeError, MergeOutputError
 from .base import TensorInfo
 
 ST_DTYPE = {
@@ -251,10 +251,10 @@ class ShardedWriter:
                     pass
 
     # --- end -----------------------------------------------------------------------------------------------
-    def finish(self, counts: Sequence[int]) -> List[int]:
-        """The merge's counts summed over every process that wrote part of the output: here, just `counts`
-        (PartitionedShardWriter sums them across ranks)."""
-        return list(counts)
+    def finish(self, counts: Sequence[int], messages: Sequence[str] = ()) -> Tuple[List[int], List[str]]:
+        """The merge's counts summed, and its messages joined, over every process that wrote part of the output:
+        here just the arguments (PartitionedShardWriter gathers them across ranks)."""
+        return list(counts), list(messages)
 
     def commit(self, *, config_dir=None, card: Optional[str] = None, out_dtype: Optional[torch.dtype] = None,
                extra_files: Optional[Dict[str, str]] = None) -> Path:
@@ -351,18 +351,17 @@ class PartitionedShardWriter:
     Every rank plans the same shards. Rank 0 creates the partial directory, writes every shard's header and
     sizes each file to its final length; each rank then writes the bytes of its own tensors (`owner`) at their
     planned offsets with pwrite, so the files come out byte for byte as one process writes them. `finish`
-    sums the merge's counts and a failure flag over the ranks; if every rank succeeded, rank 0 adds the index,
-    config files and card and publishes, and the others learn the outcome from it. On any failure no rank
-    publishes and rank 0 removes the partial directory.
+    gathers every rank's counts, messages and success; if all succeeded, `commit` has rank 0 add the index,
+    config files and card and publish, and the others learn the outcome from it. On any failure no rank
+    publishes and rank 0 removes the partial directory, also when a collective itself fails (a rank died).
 
-    Collectives, in the same order on every rank: one broadcast when constructed, one sum in `finish` (or in
-    `abort`, for a rank that failed before it), one broadcast in `commit`.
+    Collectives, in the same order on every rank: construction broadcasts rank 0's directory and `fingerprint`
+    (a digest of the arguments; ranks given different ones all raise) and gathers the comparison; `finish`
+    gathers (so does `abort` before finish); `commit` broadcasts (so does `abort` after finish).
     """
 
-    COUNTS = 3  # what the engine sums through finish(): tensors merged, tensors passed through, bytes read
-
     def __init__(self, out_dir, items: Sequence[Tuple[str, TensorInfo]], *, ctx, owner: Dict[str, int],
-                 shard_size: int = 5 * 10**9, overwrite: bool = False, fsync: bool = True,
+                 shard_size: int = 5 * 10**9, overwrite: bool = False, fsync: bool = True, fingerprint: str = "",
                  on_written: Optional[Callable[[str, int], None]] = None):
         self.ctx, self.overwrite, self.fsync, self.on_written = ctx, overwrite, fsync, on_written
         self.out = check_output_path(out_dir, overwrite)
@@ -382,25 +381,50 @@ class PartitionedShardWriter:
         self._next = 0
         self._fds: Dict[int, int] = {}
         self._stage = "writing"
+        self.tmp: Optional[Path] = None
+        plan = [(n, list(i.shape), str(i.dtype)) for shard in self.shards for n, i in shard]
+        self.fingerprint = json.dumps([str(self.out.absolute()), plan, fingerprint], sort_keys=True)
         made = None
         if ctx.rank == 0:
             try:
                 self.tmp = _make_partial_dir(self.out)
-                made = str(self.tmp)
                 for shard, fname, head in zip(self.shards, self.shard_names, headers):
                     with open(self.tmp / fname, "wb") as f:
                         f.write(head)
                         f.truncate(len(head) + sum(info.nbytes for _, info in shard))
                         if self.fsync:
                             os.fsync(f.fileno())
+                made = str(self.tmp)
             except (OSError, MergeOutputError) as e:
-                made = e if isinstance(e, MergeOutputError) else _write_error(self.out, e, "the headers", "the shards")
-        made = ctx.broadcast(made if not isinstance(made, BaseException) else ("error", str(made)))
+                err = e if isinstance(e, MergeOutputError) else _write_error(self.out, e, "the headers", "the shards")
+                made = ("error", str(err))
+        made, theirs = self._collective(lambda: ctx.broadcast((made, self.fingerprint)))
         if isinstance(made, tuple):
-            if ctx.rank == 0 and getattr(self, "tmp", None) is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
+            self._stage = "done"
+            self._cleanup()
             raise MergeOutputError(made[1])
         self.tmp = Path(made)
+        same = self._collective(lambda: ctx.gather(theirs == self.fingerprint))
+        if not all(same):
+            self._stage = "done"
+            self._cleanup()
+            bad = [r for r, ok in enumerate(same) if not ok]
+            raise MergeConfigError(f"{self.out}: rank(s) {bad} were given different arguments from rank 0 (models, "
+                                   "method, parameters, output path or shard size); every rank must run the same merge")
+
+    def _collective(self, call):
+        """Run one collective; if it fails (a rank died, a timeout, an interrupt), clean up and say so."""
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001  (torch.distributed raises RuntimeError and subclasses)
+            self._stage = "done"
+            self._cleanup()
+            raise MergeOutputError(f"{self.out}: lost contact with the other ranks ({type(e).__name__}: {e}); "
+                                   "nothing was written to the output path") from e
+        except BaseException:
+            self._stage = "done"
+            self._cleanup()
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         _accept(self, name, tensor)
@@ -433,65 +457,79 @@ class PartitionedShardWriter:
         if first is not None:
             raise first
 
-    def finish(self, counts: Sequence[int]) -> List[int]:
-        """Collective. Sums `counts` over the ranks; raises on every rank if any rank failed."""
-        if len(counts) != self.COUNTS:
-            raise ValueError(f"writer: finish() takes {self.COUNTS} counts, got {len(counts)} (engine bug)")
-        ok = 1
+    def finish(self, counts: Sequence[int], messages: Sequence[str] = ()) -> Tuple[List[int], List[str]]:
+        """Collective. Every rank's `counts` summed and `messages` joined (rank order); raises on every rank if
+        any rank failed."""
+        ok, err = True, None
         try:
             if self._next != len(self.order):
                 raise RuntimeError(f"writer: {len(self.order) - self._next} planned tensor(s) never came (engine bug)")
             self._close_files()
         except OSError as e:
-            ok = 0
-            err = _write_error(self.out, e, "its tensors", "the shards")
+            ok, err = False, _write_error(self.out, e, "its tensors", "the shards")
         except BaseException as e:  # noqa: BLE001  (the others must still hear of it)
-            ok, err = 0, e
+            ok, err = False, e
         self._stage = "finished"
-        total = self.ctx.sum([1 - ok, *counts])
-        if total[0]:
+        everyone = self._collective(lambda: self.ctx.gather((ok, list(counts), list(messages))))
+        failed = [r for r, (r_ok, _, _) in enumerate(everyone) if not r_ok]
+        if failed:
+            self._stage = "done"
             self._cleanup()
-            if not ok:
+            if err is not None:
                 raise err
-            raise MergeOutputError(f"{self.out}: {total[0]} other rank(s) failed; nothing was written to the output "
-                                   "path (their errors are in their own logs)")
-        return total[1:]
+            raise MergeOutputError(f"{self.out}: rank(s) {failed} failed; nothing was written to the output path "
+                                   "(their errors are in their own output)")
+        totals = [sum(c[i] for _, c, _ in everyone) for i in range(len(counts))]
+        return totals, [m for _, _, msgs in everyone for m in msgs]
 
     def commit(self, *, config_dir=None, card: Optional[str] = None, out_dtype: Optional[torch.dtype] = None,
                extra_files: Optional[Dict[str, str]] = None) -> Path:
         """Collective. Rank 0 finishes and publishes the directory; every rank returns or raises with it."""
-        outcome = None
+        return self._conclude(lambda: _finish_directory(self, config_dir, card, out_dtype, extra_files))
+
+    def _conclude(self, work) -> Path:
+        """Rank 0 runs `work` (publishing, or raising to abort) and broadcasts the outcome; the others follow."""
+        outcome, own = None, None
         if self.ctx.rank == 0:
             try:
-                _finish_directory(self, config_dir, card, out_dtype, extra_files)
-            except BaseException as e:  # noqa: BLE001  (broadcast, then raised below)
+                work()
+            except BaseException as e:  # noqa: BLE001  (broadcast first, raised below)
                 self._cleanup()
-                outcome = str(e) or type(e).__name__
-        outcome = self.ctx.broadcast(outcome)
+                own, outcome = e, str(e) or type(e).__name__
         self._stage = "done"
+        outcome = self._collective(lambda: self.ctx.broadcast(outcome))
+        if own is not None:
+            raise own
         if outcome is not None:
-            raise MergeOutputError(outcome)
+            self._cleanup()
+            raise MergeOutputError(f"{self.out}: rank 0 could not finish the output ({outcome})")
         return self.out
 
     def _cleanup(self) -> None:
-        self._close_files_quietly()
-        if self.ctx.rank == 0 and self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def _close_files_quietly(self) -> None:
         for fd in self._fds.values():
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._fds = {}
+        if self.ctx.rank == 0 and self.tmp is not None and self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def abort(self) -> None:
-        """For a rank that failed while writing: tell the others (the sum `finish` would have done), clean up."""
-        if self._stage == "writing":
-            self._stage = "finished"
-            self._close_files_quietly()
-            self.ctx.sum([1] + [0] * self.COUNTS)
+        """For a rank that failed: take part in the collective the others will call next, then clean up."""
+        stage, self._stage = self._stage, "done"
+
+        def fail():
+            raise MergeOutputError(f"{self.out}: aborted after writing")
+
+        try:
+            if stage == "writing":  # the others will gather in finish()
+                self._collective(lambda: self.ctx.gather((False, [], [])))
+            elif stage == "finished":  # the others will broadcast or await the outcome of commit()
+                self._conclude(fail)
+        except MergeError:
+            pass  # cleanup only: the caller re-raises its own error
+        finally:
             self._cleanup()
 
 

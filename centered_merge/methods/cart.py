@@ -7,7 +7,8 @@ For each tensor W with inputs W_1..W_T:
     out = M                                             (every other tensor)
 No base model is needed. All math runs in float32. Memory per low-rank tensor, whatever T is: M and one
 reusable centering buffer (two float32 copies), a bf16 copy for the range finder, the (m + n)(k + p) factors
-of one task, and LowRankSum's buffers of the T tasks' rank-k terms (at most 1.5 float32 copies).
+of one task, and LowRankSum's buffers of the T tasks' rank-k terms (at most 1.5 float32 copies, or one copy
+plus one task's factors when those alone exceed half a matrix).
 
 At full rank the low-rank sum is sum_t C_t = 0, so the method returns M without computing SVDs; this is the
 formula's exact value, not an approximation.
@@ -15,6 +16,7 @@ formula's exact value, not an approximation.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 
@@ -84,6 +86,14 @@ class Cart(MergeMethod):
         if p["select"] not in PRESETS:
             raise MergeConfigError(f"cart: select must be one of {', '.join(PRESETS)}; got {p['select']!r}")
         self.selector = make_selector(p["select"], p["include"], p["exclude"])
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if self.kept_indices is not None:  # these do not apply: indices picks the triplets, with the exact SVD
+            for key in ("rank", "svd", "oversample", "power_iters", "sketch_dtype"):
+                d.pop(key, None)
+            d["indices"] = list(self.kept_indices)
+        return d
 
     # -- planning -----------------------------------------------------------------------------------------
     def is_lowrank(self, name: str, shape) -> bool:
@@ -181,10 +191,15 @@ class Cart(MergeMethod):
         return exact_svd(centered, k)
 
 
+MAX_INDEX = 1 << 20  # no weight matrix has a million singular values; also bounds what a range may expand to
+
+
 def parse_indices(spec) -> tuple:
-    """Singular indices (0-based) for CART's indices mode, from a sequence of ints or a string such as
+    """Singular indices (0-based) for CART's indices mode, from an int, a sequence of ints or a string such as
     "0-7,16,20-23" (ranges inclusive). Returns them sorted; raises MergeConfigError on anything else."""
     where = f"cart: indices {spec!r}"
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = [spec]
     if isinstance(spec, str):
         out = []
         for part in spec.split(","):
@@ -197,6 +212,8 @@ def parse_indices(spec) -> tuple:
                 raise MergeConfigError(f"{where}: expected integers and ranges like 0-7,16") from None
             if b < a:
                 raise MergeConfigError(f"{where}: range {part!r} runs backwards")
+            if b >= MAX_INDEX:
+                raise MergeConfigError(f"{where}: indices must be below {MAX_INDEX}")
             out.extend(range(a, b + 1))
     elif isinstance(spec, (list, tuple)):
         out = list(spec)
@@ -208,9 +225,11 @@ def parse_indices(spec) -> tuple:
         raise MergeConfigError(f"{where}: name at least one singular index")
     if min(out) < 0:
         raise MergeConfigError(f"{where}: indices count from 0; got {min(out)}")
-    if len(set(out)) != len(out):
-        dup = sorted({i for i in out if out.count(i) > 1})
-        raise MergeConfigError(f"{where}: {dup} listed more than once")
+    if max(out) >= MAX_INDEX:
+        raise MergeConfigError(f"{where}: indices must be below {MAX_INDEX}")
+    dup = sorted(i for i, n in Counter(out).items() if n > 1)
+    if dup:
+        raise MergeConfigError(f"{where}: {dup[:10]} listed more than once")
     return tuple(sorted(out))
 
 
