@@ -340,22 +340,19 @@ class _Reader:
             for i in range(len(self.order)):
                 if self._stop.is_set():
                     return
-                item = self._load(i)
-                while not self._stop.is_set():
-                    try:
-                        self.q.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        pass
-                item = None  # the queue holds it now; do not keep it alive while loading the next
+                self._put(self._load(i))  # the queue then holds the item; nothing here keeps it alive
             self.q.put(_STOP)
         except BaseException as e:  # noqa: BLE001  (re-raised in the main thread)
-            while not self._stop.is_set():
-                try:
-                    self.q.put(e, timeout=0.2)
-                    break
-                except queue.Full:
-                    pass
+            self._put(e)
+
+    def _put(self, item) -> None:
+        """Queue `item`, waiting for room, unless stop() is called meanwhile."""
+        while not self._stop.is_set():
+            try:
+                self.q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                pass
 
     def __iter__(self):
         if self.depth <= 0:
@@ -431,8 +428,8 @@ def merge_checkpoints(models, out_dir, method: str = "cart", base=None, *, out_d
         owner = None
         if ctx is not None:
             owner = assign([(k, _cost(m, k, info, kinds[k], len(inputs.sources))) for k, info in items], ctx.world)
-        mine = [k for k, _ in items if owner is None or owner[k] == ctx.rank]
-        total = sum(dict(items)[k].nbytes for k in mine)
+        mine = [(k, i) for k, i in items if owner is None or owner[k] == ctx.rank]
+        total = sum(i.nbytes for _, i in mine)
         progress = progress and (ctx is None or ctx.rank == 0)
         if progress:
             from tqdm.auto import tqdm
