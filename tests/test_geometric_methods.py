@@ -1,0 +1,194 @@
+"""slerp, nuslerp, multislerp, karcher and model_stock on hand-worked examples, with mergekit's meaning for every
+parameter (read from mergekit/merge_methods/*.py), through cm.merge and cm.merge_checkpoints."""
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import centered_merge as cm
+from centered_merge.errors import MergeConfigError, MergeInputError
+from centered_merge.methods.slerp import nuslerp, slerp
+
+from _engine_util import make_state_dicts, save_models
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+R2 = math.sqrt(2.0)
+
+
+def one(x, dtype=torch.float32):
+    return {"w": torch.tensor(x, dtype=dtype)}
+
+
+def close(got, want, tol=1e-6):
+    torch.testing.assert_close(got.float(), torch.as_tensor(want, dtype=torch.float32), rtol=tol, atol=tol)
+
+
+def angle(x, y):
+    x, y = x.double().reshape(-1), y.double().reshape(-1)
+    return math.acos(max(-1.0, min(1.0, float(x @ y / (x.norm() * y.norm())))))
+
+
+def on_disk_equals_in_memory(tmp_path, method, models, base=None, **params):
+    """cm.merge_checkpoints on small safetensors files gives the bytes cm.merge gives."""
+    bpath, paths = save_models(tmp_path, base if base is not None else models[0], models, "file")
+    ref = cm.merge(models, method, base=base, **params)
+    cm.merge_checkpoints(paths, tmp_path / "out", method=method, base=bpath if base is not None else None,
+                         progress=False, **params)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    return ref
+
+
+# --- slerp ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_slerp_orthogonal_midpoint_keeps_each_norm(dtype):
+    """a = (2, 0), b = (0, 3): theta = pi/2, sin((1 - t) theta)/sin theta = sin(t theta)/sin theta = 1/sqrt(2)
+    at t = 0.5, applied to the raw vectors: (a + b)/sqrt(2) = (sqrt(2), 3/sqrt(2))."""
+    got = cm.merge([one([0.0, 3.0], dtype)], "slerp", base=one([2.0, 0.0], dtype), t=0.5)["w"]
+    assert got.dtype == dtype
+    close(got, [R2, 3 / R2], tol=1e-2 if dtype != torch.float32 else 1e-6)
+
+
+def test_slerp_quarter_turn_of_unit_vectors():
+    """Unit vectors 90 degrees apart, t = 1/3: the result is the unit vector 30 degrees from the base."""
+    got = cm.merge([one([0.0, 1.0])], "slerp", base=one([1.0, 0.0]), t=1 / 3)["w"]
+    close(got, [math.cos(math.pi / 6), math.sin(math.pi / 6)])
+
+
+def test_slerp_endpoints_and_symmetry():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    close(slerp(a, b, 0.0), a)
+    close(slerp(a, b, 1.0), b, tol=1e-5)
+    # swapping the endpoints mirrors t
+    close(slerp(a, b, 0.3), slerp(b, a, 0.7), tol=1e-5)
+    # the base is the t = 0 end
+    close(cm.merge([{"w": b}], "slerp", base={"w": a}, t=0.0)["w"], a)
+
+
+def test_slerp_on_unit_sphere_moves_at_constant_speed():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(300, generator=g), torch.randn(300, generator=g)
+    a, b = a / a.norm(), b / b.norm()
+    theta = angle(a, b)
+    for t in (0.1, 0.5, 0.9):
+        out = slerp(a, b, t)
+        assert abs(out.norm().item() - 1.0) < 1e-5
+        assert abs(angle(a, out) - t * theta) < 1e-4 and abs(angle(out, b) - (1 - t) * theta) < 1e-4
+
+
+def test_slerp_colinear_falls_back_to_lerp():
+    # parallel (cos = 1), antiparallel (cos = -1) and within mergekit's 0.9995 threshold: (1 - t) a + t b
+    close(slerp(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0]), 0.25), [1.25, 2.5])
+    close(slerp(torch.tensor([1.0, 2.0]), torch.tensor([-3.0, -6.0]), 0.5), [-1.0, -2.0])
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.02])  # cos = 0.9998
+    close(slerp(a, b, 0.5), [1.0, 0.01])
+    # just outside the threshold the spherical formula is used: the result is longer than the chord midpoint
+    b = torch.tensor([1.0, 0.04])  # cos = 0.9992
+    assert slerp(a, b, 0.5).norm() > torch.lerp(a, b, 0.5).norm() + 1e-7
+
+
+def test_slerp_with_a_zero_tensor_follows_mergekit():
+    """A zero tensor is not divided by its norm, so cos theta = 0 and theta = pi/2: slerp(a, 0, t) =
+    sin((1 - t) pi/2) a (not the lerp (1 - t) a)."""
+    a = torch.tensor([3.0, -1.0])
+    close(slerp(a, torch.zeros(2), 1 / 3), a * math.sin(math.pi / 3))
+    close(slerp(torch.zeros(2), torch.zeros(2), 0.5), [0.0, 0.0])
+
+
+def test_slerp_parameters_and_model_count_are_checked():
+    with pytest.raises(MergeConfigError, match="t is required"):
+        cm.merge([one([1.0])], "slerp", base=one([0.0]))
+    with pytest.raises(MergeConfigError, match="t must be a number"):
+        cm.merge([one([1.0])], "slerp", base=one([0.0]), t="half")
+    with pytest.raises(MergeConfigError, match="needs a base"):
+        cm.merge([one([1.0]), one([2.0])], "slerp", t=0.5)
+    with pytest.raises(MergeConfigError, match="exactly two models"):
+        cm.merge([one([1.0]), one([2.0])], "slerp", base=one([0.0]), t=0.5)
+
+
+def test_slerp_on_disk(tmp_path):
+    base, models = make_state_dicts(T=1)
+    ref = on_disk_equals_in_memory(tmp_path, "slerp", models, base=base, t=0.4)
+    k = "model.layers.0.mlp.up_proj.weight"
+    close(ref[k], slerp(base[k], models[0][k], 0.4).to(torch.bfloat16))
+
+
+# --- nuslerp -------------------------------------------------------------------------------------------------
+def test_nuslerp_weights_give_t():
+    """t = w1 / (w0 + w1): weights (1, 3) -> t = 0.75 on a = (2, 0), b = (0, 3):
+    sin(pi/8) a + sin(3 pi/8) b."""
+    got = cm.merge([one([2.0, 0.0]), one([0.0, 3.0])], "nuslerp", weights=[1, 3])["w"]
+    close(got, [2 * math.sin(math.pi / 8), 3 * math.sin(3 * math.pi / 8)])
+    # no weights: equal, t = 0.5; weights summing to ~0: mergekit's fallback t = 0.5
+    mid = [R2, 3 / R2]
+    close(cm.merge([one([2.0, 0.0]), one([0.0, 3.0])], "nuslerp")["w"], mid)
+    close(cm.merge([one([2.0, 0.0]), one([0.0, 3.0])], "nuslerp", weights=[1.0, -1.0])["w"], mid)
+
+
+def test_nuslerp_equals_slerp_of_whole_tensors():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    got = cm.merge([{"w": a}, {"w": b}], "nuslerp", weights=[0.7, 0.3])["w"]
+    close(got, slerp(a, b, 0.3), tol=1e-5)
+
+
+def test_nuslerp_rows_and_columns():
+    """[[1, 0], [0, 1]] and [[0, 1], [1, 1]] at t = 0.5, not flattened:
+    rows (default): row 0 pairs (1,0)/(0,1) -> (1,1)/sqrt(2); row 1 pairs (0,1)/(1,1) at 45 degrees ->
+    sin(pi/8)/sin(pi/4) * ((0,1) + (1,1)).
+    nuslerp_row_wise (mergekit swaps dim 0 with the last, so the vectors are the columns): column 0 pairs (1,0)/(0,1),
+    column 1 pairs (0,1)/(1,1)."""
+    a, b = [[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 1.0]]
+    c = math.sin(math.pi / 8) / math.sin(math.pi / 4)
+    rows = cm.merge([one(a), one(b)], "nuslerp", nuslerp_flatten=False)["w"]
+    close(rows, [[1 / R2, 1 / R2], [c, 2 * c]])
+    cols = cm.merge([one(a), one(b)], "nuslerp", nuslerp_flatten=False, nuslerp_row_wise=True)["w"]
+    close(cols, [[1 / R2, c], [1 / R2, 2 * c]])
+    # row_wise has no effect while flattened (mergekit's default nuslerp_flatten: true)
+    flat = cm.merge([one(a), one(b)], "nuslerp", nuslerp_row_wise=True)["w"]
+    close(flat, slerp(torch.tensor(a), torch.tensor(b), 0.5))
+
+
+def test_nuslerp_colinear_rows_are_lerped_one_by_one():
+    a = torch.tensor([[1.0, 2.0], [1.0, 0.0]])
+    b = torch.tensor([[2.0, 4.0], [0.0, 1.0]])
+    got = nuslerp(a, b, 0.25, flatten=False)
+    close(got, [[1.25, 2.5], [math.cos(math.pi / 8), math.sin(math.pi / 8)]])
+
+
+def test_nuslerp_with_base_slerps_task_vectors():
+    """use_base (mergekit: a base_model in the config): base + nuslerp(a - base, b - base)."""
+    base = one([1.0, 1.0])
+    got = cm.merge([one([3.0, 1.0]), one([1.0, 4.0])], "nuslerp", base=base, use_base=True)["w"]
+    close(got, [1 + R2, 1 + 3 / R2])
+    # without use_base the base is not used
+    plain = cm.merge([one([3.0, 1.0]), one([1.0, 4.0])], "nuslerp", base=base)["w"]
+    close(plain, slerp(torch.tensor([3.0, 1.0]), torch.tensor([1.0, 4.0]), 0.5))
+    with pytest.raises(MergeConfigError, match="needs a base"):
+        cm.merge([one([3.0, 1.0]), one([1.0, 4.0])], "nuslerp", use_base=True)
+
+
+def test_nuslerp_checks():
+    with pytest.raises(MergeConfigError, match="exactly two models"):
+        cm.merge([one([1.0])] * 3, "nuslerp")
+    with pytest.raises(MergeConfigError, match="2 weights given for 3|3 weights given for 2"):
+        cm.merge([one([1.0])] * 2, "nuslerp", weights=[1, 2, 3])
+    with pytest.raises(MergeConfigError, match="nuslerp_flatten must be true or false"):
+        cm.merge([one([1.0])] * 2, "nuslerp", nuslerp_flatten="no")
+    with pytest.raises(MergeConfigError, match="weights must be finite numbers"):
+        cm.merge([one([1.0])] * 2, "nuslerp", weights=[1, float("nan")])
+
+
+def test_nuslerp_empty_and_scalar_tensors():
+    close(nuslerp(torch.zeros(0, 3), torch.zeros(0, 3), 0.5, flatten=False), torch.zeros(0, 3))
+    close(nuslerp(torch.tensor(2.0), torch.tensor(4.0), 0.5, flatten=False), 3.0)
+
+
+def test_nuslerp_on_disk(tmp_path):
+    base, models = make_state_dicts(T=2)
+    on_disk_equals_in_memory(tmp_path, "nuslerp", models, base=base, use_base=True, weights=[2.0, 1.0],
+                             nuslerp_flatten=False)
