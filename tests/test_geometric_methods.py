@@ -192,3 +192,88 @@ def test_nuslerp_on_disk(tmp_path):
     base, models = make_state_dicts(T=2)
     on_disk_equals_in_memory(tmp_path, "nuslerp", models, base=base, use_base=True, weights=[2.0, 1.0],
                              nuslerp_flatten=False)
+
+
+# --- multislerp ----------------------------------------------------------------------------------------------
+def multislerp_step_by_step(xs, w, base=None, normalize=True, eps=1e-8):
+    """mergekit's multislerp written out step by step (tangent projection and exponential map included)."""
+    xs = torch.stack([x.double() - (base.double() if base is not None else 0) for x in xs]).reshape(len(xs), -1)
+    w = torch.tensor(w, dtype=torch.float64)
+    if normalize:
+        w = w / w.sum()
+    norms = xs.norm(dim=1, keepdim=True)
+    u = xs / (norms + eps)
+    m = (u * w[:, None]).sum(0)
+    m = m / m.norm()
+    g = ((u - (u @ m)[:, None] * m) * w[:, None]).sum(0)
+    gn = g.norm() + eps
+    out = (m * torch.cos(gn) + g * torch.sin(gn) / gn) * (norms[:, 0] * w).sum()
+    return out + (base.double().reshape(-1) if base is not None else 0)
+
+
+def test_multislerp_two_orthogonal_directions():
+    """(2, 0) and (0, 4), equal weights: direction (1, 1)/sqrt(2), length the mean norm 3."""
+    got = cm.merge([one([2.0, 0.0]), one([0.0, 4.0])], "multislerp")["w"]
+    close(got, [3 / R2, 3 / R2])
+    # unit vectors: the same point as slerp at t = 0.5
+    close(cm.merge([one([1.0, 0.0]), one([0.0, 1.0])], "multislerp")["w"], [1 / R2, 1 / R2])
+
+
+def test_multislerp_weights_normalize_and_three_points():
+    # weights 3:1 on e1, e2: direction of 0.75 e1 + 0.25 e2, i.e. (3, 1)/sqrt(10), length 1
+    got = cm.merge([one([1.0, 0.0]), one([0.0, 1.0])], "multislerp", weights=[3, 1])["w"]
+    close(got, [3 / math.sqrt(10), 1 / math.sqrt(10)])
+    # normalize_weights: false keeps the weights as given: the length is sum_i w_i |x_i| = 2
+    got = cm.merge([one([1.0, 0.0]), one([0.0, 1.0])], "multislerp", normalize_weights=False)["w"]
+    close(got, [R2, R2])
+    e = torch.eye(3)
+    got = cm.merge([{"w": 2 * e[i]} for i in range(3)], "multislerp")["w"]
+    close(got, [2 / math.sqrt(3)] * 3)
+
+
+def test_multislerp_matches_step_by_step_and_is_permutation_invariant():
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(5, 8, generator=g) for _ in range(4)]
+    base = torch.randn(5, 8, generator=g)
+    w = [0.5, 1.0, 2.0, 0.25]
+    for b in (None, base):
+        for normalize in (True, False):
+            got = cm.merge([{"w": x} for x in xs], "multislerp", base=None if b is None else {"w": b},
+                           use_base=b is not None, weights=w, normalize_weights=normalize)["w"]
+            close(got.reshape(-1), multislerp_step_by_step(xs, w, b, normalize).float(), tol=1e-5)
+    order = [2, 0, 3, 1]
+    a = cm.merge([{"w": x} for x in xs], "multislerp", weights=w)["w"]
+    b = cm.merge([{"w": xs[i]} for i in order], "multislerp", weights=[w[i] for i in order])["w"]
+    close(a, b, tol=1e-6)
+
+
+def test_multislerp_with_base_works_on_task_vectors():
+    base = one([1.0, -1.0])
+    got = cm.merge([one([3.0, -1.0]), one([1.0, 1.0])], "multislerp", base=base, use_base=True)["w"]
+    close(got, [1 + R2, -1 + R2])
+
+
+def test_multislerp_antipodal_inputs():
+    # two models: mergekit's fallback, the weighted sum (here a - a = 0)
+    close(cm.merge([one([1.0, 2.0]), one([-1.0, -2.0])], "multislerp")["w"], [0.0, 0.0])
+    # unequal weights do not cancel: the heavier direction, at the weighted mean norm (|a| here)
+    close(cm.merge([one([1.0, 2.0]), one([-1.0, -2.0])], "multislerp", weights=[3, 1])["w"], [1.0, 2.0])
+    with pytest.raises(MergeInputError, match="'w'.*weighted sum of the models' directions is zero"):
+        cm.merge([one([1.0, 0.0]), one([-1.0, 0.0]), one([0.0, 1.0])], "multislerp", weights=[1, 1, 0])
+
+
+def test_multislerp_single_model_and_checks():
+    close(cm.merge([one([1.0, 2.0])], "multislerp")["w"], [1.0, 2.0])
+    with pytest.raises(MergeConfigError, match="sum to 0"):
+        cm.merge([one([1.0]), one([2.0])], "multislerp", weights=[1, -1])
+    with pytest.raises(MergeConfigError, match="1 weights given for 2"):
+        cm.merge([one([1.0]), one([2.0])], "multislerp", weights=[1])
+    with pytest.raises(MergeConfigError, match="eps must be >= 0"):
+        cm.merge([one([1.0]), one([2.0])], "multislerp", eps=-1)
+
+
+def test_multislerp_on_disk(tmp_path):
+    base, models = make_state_dicts(T=3)
+    on_disk_equals_in_memory(tmp_path, "multislerp", models, weights=[1.0, 2.0, 0.5])
+    (tmp_path / "b").mkdir()
+    on_disk_equals_in_memory(tmp_path / "b", "multislerp", models, base=base, use_base=True)
