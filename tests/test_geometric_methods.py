@@ -277,3 +277,68 @@ def test_multislerp_on_disk(tmp_path):
     on_disk_equals_in_memory(tmp_path, "multislerp", models, weights=[1.0, 2.0, 0.5])
     (tmp_path / "b").mkdir()
     on_disk_equals_in_memory(tmp_path / "b", "multislerp", models, base=base, use_base=True)
+
+
+# --- karcher -------------------------------------------------------------------------------------------------
+def on_circle(deg, r=1.0):
+    return {"w": torch.tensor([r * math.cos(math.radians(deg)), r * math.sin(math.radians(deg))])}
+
+
+def test_karcher_mean_on_a_circle_is_the_mean_angle():
+    """Points at -30, 0 and 60 degrees with radii 1, 2, 3: the Karcher mean direction is the mean angle, 10 degrees
+    (the normalised Euclidean mean would be atan2(0.366, 2.366) = 8.79 degrees); length the mean radius 2."""
+    pts = [on_circle(-30, 1.0), on_circle(0, 2.0), on_circle(60, 3.0)]
+    close(cm.merge(pts, "karcher")["w"], on_circle(10, 2.0)["w"], tol=1e-5)
+    # max_iter = 0 stops at the starting point, the normalised mean of the directions
+    start = math.degrees(math.atan2((3 ** 0.5 - 1) / 2, (3 ** 0.5 + 3) / 2))  # sum of sines, sum of cosines
+    assert abs(start - 8.794) < 1e-3
+    close(cm.merge(pts, "karcher", max_iter=0)["w"], on_circle(start, 2.0)["w"], tol=1e-5)
+    # the order of the models does not matter
+    close(cm.merge(pts[::-1], "karcher")["w"], on_circle(10, 2.0)["w"], tol=1e-5)
+
+
+def test_karcher_two_points_is_the_geodesic_midpoint():
+    close(cm.merge([one([2.0, 0.0]), one([0.0, 4.0])], "karcher")["w"], [3 / R2, 3 / R2])
+
+
+def test_karcher_on_the_sphere_zeroes_the_mean_log_map():
+    """In higher dimension the fixed point satisfies sum_i log_u(u_i) = 0 (the Karcher mean's defining property)."""
+    g = torch.Generator().manual_seed(4)
+    centre = torch.randn(50, generator=g)
+    xs = [centre + 0.8 * torch.randn(50, generator=g) for _ in range(5)]
+    u = cm.merge([{"w": x} for x in xs], "karcher", max_iter=100, tol=1e-9)["w"].double()
+    u = u / u.norm()
+    grad = torch.zeros(50, dtype=torch.float64)
+    for x in xs:
+        xu = x.double() / x.double().norm()
+        c = float(xu @ u)
+        th = math.acos(c)
+        grad += th / math.sin(th) * (xu - c * u)
+    assert grad.norm() < 1e-4
+    # and it is not the normalised Euclidean mean of the directions
+    m = sum(x.double() / x.double().norm() for x in xs)
+    assert angle(u, m) > 1e-4
+
+
+def test_karcher_base_and_zero_tensors():
+    # use_base: the base is one more equally weighted point
+    pts = [on_circle(-30, 1.0), on_circle(0, 2.0)]
+    got = cm.merge(pts, "karcher", base=on_circle(60, 3.0), use_base=True)["w"]
+    close(got, on_circle(10, 2.0)["w"], tol=1e-5)
+    # a zero tensor has no direction but its norm (0) still counts in the length
+    got = cm.merge([one([2.0, 0.0]), one([0.0, 4.0]), one([0.0, 0.0])], "karcher")["w"]
+    close(got, [2 / R2, 2 / R2])
+    close(cm.merge([one([0.0, 0.0])] * 2, "karcher")["w"], [0.0, 0.0])
+
+
+def test_karcher_checks():
+    for bad in (-1, 2.5, True, "10"):
+        with pytest.raises(MergeConfigError, match="max_iter must be a whole number"):
+            cm.merge([one([1.0])] * 2, "karcher", max_iter=bad)
+    with pytest.raises(MergeConfigError, match="tol must be >= 0"):
+        cm.merge([one([1.0])] * 2, "karcher", tol=-1e-3)
+
+
+def test_karcher_on_disk(tmp_path):
+    base, models = make_state_dicts(T=3)
+    on_disk_equals_in_memory(tmp_path, "karcher", models)
