@@ -342,3 +342,63 @@ def test_karcher_checks():
 def test_karcher_on_disk(tmp_path):
     base, models = make_state_dicts(T=3)
     on_disk_equals_in_memory(tmp_path, "karcher", models)
+
+
+# --- model_stock ---------------------------------------------------------------------------------------------
+def test_model_stock_two_models_by_the_papers_formula():
+    """Task vectors (1, 0) and (1, 1) from the base (1, 1): cos theta = 1/sqrt(2), t = 2c / (1 + c) = 2(sqrt 2 - 1);
+    the merge is base + t * mean task vector (1, 0.5)."""
+    t = 2 * (R2 - 1)
+    got = cm.merge([one([2.0, 1.0]), one([2.0, 2.0])], "model_stock", base=one([1.0, 1.0]))["w"]
+    close(got, [1 + t, 1 + 0.5 * t])
+    # equivalently t * mean(models) + (1 - t) * base
+    close(got, [t * 2.0 + (1 - t), t * 1.5 + (1 - t)])
+
+
+def test_model_stock_limits_and_three_models():
+    base = one([0.0, 0.0])
+    # orthogonal task vectors: t = 0, the base; identical ones: t = 1, their mean
+    close(cm.merge([one([1.0, 0.0]), one([0.0, 1.0])], "model_stock", base=base)["w"], [0.0, 0.0])
+    close(cm.merge([one([1.0, 2.0]), one([1.0, 2.0])], "model_stock", base=base)["w"], [1.0, 2.0])
+    # three: pairwise cosines 0, 1/sqrt 2, 1/sqrt 2 -> c = sqrt(2)/3, t = 3c / (1 + 2c); mean task vector (2/3, 2/3)
+    c = R2 / 3
+    t = 3 * c / (1 + 2 * c)
+    got = cm.merge([one([1.0, 0.0]), one([0.0, 1.0]), one([1.0, 1.0])], "model_stock", base=base)["w"]
+    close(got, [t * 2 / 3, t * 2 / 3])
+    # permuting the models changes nothing
+    got2 = cm.merge([one([1.0, 1.0]), one([1.0, 0.0]), one([0.0, 1.0])], "model_stock", base=base)["w"]
+    close(got2, got)
+
+
+def test_model_stock_filter_wise_takes_one_ratio_per_row():
+    """Rows of the task vectors: row 0 (1, 0) vs (0, 1) -> t = 0; row 1 (1, 0) vs (1, 0) -> t = 1.
+    Per tensor: flattened cos = 1/2, t = 2/3 for everything."""
+    base = one([[0.0, 0.0], [0.0, 0.0]])
+    models = [one([[1.0, 0.0], [1.0, 0.0]]), one([[0.0, 1.0], [1.0, 0.0]])]
+    close(cm.merge(models, "model_stock", base=base, filter_wise=True)["w"], [[0.0, 0.0], [1.0, 0.0]])
+    close(cm.merge(models, "model_stock", base=base)["w"], [[1 / 3, 1 / 3], [2 / 3, 0.0]])
+    # a 1-D tensor is one row either way
+    vec = [one([1.0, 0.0, 1.0, 0.0]), one([0.0, 1.0, 1.0, 0.0])]
+    a = cm.merge(vec, "model_stock", base=one([0.0] * 4), filter_wise=True)["w"]
+    close(a, cm.merge(vec, "model_stock", base=one([0.0] * 4))["w"])
+    close(a, [1 / 3, 1 / 3, 2 / 3, 0.0])
+
+
+def test_model_stock_degenerate_inputs():
+    base = one([1.0, 1.0])
+    # task vectors that are zero: cosine 0 (norm product floored), t = 0, the base
+    close(cm.merge([one([1.0, 1.0]), one([1.0, 1.0])], "model_stock", base=base)["w"], [1.0, 1.0])
+    # opposite task vectors, N = 2: 1 + cos = 0, t is infinite -> a clear error naming the tensor
+    with pytest.raises(MergeInputError, match="'w'.*NaN/Inf"):
+        cm.merge([one([2.0, 1.0]), one([0.0, 1.0])], "model_stock", base=base)
+    with pytest.raises(MergeConfigError, match="at least two other models"):
+        cm.merge([one([2.0, 1.0])], "model_stock", base=base)
+    with pytest.raises(MergeConfigError, match="needs a base"):
+        cm.merge([one([2.0, 1.0]), one([0.0, 1.0])], "model_stock")
+    with pytest.raises(MergeConfigError, match="filter_wise must be true or false"):
+        cm.merge([one([2.0, 1.0]), one([0.0, 1.0])], "model_stock", base=base, filter_wise=1)
+
+
+def test_model_stock_on_disk(tmp_path):
+    base, models = make_state_dicts(T=3)
+    on_disk_equals_in_memory(tmp_path, "model_stock", models, base=base, filter_wise=True)
