@@ -402,3 +402,46 @@ def test_model_stock_degenerate_inputs():
 def test_model_stock_on_disk(tmp_path):
     base, models = make_state_dicts(T=3)
     on_disk_equals_in_memory(tmp_path, "model_stock", models, base=base, filter_wise=True)
+
+
+# --- all five ------------------------------------------------------------------------------------------------
+PLANS = [("slerp", 1, dict(t=0.5)), ("nuslerp", 2, dict(use_base=True)), ("multislerp", 3, {}),
+         ("karcher", 3, dict(use_base=True)), ("model_stock", 3, {})]
+
+
+@pytest.mark.parametrize("method,T,params", PLANS, ids=[p[0] for p in PLANS])
+def test_registered_and_planned(tmp_path, method, T, params):
+    from centered_merge.engine import plan_merge
+
+    assert method in cm.methods.available()
+    base, models = make_state_dicts(T=T)
+    bpath, paths = save_models(tmp_path, base, models, "file")
+    plan = plan_merge(paths, method=method, base=bpath, **params)
+    rows = [r for r in plan["tensors"] if r["kind"] != "passthrough"]
+    assert rows and all(not r["lowrank"] and r["flops"] > 0 for r in rows)
+    assert plan["method"]["method"] == method
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_dtype_follows_the_inputs(dtype):
+    base, models = make_state_dicts(T=3, dtype=dtype, with_int=False)
+    for method, T, params in PLANS:
+        out = cm.merge(models[:T], method, base=base, **params)
+        assert all(v.dtype == dtype and torch.isfinite(v.float()).all() for v in out.values()), method
+
+
+def test_plain_functions_take_non_contiguous_tensors():
+    from centered_merge.methods.karcher import karcher_mean
+    from centered_merge.methods.model_stock import model_stock
+    from centered_merge.methods.multislerp import multislerp
+
+    g = torch.Generator().manual_seed(6)
+    xs = [torch.randn(6, 5, generator=g) for _ in range(4)]
+    ts = [x.t() for x in xs]  # non-contiguous views
+    cs = [x.contiguous() for x in ts]
+    assert not ts[0].is_contiguous()
+    for f in (lambda v: slerp(v[0], v[1], 0.3), lambda v: nuslerp(v[0], v[1], 0.3, flatten=False),
+              lambda v: nuslerp(v[0], v[1], 0.3, flatten=False, row_wise=True),
+              lambda v: multislerp(v[:3], [1, 2, 3], v[3]), lambda v: karcher_mean(v, [0.25] * 4),
+              lambda v: model_stock(v[0], v[1:], filter_wise=True)):
+        close(f(ts), f(cs))

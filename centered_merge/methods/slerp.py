@@ -12,20 +12,16 @@ import math
 
 import torch
 
+from ..errors import MergeConfigError
 from .base import MergeMethod, check_number, numel_of
 from .per_model import check_flag, check_model_count, check_weights, weights_for
 from .registry import register
-from ..errors import MergeConfigError
 
 # mergekit's slerp treats |cos theta| above this as colinear (and lerps)
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8  # norms at or below this are not divided by (mergekit's `normalize`)
 NUSLERP_EPS = 1e-8  # rows with |sin theta| below this are lerped
 NUSLERP_NORM_FLOOR = 1e-7  # row norms are clamped to at least this before dividing
-
-
-def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    return torch.lerp(a.to(torch.float32), b.to(torch.float32), float(t))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = SLERP_DOT_THRESHOLD,
