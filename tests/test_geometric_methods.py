@@ -134,6 +134,8 @@ def test_nuslerp_equals_slerp_of_whole_tensors():
     a, b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
     got = cm.merge([{"w": a}, {"w": b}], "nuslerp", weights=[0.7, 0.3])["w"]
     close(got, slerp(a, b, 0.3), tol=1e-5)
+    # swapping the two models together with their weights changes nothing
+    close(cm.merge([{"w": b}, {"w": a}], "nuslerp", weights=[0.3, 0.7])["w"], got, tol=1e-5)
 
 
 def test_nuslerp_rows_and_columns():
