@@ -447,3 +447,13 @@ def test_plain_functions_take_non_contiguous_tensors():
               lambda v: multislerp(v[:3], [1, 2, 3], v[3]), lambda v: karcher_mean(v, [0.25] * 4),
               lambda v: model_stock(v[0], v[1:], filter_wise=True)):
         close(f(ts), f(cs))
+
+
+def test_wrong_model_count_on_disk_leaves_nothing(tmp_path):
+    base, models = make_state_dicts(T=2)
+    bpath, paths = save_models(tmp_path, base, models, "file")
+    with pytest.raises(MergeConfigError, match="got the base and 2 other model"):
+        cm.merge_checkpoints(paths, tmp_path / "out", method="slerp", base=bpath, t=0.5, progress=False)
+    with pytest.raises(MergeConfigError, match="got the base and 1 other model"):
+        cm.merge_checkpoints(paths[:1], tmp_path / "out", method="model_stock", base=bpath, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "ft0.safetensors", "ft1.safetensors"]

@@ -67,7 +67,8 @@ class ModelStock(MergeMethod):
         check_flag(self.name, "filter_wise", self.params["filter_wise"])
 
     def merge_tensor(self, name, inputs, base):
-        check_model_count(self.name, len(inputs), 2, None, "the base model and at least two other models")
+        check_model_count(self.name, len(inputs), 2, None, "the base model and at least two other models",
+                          with_base=True)
         return model_stock(base, inputs, self.filter_wise)
 
     def plan_tensor(self, name, shape, dtype, num_models):

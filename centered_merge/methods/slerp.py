@@ -95,7 +95,7 @@ class Slerp(MergeMethod):
 
     def merge_tensor(self, name, inputs, base):
         check_model_count(self.name, len(inputs), 1, 1,
-                          "exactly two models: the base (t = 0) and one other (t = 1)")
+                          "exactly two models: the base (t = 0) and one other (t = 1)", with_base=True)
         return slerp(base, inputs[0], float(self.t))
 
     def plan_tensor(self, name, shape, dtype, num_models):
