@@ -74,4 +74,4 @@ class ModelStock(MergeMethod):
     def plan_tensor(self, name, shape, dtype, num_models):
         n = numel_of(shape)
         return {"lowrank": False, "k": None, "flops": n * (num_models * (num_models + 3)),
-                "workspace_bytes": 4 * n * (num_models + 1)}
+                "workspace_bytes": 4 * n * (num_models + 2)}

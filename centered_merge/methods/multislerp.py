@@ -85,4 +85,4 @@ class MultiSlerp(MergeMethod):
 
     def plan_tensor(self, name, shape, dtype, num_models):
         n = numel_of(shape)
-        return {"lowrank": False, "k": None, "flops": 5 * n * num_models, "workspace_bytes": 12 * n}
+        return {"lowrank": False, "k": None, "flops": 5 * n * num_models, "workspace_bytes": 16 * n}
