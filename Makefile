@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # the package itself accepts torch>=2.1.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test demo build bench clean
+.PHONY: test demo build bench peer clean
 
 $(VENV)/.deps: requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,19 @@ bench: build
 	$(PY) bench/bench_cart_speed.py
 	$(PY) bench/bench_kernels.py
 	$(PY) bench/bench_engine.py --T 4 --size-gb 1 --methods weight_average cart
+
+# Head-to-head with mergekit (not part of make test): its own venv with a pinned mergekit, the same YAML files
+# through both tools. PEER_ARGS passes options, e.g. PEER_ARGS="--size 0.5b --configs task_arithmetic ties".
+PEER_VENV := bench/peer/.venv
+PEER_ARGS ?=
+$(PEER_VENV)/.deps: bench/peer/requirements.txt
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEER_VENV)/bin/python -m pip install -q -r bench/peer/requirements.txt
+	touch $@
+
+peer: build $(PEER_VENV)/.deps
+	$(PY) bench/peer/run_peer.py $(PEER_ARGS)
 
 clean:
 	rm -rf build $(VENV) *.egg-info centered_merge/*.so
