@@ -197,15 +197,21 @@ def head_to_head(args, cfg_path: Path, model_dir: Path, spec, work: Path, pair_i
         order = [("mergekit", mk_cmd, out_mk), ("ours", ours_cmd, out_ours)]
         if (pair_index + rep) % 2:  # alternate who goes first, so neither always meets the other's leftovers
             order.reverse()
+        if args.skip_refused and rep == 0:
+            order.sort(key=lambda o: o[0] != "ours")  # ours first, so that a refusal spares the mergekit run
         for which, cmd, out in order:
             tr: ToolRun = getattr(row, which)
             if not tr.ok:
+                continue
+            if which == "mergekit" and args.skip_refused and not row.ours.ok:
+                tr.status = "not run (--skip-refused)"
                 continue
             if args.cache == "warm":
                 measure.warm([model_dir / m for m in synth.model_names(spec)])
             r = run_tool(which, cmd, out, model_dir, args.timeout, logs / f"{which}-{rep + 1}.log")
             if r.rc != 0:
-                msg = _last_line(r.stderr if r.stderr.strip() else r.stdout)
+                # name the config as the user wrote it, not the resolved copy
+                msg = _last_line(r.stderr if r.stderr.strip() else r.stdout).replace(str(cfg), cfg_path.name)
                 if which == "ours":
                     msg = msg.split("error: ", 1)[-1]
                     tr.status = f"refused: {msg}" if r.rc in (1, 2) else f"failed (rc {r.rc}): {msg}"
@@ -275,7 +281,7 @@ def table(rows: List[Row]) -> str:
                 notes.append(f"random masks: kept {res['kept_ours']:.4f} vs {res['kept_mergekit']:.4f}; "
                              f"worst deviations kept {res['kept_dev']:.2%}, change norm {res['norm_dev']:.2%}, "
                              f"mean {res['mean_dev']:.2%}")
-            else:
+            elif res["max_rel"] > 0:
                 notes.append(f"worst: {res['max_rel_tensor']}")
         else:
             cells += ["", ""]
@@ -314,6 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mergekit-args", nargs="*", default=[], help="extra arguments for mergekit-yaml")
     ap.add_argument("--ours-args", nargs="*", default=["--quiet"], help="extra arguments for centered-merge merge")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per tool run")
+    ap.add_argument("--skip-refused", action="store_true",
+                    help="run ours first and skip mergekit on configs that ours refuses (a quicker parity pass)")
     ap.add_argument("--keep", action="store_true", help="keep the merged outputs under WORK/out")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
