@@ -256,18 +256,19 @@ def _s(x: float) -> str:
 
 
 def table(rows: List[Row]) -> str:
-    head = ("| config | method | mergekit s | ours s | speed-up | mergekit MiB | ours MiB | memory ours/mergekit "
-            "| max rel diff | median rel diff | notes |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| config | method | mergekit s | ours s | speed-up | mergekit CPU s | ours CPU s | mergekit MiB | ours MiB "
+            "| memory ours/mergekit | max rel diff | median rel diff | notes |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         mk, ours = r.mergekit, r.ours
         if mk is None:
-            lines.append(f"| {r.config} | {r.method} | | | | | | | | | {r.note} |")
+            lines.append(f"| {r.config} | {r.method} |" + " |" * 10 + f" {r.note} |")
             continue
         notes = [s for s in (mk.status, ours.status) if s != "ok"]
         cells = [r.config, r.method, _s(mk.wall()) if mk.ok else "", _s(ours.wall()) if ours.ok else ""]
         both = mk.ok and ours.ok
         cells.append(f"{mk.wall() / ours.wall():.2f}x" if both else "")
+        cells += [_s(mk.cpu()) if mk.ok else "", _s(ours.cpu()) if ours.ok else ""]
         cells += [_mib(mk.peak()) if mk.ok else "", _mib(ours.peak()) if ours.ok else ""]
         cells.append(f"{ours.peak() / mk.peak():.3f}" if both else "")
         res = r.result
