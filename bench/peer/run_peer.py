@@ -96,7 +96,9 @@ def _resolve(node: Any, model_dir: Path, names: set, used: set) -> Any:
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
-            if k in MODEL_KEYS and isinstance(v, str) and v in names:
+            if k == "tokenizer_source" and v in ("base", "union"):
+                out[k] = v  # mergekit's keywords, not model names
+            elif k in MODEL_KEYS and isinstance(v, str) and v in names:
                 used.add(v)
                 out[k] = str(model_dir / v)
             elif k in MODEL_KEYS and isinstance(v, str) and v.split("/")[0] in names:
