@@ -26,13 +26,14 @@ from ..linalg import (
     SKETCH_DTYPES,
     energy_svd,
     exact_svd,
+    power_iterations,
     randomized_lowrank_factors,
     resolve_rank,
     resolve_sketch_dtype,
     sketch,
     sketch_width,
 )
-from ..seeding import generator
+from ..seeding import content_order, generator
 from ..selection import PRESETS, make_selector, matrix_shape
 from .base import MergeMethod, check_number, numel_of
 from .registry import register
@@ -54,7 +55,7 @@ class Cart(MergeMethod):
         "indices": None,
         "svd": "randomized",
         "oversample": None,
-        "power_iters": 2,
+        "power_iters": None,
         "sketch_dtype": "auto",
         "seed": 0,
         "select": "default",
@@ -75,7 +76,7 @@ class Cart(MergeMethod):
         if p["svd"] not in SVD_MODES:
             raise MergeConfigError(f"cart: svd must be one of {', '.join(SVD_MODES)}; got {p['svd']!r}")
         for key in ("oversample", "power_iters"):
-            if key == "oversample" and p[key] is None:
+            if p[key] is None:  # picked from k (linalg.sketch_width, linalg.power_iterations)
                 continue
             if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 0:
                 raise MergeConfigError(f"cart: {key} must be an int >= 0; got {p[key]!r}")
@@ -128,9 +129,11 @@ class Cart(MergeMethod):
             factors = (m + c + 1) * small
         else:
             w = sketch_width(k, self.oversample)
-            # 2q + 2 GEMM passes over the matrix, q + 1 QRs of (small x w), the w x w Gram of the sketch
-            svd_flops = (2 * self.power_iters + 2) * 2 * m * c * w + (self.power_iters + 1) * 4 * small * w * w
-            svd_flops += 2 * w * w * big
+            q = power_iterations(k, m, c, self.power_iters)
+            # 2q + 3 GEMM passes over the matrix (2q + 1 finding the range, 2 refining it in float32), q + 1 QRs
+            # of (small x w) and one of (big x w), the w x w Gram of the projection and the two factor products
+            svd_flops = (2 * q + 3) * 2 * m * c * w + (q + 1) * 4 * small * w * w + 4 * big * w * w
+            svd_flops += 2 * w * w * small + 2 * (m + c) * w * k
             factors = (m + c) * w
         gemm = 2 * m * c * (k if k is not None else small)
         flops = T * (n + svd_flops + gemm) + 2 * n
@@ -141,11 +144,14 @@ class Cart(MergeMethod):
 
     # -- merging ------------------------------------------------------------------------------------------
     def merge_tensor(self, name, inputs, base=None):
-        mean = ops.mean_fp32(inputs)
-        shape = tuple(mean.shape)
+        shape = tuple(inputs[0].shape)
         T = len(inputs)
         if T < 2 or not self.is_lowrank(name, shape):
-            return mean
+            return ops.mean_fp32(inputs)
+        # Model order never matters: the mean's bits do not depend on it, and the tasks are taken in an order
+        # fixed by their content, so every sum below adds the same numbers in the same order (bit-identical).
+        inputs = [inputs[t] for t in content_order(inputs)]
+        mean = order_invariant_mean(inputs)
         m, c = matrix_shape(shape)
         k = self.rank_for(shape)
         if k is not None and k >= min(m, c):
@@ -161,10 +167,11 @@ class Cart(MergeMethod):
             omega = sketch((m, c), sketch_width(k, self.oversample), generator(int(self.seed), name), mean.device)
             sketch_dt = resolve_sketch_dtype(self.sketch_dtype, k, m, c, mean.device)
             omega = omega.to(sketch_dt)  # converted once for the T tasks
+            q = power_iterations(k, m, c, self.power_iters)
         for t in range(T):
             ops.center_into(inputs[t].reshape(m, c), mean2, centered)
             if omega is not None:
-                randomized_lowrank_factors(centered, omega, k, self.power_iters, sketch_dt, out=terms.slots(k))
+                randomized_lowrank_factors(centered, omega, k, q, sketch_dt, out=terms.slots(k))
             else:
                 u, s, vh = self._truncated(centered, k, name)
                 terms.add(u.mT, s[:, None] * vh)
@@ -189,6 +196,20 @@ class Cart(MergeMethod):
                 generator=generator(int(self.seed), name, "energy"), sketch_dtype=self.sketch_dtype,
             )
         return exact_svd(centered, k)
+
+
+def order_invariant_mean(inputs) -> torch.Tensor:
+    """mean_t inputs[t] in float32, the same bits whatever the order of the inputs.
+
+    A float32 running sum rounds differently for every order, and that ~6e-8 of |W| lands in every centered
+    matrix C_t = W_t - M, i.e. ~1e-4 of C_t where fine-tunes differ by ~1e-3 of the weights. Summed in float64,
+    T float32 (or bf16/fp16) values whose magnitudes span less than 2^29 add exactly, so the sum, and its one
+    rounding to float32, do not depend on the order. Costs one float64 buffer of the matrix during the sum
+    (before the centering buffer exists)."""
+    acc = inputs[0].to(torch.float64)
+    for x in inputs[1:]:
+        acc.add_(x)
+    return acc.div_(len(inputs)).to(torch.float32)
 
 
 MAX_INDEX = 1 << 20  # no weight matrix has a million singular values; also bounds what a range may expand to
