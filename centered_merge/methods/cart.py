@@ -34,6 +34,7 @@ from ..linalg import (
     sketch_width,
 )
 from ..seeding import content_order, generator
+from ..threads import compute_threads
 from ..selection import PRESETS, make_selector, matrix_shape
 from .base import MergeMethod, check_number, numel_of
 from .registry import register
@@ -138,9 +139,10 @@ class Cart(MergeMethod):
         gemm = 2 * m * c * (k if k is not None else small)
         flops = T * (n + svd_flops + gemm) + 2 * n
         # the mean and the centered buffer (float32), a bf16 copy for the sketch GEMMs, one task's SVD factors,
-        # and the buffers that gather the rank-k terms (energy mode: an accumulator, as its k varies per task)
+        # and the buffers that gather the rank-k terms (energy mode: an accumulator, as its k varies per task);
+        # before those, the float64 sum of the order-invariant mean and its float32 result (12 bytes an entry)
         terms = LowRankSum.workspace_bytes(m, c, T, k) if k is not None else 4 * (n + T * (m + c))
-        return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 10 * n + 8 * factors + terms}
+        return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": max(12 * n, 10 * n + 8 * factors + terms)}
 
     # -- merging ------------------------------------------------------------------------------------------
     def merge_tensor(self, name, inputs, base=None):
@@ -150,7 +152,11 @@ class Cart(MergeMethod):
             return ops.mean_fp32(inputs)
         # Model order never matters: the mean's bits do not depend on it, and the tasks are taken in an order
         # fixed by their content, so every sum below adds the same numbers in the same order (bit-identical).
-        inputs = [inputs[t] for t in content_order(inputs)]
+        with compute_threads():
+            return self._merge_lowrank(name, [inputs[t] for t in content_order(inputs)], shape)
+
+    def _merge_lowrank(self, name, inputs, shape):
+        T = len(inputs)
         mean = order_invariant_mean(inputs)
         m, c = matrix_shape(shape)
         k = self.rank_for(shape)
