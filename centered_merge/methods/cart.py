@@ -139,10 +139,9 @@ class Cart(MergeMethod):
         gemm = 2 * m * c * (k if k is not None else small)
         flops = T * (n + svd_flops + gemm) + 2 * n
         # the mean and the centered buffer (float32), a bf16 copy for the sketch GEMMs, one task's SVD factors,
-        # and the buffers that gather the rank-k terms (energy mode: an accumulator, as its k varies per task);
-        # before those, the float64 sum of the order-invariant mean and its float32 result (12 bytes an entry)
+        # and the buffers that gather the rank-k terms (energy mode: an accumulator, as its k varies per task)
         terms = LowRankSum.workspace_bytes(m, c, T, k) if k is not None else 4 * (n + T * (m + c))
-        return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": max(12 * n, 10 * n + 8 * factors + terms)}
+        return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 10 * n + 8 * factors + terms}
 
     # -- merging ------------------------------------------------------------------------------------------
     def merge_tensor(self, name, inputs, base=None):
@@ -150,14 +149,16 @@ class Cart(MergeMethod):
         T = len(inputs)
         if T < 2 or not self.is_lowrank(name, shape):
             return ops.mean_fp32(inputs)
-        # Model order never matters: the mean's bits do not depend on it, and the tasks are taken in an order
-        # fixed by their content, so every sum below adds the same numbers in the same order (bit-identical).
+        # Model order never matters: the tasks are taken in an order fixed by their content, so the mean and every
+        # sum below add the same numbers in the same order whatever order the caller gave (bit-identical). A
+        # float32 mean in the caller's order would round differently per order, ~6e-8 of |W|, i.e. ~1e-4 of
+        # each centered matrix where fine-tunes differ by ~1e-3 of the weights.
         with compute_threads():
             return self._merge_lowrank(name, [inputs[t] for t in content_order(inputs)], shape)
 
     def _merge_lowrank(self, name, inputs, shape):
         T = len(inputs)
-        mean = order_invariant_mean(inputs)
+        mean = ops.mean_fp32(inputs)
         m, c = matrix_shape(shape)
         k = self.rank_for(shape)
         if k is not None and k >= min(m, c):
@@ -202,20 +203,6 @@ class Cart(MergeMethod):
                 generator=generator(int(self.seed), name, "energy"), sketch_dtype=self.sketch_dtype,
             )
         return exact_svd(centered, k)
-
-
-def order_invariant_mean(inputs) -> torch.Tensor:
-    """mean_t inputs[t] in float32, the same bits whatever the order of the inputs.
-
-    A float32 running sum rounds differently for every order, and that ~6e-8 of |W| lands in every centered
-    matrix C_t = W_t - M, i.e. ~1e-4 of C_t where fine-tunes differ by ~1e-3 of the weights. Summed in float64,
-    T float32 (or bf16/fp16) values whose magnitudes span less than 2^29 add exactly, so the sum, and its one
-    rounding to float32, do not depend on the order. Costs one float64 buffer of the matrix during the sum
-    (before the centering buffer exists)."""
-    acc = inputs[0].to(torch.float64)
-    for x in inputs[1:]:
-        acc.add_(x)
-    return acc.div_(len(inputs)).to(torch.float32)
 
 
 MAX_INDEX = 1 << 20  # no weight matrix has a million singular values; also bounds what a range may expand to
