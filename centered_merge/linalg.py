@@ -138,7 +138,7 @@ def _range_and_projection(a: torch.Tensor, omega: torch.Tensor, power_iters: int
        floor (0.9^i at k = 92: 2.3x optimal = optimal + 3e-5 ||a||_F, the float32 range finder's own level).
     """
     lo = a if sketch_dtype == a.dtype else a.to(sketch_dtype)  # keeps a's layout
-    y = _big_times(lo, omega[: a.shape[1]].to(sketch_dtype)).to(torch.float32)
+    y = _big_times(lo, omega[: a.shape[-1]].to(sketch_dtype)).to(torch.float32)
     for _ in range(power_iters):
         q = _orth(y).to(sketch_dtype)
         y = _big_times(lo, _big_times(lo.mT, q)).to(torch.float32)
@@ -154,8 +154,8 @@ def _top_right(b: torch.Tensor, k: int):
     (directions down to sigma_i / sigma_1 ~ 1e-7 resolve, while float32 would mix everything below ~3e-4)."""
     b64 = b.to(torch.float64)
     evals, evecs = torch.linalg.eigh(b64.mT @ b64)
-    top = torch.flip(evecs[:, -k:], dims=(1,))
-    s = torch.flip(evals[-k:], dims=(0,)).clamp_(min=0.0).sqrt_()
+    top = torch.flip(evecs[..., -k:], dims=(-1,))
+    s = torch.flip(evals[..., -k:], dims=(-1,)).clamp_(min=0.0).sqrt_()
     return top.to(b.dtype), s.to(b.dtype)
 
 
@@ -164,7 +164,7 @@ def _sketched(a: torch.Tensor, omega: torch.Tensor, k: int, power_iters: int, sk
     (long x w), b = wide @ p (short x w), b's top-k right singular vectors `top` (w x k) and values s, so
     that wide ~= (b top)(p top)^T with b top = U_k S_k. Returns (p, b, top, s, flipped), flipped telling
     whether they describe a^T."""
-    flipped = a.shape[0] > a.shape[1]
+    flipped = a.shape[-2] > a.shape[-1]
     wide = a.mT if flipped else a
     p, b = _range_and_projection(wide, omega, power_iters, sketch_dtype)
     top, s = _top_right(b, k)
@@ -176,7 +176,7 @@ def randomized_svd_from_sketch(
 ) -> SVD:
     """Top-k SVD (U, S, Vh) of `a` (m x n float32) from the range of its shorter side probed with `omega`."""
     p, b, top, s, flipped = _sketched(a, omega, k, power_iters, sketch_dtype)
-    u, v = (b @ top) / torch.where(s > 0, s, 1.0), p @ top
+    u, v = (b @ top) / torch.where(s > 0, s, 1.0)[..., None, :], p @ top
     return (v, s, u.mT) if flipped else (u, s, v.mT)
 
 
@@ -193,12 +193,15 @@ def randomized_lowrank_factors(
 
     `out` = (lt, r) buffers to write into, e.g. row blocks of larger buffers that gather the factors of several
     matrices so that their sum is one GEMM (CART's accumulation).
+
+    `a` may carry a leading batch dimension (T, m, n), e.g. T tasks' matrices of one tensor on a GPU, where one
+    batched GEMM/QR/eigh per step replaces T small launches; lt and r are then (T, k, m) and (T, k, n).
     """
     p, b, top, _, flipped = _sketched(a, omega, k, power_iters, sketch_dtype)
     lt_out, r_out = (None, None) if out is None else out
     short_out, long_out = (r_out, lt_out) if flipped else (lt_out, r_out)
-    short_t = torch.mm(top.mT, b.mT, out=short_out)  # (k x short side) = (U_k S_k)^T of the wide view
-    long_t = torch.mm(top.mT, p.mT, out=long_out)  # (k x long side) = Vh_k of the wide view
+    short_t = torch.matmul(top.mT, b.mT, out=short_out)  # (k x short side) = (U_k S_k)^T of the wide view
+    long_t = torch.matmul(top.mT, p.mT, out=long_out)  # (k x long side) = Vh_k of the wide view
     return (long_t, short_t) if flipped else (short_t, long_t)
 
 

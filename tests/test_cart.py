@@ -277,3 +277,22 @@ def test_indices_mode_describes_what_applies():
     d = get_method("cart", indices="0-2").describe()
     assert d["indices"] == [0, 1, 2] and "rank" not in d and "svd" not in d
     assert "rank" in get_method("cart").describe()
+
+
+def test_low_rank_sum_batch_slots_equal_one_term_at_a_time():
+    """The buffers' batched view (used on GPUs) holds the same rows as T calls to slots()."""
+    from centered_merge.methods.cart import LowRankSum
+
+    g = torch.Generator().manual_seed(0)
+    terms = [(torch.randn(3, 40, generator=g), torch.randn(3, 50, generator=g)) for _ in range(4)]
+    one = LowRankSum(torch.zeros(40, 50), 2.0, 4, 3)
+    for lt, r in terms:
+        a, b = one.slots(3)
+        a.copy_(lt)
+        b.copy_(r)
+    batched = LowRankSum(torch.zeros(40, 50), 2.0, 4, 3)
+    assert batched.whole_batch(4, 3)
+    lt_b, r_b = batched.batch_slots(4, 3)
+    lt_b.copy_(torch.stack([t[0] for t in terms]))
+    r_b.copy_(torch.stack([t[1] for t in terms]))
+    assert torch.equal(one.finish(), batched.finish())

@@ -186,3 +186,16 @@ def test_lowrank_factors_equal_the_svd_route(shape, sketch_dtype):
     got = randomized_lowrank_factors(a, omega, k, 2, sketch_dtype, out=bufs)
     assert got[0].data_ptr() == bufs[0].data_ptr() and got[1].data_ptr() == bufs[1].data_ptr()
     assert torch.equal(bufs[0], lt) and torch.equal(bufs[1], r)
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)])
+def test_lowrank_factors_batched_over_tasks_equal_one_at_a_time(shape):
+    """The batched form (T, m, n) CART uses on GPUs gives each task's factors as the one-matrix call does."""
+    a = torch.stack([decaying_matrix(*shape, seed=s) for s in range(3)])
+    omega = torch.randn(max(shape), 22, generator=torch.Generator().manual_seed(1))
+    lt, r = randomized_lowrank_factors(a, omega, 12, 2, torch.float32)
+    assert lt.shape == (3, 12, shape[0]) and r.shape == (3, 12, shape[1])
+    for t in range(3):
+        lt1, r1 = randomized_lowrank_factors(a[t], omega, 12, 2, torch.float32)
+        want = lt1.mT @ r1
+        assert torch.allclose(lt[t].mT @ r[t], want, atol=1e-5 * want.abs().max().item())
