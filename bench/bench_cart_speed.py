@@ -17,7 +17,8 @@ measured at the start and at the end of the run; the higher reading is reported)
 
 --energy F also times energy mode (energy=F) against the fixed-rank default. --contend times cm.cart on the
 first block in child processes, quiet and with one competing single-threaded busy process, under torch's default
-thread policy (CENTERED_MERGE_WAIT_POLICY=keep) and under centered_merge's (threads.py), interleaved.
+thread policy (CENTERED_MERGE_WAIT_POLICY=keep: spinning threads, no one-thread fallback) and under
+centered_merge's (threads.py), interleaved.
 
     python bench/bench_cart_speed.py [--blocks 12] [--tasks 8] [--rank 0.12] [--threads N] [--repeats R]
                                      [--energy 0.9] [--contend]

@@ -13,6 +13,7 @@ libgomp reads OMP_WAIT_POLICY once, when it is loaded, i.e. when torch is first 
    `bench/bench_cart_speed.py --contend`.
 2. When torch was imported first and its threads spin, `compute_threads()` checks, per call, whether other
    processes are running on the cores this process may use, and if so runs the block with one thread.
+CENTERED_MERGE_WAIT_POLICY=keep turns both off (torch's threads exactly as torch sets them).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def _choose_wait_policy() -> bool:
 
 
 THREADS_SLEEP = _choose_wait_policy()  # evaluated once, at import, before centered_merge imports torch
+KEEP = os.environ.get(OPT_OUT, "").strip().lower() == "keep"
 
 import torch  # noqa: E402  (after the policy is in the environment)
 
@@ -85,7 +87,7 @@ def compute_threads():
     """Run a compute-bound block with torch's threads, or with one thread where they spin-wait and other
     processes hold cores (the case where spinning multiplies the time by 10-30x)."""
     n = torch.get_num_threads()
-    if THREADS_SLEEP or n == 1 or not contended():
+    if KEEP or THREADS_SLEEP or n == 1 or not contended():
         yield
         return
     torch.set_num_threads(1)

@@ -33,6 +33,7 @@ def test_compute_threads_uses_one_thread_only_when_spinning_threads_are_contende
     seen = []
     monkeypatch.setattr(torch, "set_num_threads", seen.append)
     monkeypatch.setattr(threads, "THREADS_SLEEP", False)
+    monkeypatch.setattr(threads, "KEEP", False)
     monkeypatch.setattr(threads, "contended", lambda: True)
     with threads.compute_threads():
         pass
@@ -43,6 +44,10 @@ def test_compute_threads_uses_one_thread_only_when_spinning_threads_are_contende
         pass
     monkeypatch.setattr(threads, "THREADS_SLEEP", True)
     monkeypatch.setattr(threads, "contended", lambda: True)
+    with threads.compute_threads():
+        pass
+    monkeypatch.setattr(threads, "THREADS_SLEEP", False)
+    monkeypatch.setattr(threads, "KEEP", True)  # CENTERED_MERGE_WAIT_POLICY=keep: torch's threads as they are
     with threads.compute_threads():
         pass
     assert seen == []
