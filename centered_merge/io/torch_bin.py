@@ -15,6 +15,7 @@ from typing import Dict
 import torch
 
 from ..errors import MergeInputError
+from .base import check_regular_file
 from .memory import StateDictSource
 
 
@@ -38,8 +39,7 @@ def _flatten(obj, prefix="") -> Dict[str, torch.Tensor]:
 def load_torch_file(path: Path, trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
     """The tensors of a torch checkpoint; views of an mmap for zip-format files, in memory for legacy ones."""
     path = Path(path)
-    if not path.exists():
-        raise MergeInputError(f"{path}: file not found")
+    check_regular_file(path)  # a FIFO or device would block torch.load or read without end
     mmap = zipfile.is_zipfile(path)  # legacy (pre-1.6) files cannot be mapped: they are read whole
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
