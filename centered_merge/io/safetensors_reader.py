@@ -141,8 +141,9 @@ def parse_header(raw: bytes, data_len: int, where: str) -> Tuple[Dict[str, _Entr
     return dict(ordered), metadata
 
 
-def _stamp(st: os.stat_result) -> Tuple[int, int, int, int]:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+def _stamp(st: os.stat_result) -> Tuple[int, int, int]:
+    # not ctime: unlinking the old file when a tool saves by rename changes it, and those bytes stay valid
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class SafetensorsFile(TensorSource):
@@ -200,7 +201,7 @@ class SafetensorsFile(TensorSource):
 
     def check_unchanged(self, key: Optional[str] = None) -> None:
         """Raise if the file was truncated, grown, rewritten or replaced in place since it was opened (fstat:
-        inode, size, mtime, ctime). Called after every read, so what a merge read is what was opened."""
+        inode, size, mtime). Called after every read, so what a merge read is what was opened."""
         if self._fd is None:
             return
         try:
