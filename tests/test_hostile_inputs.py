@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -265,9 +266,10 @@ def _two_tensor_file(p: Path):
 
 @pytest.mark.parametrize("how", ["truncate", "grow", "rewrite in place"])
 def test_change_between_reads_detected(tmp_path, how):
+    """Without a lease (pread): the next read sees the change (same-process writes; with a lease they would wait)."""
     p = tmp_path / "m.safetensors"
     _two_tensor_file(p)
-    src = SafetensorsFile(p)
+    src = SafetensorsFile(p, mode="pread")
     assert torch.equal(src.get("a"), torch.ones(1 << 16))
     if how == "truncate":
         os.truncate(p, 1000)
@@ -287,29 +289,70 @@ def test_replaced_file_keeps_reading_what_was_opened(tmp_path):
     p = tmp_path / "m.safetensors"
     _two_tensor_file(p)
     src = SafetensorsFile(p)
+    a = src.get("a")
     save_file({"a": torch.zeros(3)}, str(tmp_path / "new.safetensors"))
     os.replace(tmp_path / "new.safetensors", p)
-    assert torch.equal(src.get("b"), torch.full((1 << 16,), 2.0))
+    assert torch.equal(src.get("b"), torch.full((1 << 16,), 2.0)) and torch.equal(a, torch.ones(1 << 16))
+
+
+CUTTER = "import os, sys; os.truncate(sys.argv[1], int(sys.argv[2])); print('cut')"
+
+
+def test_leased_map_makes_a_truncating_process_wait(tmp_path):
+    """mode map: another process truncating the file waits while the file is open; the reader sees the lease
+    breaking and refuses to hand out more views; views already out stay readable (no SIGBUS); closing lets the
+    other process go on."""
+    p = tmp_path / "m.safetensors"
+    _two_tensor_file(p)
+    src = SafetensorsFile(p)
+    if src.mode != "map":
+        pytest.skip("no file leases here")
+    a = src.get("a")
+    cutter = subprocess.Popen([sys.executable, "-c", CUTTER, str(p), "100"], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):  # the cutter's truncate() starts breaking the lease
+            try:
+                src.check_unchanged()
+            except MergeInputError as e:
+                assert str(p) in str(e) and "another process" in str(e)
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the lease break was never seen")
+        with pytest.raises(MergeInputError, match=r"another process .* \(while reading tensor 'b'\)"):
+            src.get("b")
+        assert cutter.poll() is None  # still waiting: the file has not changed under the view
+        assert float(a.sum()) == float(1 << 16)
+        src.close()
+        del a
+        assert cutter.wait(timeout=30) == 0 and p.stat().st_size == 100
+    finally:
+        cutter.kill()
 
 
 TRUNCATE_CHILD = textwrap.dedent("""
-    import os, sys
+    import os, subprocess, sys
     sys.path.insert(0, sys.argv[3])
     import centered_merge as cm
     from centered_merge.errors import MergeError
     from centered_merge.io import SafetensorsFile
     paths, out = sys.argv[1].split(","), sys.argv[2]
-    real_get, calls = SafetensorsFile.get, [0]
-    def get(self, key):  # the real read; after a few tensors, the first input is cut short under the reader's feet
+    real_get, calls, cutter = SafetensorsFile.get, [0], []
+    def get(self, key):  # the real read; after a few tensors, another process cuts the first input short
         calls[0] += 1
         if calls[0] == 5:
-            os.truncate(paths[0], 4096)
+            cutter.append(subprocess.Popen([sys.executable, "-c", "import os, sys; os.truncate(sys.argv[1], 4096)",
+                                            paths[0]]))
+            if self.mode == "pread":
+                cutter[0].wait()  # no lease: the file shrinks now
+            else:
+                import time; time.sleep(0.5)  # leased: the cutter waits; give it time to start breaking the lease
         return real_get(self, key)
     SafetensorsFile.get = get
     try:
         cm.merge_checkpoints(paths, out, method="weight_average", progress=False)
     except MergeError as e:
-        print("ERROR", e)
+        print("ERROR", e, flush=True)
         sys.exit(1)
     print("FINISHED")
 """)
@@ -336,7 +379,7 @@ def test_truncated_during_one_read(tmp_path):
     """The file shrinks between the fstat at open and a pread: a short read, reported with the tensor's name."""
     p = tmp_path / "m.safetensors"
     _two_tensor_file(p)
-    src = SafetensorsFile(p)
+    src = SafetensorsFile(p, mode="pread")
     off, n = src.byte_range("b")
     os.truncate(p, off + n // 2)
     with pytest.raises(MergeInputError, match=r"truncated while being read \(tensor 'b'"):

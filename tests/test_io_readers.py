@@ -25,19 +25,28 @@ def _same(src, sd):
         assert torch.equal(src.get(k), v)
 
 
-def test_safetensors_file_reads_owned_tensors(tmp_path, sd):
+@pytest.mark.parametrize("mode", ["auto", "pread"])
+def test_safetensors_file_modes(tmp_path, sd, mode):
     p = tmp_path / "m.safetensors"
     save_file(sd, str(p))
-    src = open_model(p)
-    assert isinstance(src, SafetensorsFile)
+    src = SafetensorsFile(p, mode=mode)
+    if mode == "auto" and not lease_possible(p):
+        pytest.skip("no file leases here: auto falls back to pread")
+    assert src.mode == ("map" if mode == "auto" else "pread")
     _same(src, sd)
-    # read with pread, not a view of a memory map: two reads do not share storage, and writing one is harmless
     a, b = src.get("model.embed_tokens.weight"), src.get("model.embed_tokens.weight")
-    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
-    a.zero_()
-    assert torch.equal(src.get("model.embed_tokens.weight"), sd["model.embed_tokens.weight"])
+    # map: two views of the same mapped bytes; pread: two private copies
+    assert (a.data_ptr() == b.data_ptr()) == (mode == "auto")
+    a.zero_()  # writing into what get returned never reaches the file (MAP_PRIVATE, or a copy)
+    assert torch.equal(SafetensorsFile(p, mode="pread").get("model.embed_tokens.weight"),
+                       sd["model.embed_tokens.weight"])
     assert src.total_bytes() == sum(v.numel() * v.element_size() for v in sd.values())
     assert src.keys() == sorted(sd, key=lambda k: src.byte_range(k)[0])  # file order
+    src.close()
+
+
+def lease_possible(p) -> bool:
+    return SafetensorsFile(p).mode == "map"
 
 
 def test_read_into_reused_buffer_and_byte_ranges(tmp_path, sd):

@@ -1,10 +1,16 @@
-"""A single .safetensors file, read tensor by tensor with pread, never through a memory map.
+"""A single .safetensors file, read tensor by tensor: views of a memory map guarded by a file lease, or pread.
 
-Why not the safetensors library's own `safe_open` (a memory map whose tensors are views): a mapped file that
-shrinks while it is read (another process truncates or rewrites it) kills the reading process with SIGBUS, which
-no Python code can catch. Reading with `pread` into buffers turns that case into a short read or a changed
-fstat, which this module reports as a MergeInputError naming the file and the tensor. The cost was measured
-(docs/engine.md, "Reading at the floor"): equal from a cold page cache, one memcpy more from a warm one.
+A memory-mapped file that shrinks while it is read (another process truncates or rewrites it) kills the reader
+with SIGBUS, which no Python code can catch; the safetensors library's own `safe_open` maps files unguarded. So:
+- where the kernel grants a read lease on the file (Linux fcntl F_SETLEASE: our own files, or root; a local file
+  system), the file is mapped (MAP_PRIVATE) and `get` returns zero-copy views. While the lease is held, another
+  process that opens the file for writing or truncates it is made to wait (up to /proc/sys/fs/lease-break-time,
+  45 s by default) and the lease is marked as breaking; `get` and `check_unchanged` see that and raise a
+  MergeInputError naming the file and tensor, so the merge stops before the file changes under its views.
+- otherwise (no lease: a file of another user, NFS, another OS), tensors are read with pread into memory the
+  tensor owns: a shrinking file is then a short read or a changed fstat, reported the same way.
+Measured (docs/engine.md, "Reading at the floor"): from a warm page cache the views are 4.5x faster than pread +
+the same scan and cost no anonymous memory; from a cold cache both run at disk speed.
 
 The format is simple enough that parsing it here is safer than trusting a library to reject every hostile header
 with a catchable error: 8 bytes of little-endian header length, a UTF-8 JSON object of
@@ -15,7 +21,9 @@ go outside the file and every error is one line naming the file and, where there
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import signal
 import struct
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -141,19 +149,60 @@ def parse_header(raw: bytes, data_len: int, where: str) -> Tuple[Dict[str, _Entr
     return dict(ordered), metadata
 
 
+# Linux fcntl commands (not all in Python's fcntl module)
+F_SETSIG, F_SETLEASE, F_GETLEASE = 10, 1024, 1025
+
+
+def _take_lease(fd: int) -> bool:
+    """A read lease on fd, or False where the kernel will not grant one (not our file, NFS, not Linux, the file
+    is open for writing somewhere). The lease-break signal is set to SIGURG, whose default action is to be
+    ignored: the break is seen by polling F_GETLEASE, so no signal handler is installed."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+        return fcntl.fcntl(fd, F_GETLEASE) == fcntl.F_RDLCK
+    except (ImportError, OSError, AttributeError):
+        return False
+
+
+def _lease_held(fd: int) -> bool:
+    import fcntl
+
+    try:
+        return fcntl.fcntl(fd, F_GETLEASE) == fcntl.F_RDLCK  # F_UNLCK once another process wants to write
+    except OSError:
+        return False
+
+
+def _drop_lease(fd: int) -> None:
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+    except (ImportError, OSError):
+        pass
+
+
 def _stamp(st: os.stat_result) -> Tuple[int, int, int]:
     # not ctime: unlinking the old file when a tool saves by rename changes it, and those bytes stay valid
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class SafetensorsFile(TensorSource):
-    """One .safetensors file. `get` returns a tensor that owns its memory (read with pread); `read_into` fills
-    a caller's buffer (reused, pinned, or a byte range of a tensor), so a reader can bound its memory."""
+    """One .safetensors file. `get` returns a view of the leased map (`mode == "map"`), or a tensor that owns
+    its memory read with pread (`mode == "pread"`); `read_into` always preads into a caller's buffer (reused,
+    pinned, or a byte range of a tensor). mode="auto" maps where a lease is granted."""
 
-    def __init__(self, path, label: str | None = None):
+    def __init__(self, path, label: str | None = None, mode: str = "auto"):
+        if mode not in ("auto", "map", "pread"):
+            raise ValueError(f"mode must be auto, map or pread; got {mode!r}")
         self.path = Path(path)
         self.label = label or str(self.path)
         self.config_dir = None
+        self._map = None
+        self._leased = False
         self._fd: Optional[int] = open_regular_file(self.path)
         try:
             st = os.fstat(self._fd)
@@ -172,6 +221,15 @@ class SafetensorsFile(TensorSource):
             self._entries, self.metadata = parse_header(raw, size - 8 - n, str(self.path))
             self._data_start = 8 + n
             self._size = size
+            if mode != "pread":
+                self._leased = _take_lease(self._fd)
+                if not self._leased and mode == "map":
+                    raise MergeInputError(f"{self.path}: cannot take a read lease on it, so it cannot be mapped "
+                                          "safely (use mode='pread')")
+            if self._leased:
+                # MAP_PRIVATE (ACCESS_COPY): a write into a view copies the page, never reaches the file
+                self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+                self.check_unchanged()  # nothing changed between the fstat above and the lease
         except BaseException:
             self.close()
             raise
@@ -204,6 +262,10 @@ class SafetensorsFile(TensorSource):
         inode, size, mtime). Called after every read, so what a merge read is what was opened."""
         if self._fd is None:
             return
+        at = f" (while reading tensor {key!r})" if key is not None else ""
+        if self._leased and not _lease_held(self._fd):
+            raise MergeInputError(f"{self.path}: another process is opening it for writing or truncating it{at}; "
+                                  "stopped before it changes (that process waits until this merge lets go)")
         try:
             now = _stamp(os.fstat(self._fd))
         except OSError as e:
@@ -211,7 +273,6 @@ class SafetensorsFile(TensorSource):
         if now != self._stamp:
             what = (f"size {self._stamp[1]} -> {now[1]} bytes" if now[1] != self._stamp[1]
                     else "modified in place")
-            at = f" (while reading tensor {key!r})" if key is not None else ""
             raise MergeInputError(f"{self.path}: changed while the merge was reading it{at}: {what}")
 
     def read_into(self, key: str, out: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -230,6 +291,14 @@ class SafetensorsFile(TensorSource):
 
     def get(self, key: str) -> torch.Tensor:
         e = self._entry(key)
+        if self._map is not None and e.end > e.begin:
+            self.check_unchanged(key)
+            view = torch.frombuffer(self._map, dtype=torch.uint8, count=e.end - e.begin,
+                                    offset=self._data_start + e.begin)
+            try:
+                return view.view(e.info.dtype).reshape(e.info.shape)
+            except RuntimeError:  # data not aligned for its dtype (legal, but no view can be made): copy
+                pass
         buf = torch.empty(e.end - e.begin, dtype=torch.uint8)
         if e.end > e.begin:
             self._fill(memoryview(buf.numpy()), self._data_start + e.begin, key)
@@ -268,9 +337,23 @@ class SafetensorsFile(TensorSource):
             except OSError:
                 pass  # only a hint
 
+    @property
+    def mode(self) -> str:
+        return "map" if self._map is not None else "pread"
+
     def close(self) -> None:
+        """Close the file. Views already handed out stay readable, but are no longer guarded by the lease."""
         fd, self._fd = self._fd, None
+        m, self._map = self._map, None
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:  # views still alive: the map goes when they do
+                pass
         if fd is not None:
+            if self._leased:
+                _drop_lease(fd)  # else it would live on with the views' mapping and make writers wait
+
             try:
                 os.close(fd)
             except OSError:
