@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from centered_merge.cli import main
 from centered_merge.engine import merge_checkpoints
 from centered_merge.errors import MergeError, MergeInputError
-from centered_merge.io import HFDirectory, SafetensorsFile, open_model
+from centered_merge.io import HFDirectory, SafetensorsFile, TorchFile, open_model
 
 from _engine_util import leftovers
 
@@ -298,14 +298,22 @@ def test_replaced_file_keeps_reading_what_was_opened(tmp_path):
 CUTTER = "import os, sys; os.truncate(sys.argv[1], int(sys.argv[2])); print('cut')"
 
 
-def test_leased_map_makes_a_truncating_process_wait(tmp_path):
-    """mode map: another process truncating the file waits while the file is open; the reader sees the lease
-    breaking and refuses to hand out more views; views already out stay readable (no SIGBUS); closing lets the
-    other process go on."""
-    p = tmp_path / "m.safetensors"
-    _two_tensor_file(p)
-    src = SafetensorsFile(p)
-    if src.mode != "map":
+@pytest.mark.parametrize("kind", ["safetensors", "torch zip"])
+def test_leased_map_makes_a_truncating_process_wait(tmp_path, kind):
+    """Memory-mapped inputs: another process truncating the file waits while the file is open; the reader sees
+    the lease breaking and refuses to hand out more tensors; tensors already out stay readable (no SIGBUS);
+    closing lets the other process go on."""
+    if kind == "safetensors":
+        p = tmp_path / "m.safetensors"
+        _two_tensor_file(p)
+        src = SafetensorsFile(p)
+        mapped = src.mode == "map"
+    else:
+        p = tmp_path / "m.bin"
+        torch.save({"a": torch.ones(1 << 16), "b": torch.full((1 << 16,), 2.0)}, p)
+        src = TorchFile(p)
+        mapped = src.mmapped
+    if not mapped:
         pytest.skip("no file leases here")
     a = src.get("a")
     cutter = subprocess.Popen([sys.executable, "-c", CUTTER, str(p), "100"], stdout=subprocess.PIPE, text=True)

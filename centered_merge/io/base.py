@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,85 @@ def open_regular_file(path) -> int:
         os.close(fd)
         raise MergeInputError(f"{path}: is {what}, not a regular file; refusing to read it as a checkpoint")
     return fd
+
+
+# Linux fcntl commands (not all in Python's fcntl module)
+F_SETSIG, F_SETLEASE, F_GETLEASE = 10, 1024, 1025
+
+
+class FileGuard:
+    """An open input file and what it looked like when opened, to tell when it changes under the merge.
+
+    `take_lease` asks the kernel for a read lease (Linux F_SETLEASE; granted on our own files or as root, on local
+    file systems, when nobody has the file open for writing). While it is held, another process that opens the
+    file for writing or truncates it waits (up to /proc/sys/fs/lease-break-time, 45 s by default) and the lease
+    is marked as breaking, which `check` sees: so the file cannot shrink under a memory map that is still read,
+    the case that kills a process with SIGBUS. The break signal is set to SIGURG, ignored by default: breaks are
+    seen by polling, no signal handler is installed. Without a lease, `check` compares fstat (inode, size, mtime;
+    not ctime, which unlinking the old file on a save-by-rename changes while its bytes stay valid).
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.fd: Optional[int] = open_regular_file(path)
+        st = os.fstat(self.fd)
+        self.size = st.st_size
+        self.stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self.leased = False
+
+    def take_lease(self) -> bool:
+        try:
+            import fcntl
+
+            fcntl.fcntl(self.fd, F_SETSIG, signal.SIGURG)
+            fcntl.fcntl(self.fd, F_SETLEASE, fcntl.F_RDLCK)
+            self.leased = fcntl.fcntl(self.fd, F_GETLEASE) == fcntl.F_RDLCK
+        except (ImportError, OSError, AttributeError):
+            self.leased = False
+        if self.leased:
+            self.check()  # nothing changed between the fstat at open and the lease
+        return self.leased
+
+    def _lease_held(self) -> bool:
+        import fcntl
+
+        try:
+            return fcntl.fcntl(self.fd, F_GETLEASE) == fcntl.F_RDLCK  # F_UNLCK once a writer is waiting
+        except OSError:
+            return False
+
+    def check(self, key: Optional[str] = None) -> None:
+        if self.fd is None:
+            return
+        at = f" (while reading tensor {key!r})" if key is not None else ""
+        if self.leased and not self._lease_held():
+            raise MergeInputError(f"{self.path}: another process is opening it for writing or truncating it{at}; "
+                                  "stopped before it changes (that process waits until this merge lets go)")
+        try:
+            st = os.fstat(self.fd)
+        except OSError as e:
+            raise MergeInputError(f"{self.path}: cannot stat ({e.strerror or e})") from None
+        now = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if now != self.stamp:
+            what = f"size {self.size} -> {now[1]} bytes" if now[1] != self.size else "modified in place"
+            raise MergeInputError(f"{self.path}: changed while the merge was reading it{at}: {what}")
+
+    def close(self) -> None:
+        """Drop the lease (else it lives on with any memory map of the file and makes writers wait) and close."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        if self.leased:
+            try:
+                import fcntl
+
+                fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+            except (ImportError, OSError):
+                pass
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 FLOAT8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import signal
 import struct
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -31,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..errors import MergeInputError
-from .base import TensorInfo, TensorSource, open_regular_file
+from .base import FileGuard, TensorInfo, TensorSource
 
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 MAX_DIM = 2**62  # torch sizes are int64; a 0-sized tensor could otherwise carry an absurd dimension
@@ -149,47 +148,6 @@ def parse_header(raw: bytes, data_len: int, where: str) -> Tuple[Dict[str, _Entr
     return dict(ordered), metadata
 
 
-# Linux fcntl commands (not all in Python's fcntl module)
-F_SETSIG, F_SETLEASE, F_GETLEASE = 10, 1024, 1025
-
-
-def _take_lease(fd: int) -> bool:
-    """A read lease on fd, or False where the kernel will not grant one (not our file, NFS, not Linux, the file
-    is open for writing somewhere). The lease-break signal is set to SIGURG, whose default action is to be
-    ignored: the break is seen by polling F_GETLEASE, so no signal handler is installed."""
-    try:
-        import fcntl
-
-        fcntl.fcntl(fd, F_SETSIG, signal.SIGURG)
-        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
-        return fcntl.fcntl(fd, F_GETLEASE) == fcntl.F_RDLCK
-    except (ImportError, OSError, AttributeError):
-        return False
-
-
-def _lease_held(fd: int) -> bool:
-    import fcntl
-
-    try:
-        return fcntl.fcntl(fd, F_GETLEASE) == fcntl.F_RDLCK  # F_UNLCK once another process wants to write
-    except OSError:
-        return False
-
-
-def _drop_lease(fd: int) -> None:
-    try:
-        import fcntl
-
-        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
-    except (ImportError, OSError):
-        pass
-
-
-def _stamp(st: os.stat_result) -> Tuple[int, int, int]:
-    # not ctime: unlinking the old file when a tool saves by rename changes it, and those bytes stay valid
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class SafetensorsFile(TensorSource):
     """One .safetensors file. `get` returns a view of the leased map (`mode == "map"`), or a tensor that owns
     its memory read with pread (`mode == "pread"`); `read_into` always preads into a caller's buffer (reused,
@@ -202,12 +160,10 @@ class SafetensorsFile(TensorSource):
         self.label = label or str(self.path)
         self.config_dir = None
         self._map = None
-        self._leased = False
-        self._fd: Optional[int] = open_regular_file(self.path)
+        self._guard = FileGuard(self.path)
+        self._fd: Optional[int] = self._guard.fd
         try:
-            st = os.fstat(self._fd)
-            self._stamp = _stamp(st)
-            size = st.st_size
+            size = self._guard.size
             raw = self._pread(0, 8)
             if len(raw) < 8:
                 raise MergeInputError(f"{self.path}: not a safetensors file (only {size} bytes; truncated?)")
@@ -222,14 +178,12 @@ class SafetensorsFile(TensorSource):
             self._data_start = 8 + n
             self._size = size
             if mode != "pread":
-                self._leased = _take_lease(self._fd)
-                if not self._leased and mode == "map":
+                if not self._guard.take_lease() and mode == "map":
                     raise MergeInputError(f"{self.path}: cannot take a read lease on it, so it cannot be mapped "
                                           "safely (use mode='pread')")
-            if self._leased:
+            if self._guard.leased:
                 # MAP_PRIVATE (ACCESS_COPY): a write into a view copies the page, never reaches the file
                 self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
-                self.check_unchanged()  # nothing changed between the fstat above and the lease
         except BaseException:
             self.close()
             raise
@@ -258,22 +212,9 @@ class SafetensorsFile(TensorSource):
         self.check_unchanged(key)
 
     def check_unchanged(self, key: Optional[str] = None) -> None:
-        """Raise if the file was truncated, grown, rewritten or replaced in place since it was opened (fstat:
-        inode, size, mtime). Called after every read, so what a merge read is what was opened."""
-        if self._fd is None:
-            return
-        at = f" (while reading tensor {key!r})" if key is not None else ""
-        if self._leased and not _lease_held(self._fd):
-            raise MergeInputError(f"{self.path}: another process is opening it for writing or truncating it{at}; "
-                                  "stopped before it changes (that process waits until this merge lets go)")
-        try:
-            now = _stamp(os.fstat(self._fd))
-        except OSError as e:
-            raise MergeInputError(f"{self.path}: cannot stat ({e.strerror or e})") from None
-        if now != self._stamp:
-            what = (f"size {self._stamp[1]} -> {now[1]} bytes" if now[1] != self._stamp[1]
-                    else "modified in place")
-            raise MergeInputError(f"{self.path}: changed while the merge was reading it{at}: {what}")
+        """Raise if the file was truncated, grown, rewritten or replaced in place since it was opened, or (leased)
+        another process is about to write it. Called before every view and after every read."""
+        self._guard.check(key)
 
     def read_into(self, key: str, out: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Read bytes [offset, offset + out.nbytes) of tensor `key`'s data into `out` (a contiguous CPU tensor of
@@ -343,18 +284,11 @@ class SafetensorsFile(TensorSource):
 
     def close(self) -> None:
         """Close the file. Views already handed out stay readable, but are no longer guarded by the lease."""
-        fd, self._fd = self._fd, None
         m, self._map = self._map, None
         if m is not None:
             try:
                 m.close()
             except BufferError:  # views still alive: the map goes when they do
                 pass
-        if fd is not None:
-            if self._leased:
-                _drop_lease(fd)  # else it would live on with the views' mapping and make writers wait
-
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._fd = None
+        self._guard.close()
