@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_engine import evict, layers_for, make_checkpoint, model_bytes  # noqa: E402  (the shared shapes)
+from bench_engine import HIDDEN, VOCAB, evict, layers_for, make_checkpoint, model_bytes  # noqa: E402  (the shapes)
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python 3.11 lacks the name
 CHUNK = 64 << 20
@@ -267,7 +267,8 @@ def child(spec) -> None:
     f0 = _faults()
     t0 = time.perf_counter()
     rep = cm.merge_checkpoints(models, out, method=method, base=base if method != "weight_average" else None,
-                               progress=False, shard_size=spec["shard_size"], **METHODS[method])
+                               progress=False, shard_size=spec["shard_size"], device=spec["device"],
+                               **METHODS[method])
     secs = time.perf_counter() - t0
     f1 = _faults()
     stop.set()
@@ -286,6 +287,7 @@ def main():
     ap.add_argument("--cache", choices=("warm", "cold"), default="warm")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--shard-size", type=int, default=5 * 10**9)
+    ap.add_argument("--device", default="cpu", help="the merges' device (cpu, cuda)")
     ap.add_argument("--repeats", type=int, default=2, help="--compare-reads: best of this many runs")
     ap.add_argument("--compare-reads", action="store_true")
     ap.add_argument("--tmp", default="/tmp")
@@ -322,7 +324,7 @@ def main():
             rf = read_floor(inputs)
             wf = write_floor(root / "wfloor", size, args.shard_size)
             spec = {"models": models, "base": base, "out": str(root / "out"), "method": method,
-                    "cache": args.cache, "shard_size": args.shard_size}
+                    "cache": args.cache, "shard_size": args.shard_size, "device": args.device}
             r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
             line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
             if r.returncode or not line:
@@ -333,7 +335,7 @@ def main():
             rows[method] = res
             print(f"# {method}: merge {res['seconds']:.2f} s, read floor {rf:.2f} s, write floor {wf:.2f} s, "
                   f"peak anon +{res['peak_anon'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
-        largest = 32000 * 2048 * 2
+        largest = VOCAB * HIDDEN * 2  # the embedding / head, bf16
         print(f"\n{args.T} models + base, {size / 1e9:.2f} GB each ({layers} layers, bf16), cache {args.cache}; "
               f"largest tensor {largest / 2**20:.0f} MiB; torch threads {next(iter(rows.values()))['threads']}; "
               f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
