@@ -174,8 +174,9 @@ class TensorSource:
     """One model to merge, read lazily.
 
     `label` names the model in messages (a path, or "model #2 (state dict)"). `get` returns the tensor stored
-    under a name, zero-copy where the format allows (a view of an mmap for safetensors); the caller must not
-    write into it. `config_dir` is where config.json and tokenizer files live, or None.
+    under a name, zero-copy where the format allows (a view of a leased MAP_PRIVATE map for safetensors, see
+    FileGuard); the caller must not write into it. `config_dir` is where config.json and tokenizer files live,
+    or None.
     """
 
     label: str = "?"
