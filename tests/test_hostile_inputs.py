@@ -392,3 +392,31 @@ def test_truncated_during_one_read(tmp_path):
     os.truncate(p, off + n // 2)
     with pytest.raises(MergeInputError, match=r"truncated while being read \(tensor 'b'"):
         src.get("b")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("case", ["fifo", "bad index", "float8"])
+def test_cli_one_line_no_traceback_nothing_left(tmp_path, capsys, case):
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.ones(2), "v": torch.zeros(3)}, str(good))
+    if case == "fifo":
+        bad = tmp_path / "pipe.safetensors"
+        os.mkfifo(bad)
+        want = [str(bad), "FIFO"]
+    elif case == "bad index":
+        bad = hf_dir(tmp_path, {"weight_map": {"w": 3}})
+        want = [str(bad), "'w'", "not a file name"]
+    else:
+        if not hasattr(torch, "float8_e4m3fn"):
+            pytest.skip("no float8 in this torch")
+        bad = tmp_path / "f8.safetensors"
+        save_file({"w": torch.ones(2).to(torch.float8_e4m3fn), "v": torch.zeros(3)}, str(bad))
+        want = [str(bad), "'w'", "float8_e4m3fn"]
+    rc = main(["merge", str(good), str(bad), "--method", "weight_average", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("centered-merge: error:")]
+    assert len(lines) == 1, err
+    for w in want:
+        assert w in lines[0], (w, lines[0])
+    assert leftovers(tmp_path, "out") == []
