@@ -38,6 +38,8 @@ def build_parser(prog: str = "centered-merge lab") -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default 1 for the digits profiles: the models are tiny and extra threads "
                         "only add contention; 2 for the text profiles)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="text profiles: run the seeds in N processes at once (default 1)")
     p.add_argument("--no-cache", action="store_true", help="train everything afresh, write no cache")
     return p
 
@@ -56,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .text_run import run_text_lab
 
             run_text_lab(args.out, profile=args.profile, seed=args.seed, seeds=args.seeds, cache_dir=cache,
-                         threads=args.threads or 2)
+                         threads=args.threads or 2, jobs=args.jobs)
         else:
             run_lab(args.out, profile=args.profile, seed=args.seed, n_tasks=args.tasks, cache_dir=cache,
                     archs=args.arch, threads=args.threads or 1, heads=args.heads, seeds=args.seeds)

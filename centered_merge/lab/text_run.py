@@ -159,8 +159,31 @@ def _mean_rank_rows(per_seed: Sequence[List[dict]]) -> List[dict]:
     return out
 
 
+def _seed_job(prof: TextProfile, seed: int, first: bool, cache_dir: Optional[str], threads: int,
+              log: Optional[Callable[[str], None]], model=None, pre: Optional[StateDict] = None) -> dict:
+    """One seed's fine-tunes, table and rank curve (and, for the first seed, the spectrum), in this process or a
+    worker. Returns the table without its merged state dicts, the timings and, from a worker, its log lines."""
+    from .text_model import load_encoder, trainable_state
+
+    lines: List[str] = []
+    if model is None:
+        torch.set_num_threads(max(1, int(threads)))
+        model = load_encoder(prof.num_layers)
+        pre = trainable_state(model)
+    res, fts, timing = run_seed(prof, seed, model, pre, cache_dir, log or lines.append)
+    res.merged = {}
+    spectrum: List[dict] = []
+    if first:
+        t0 = time.time()
+        spectrum = cart_analysis.spectrum_energy(_Models(ARCH, res.task_names, pre, fts),
+                                                 ratios=(0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0))
+        timing["spectrum_s"] = time.time() - t0
+    return {"table": res, "timing": timing, "spectrum": spectrum, "log": lines}
+
+
 def run_text_lab(out_dir: str = "lab_out", profile: str = "text", seed: int = 0, seeds: Optional[int] = None,
-                 cache_dir: Optional[str] = None, threads: int = 2, log: Callable[[str], None] = print) -> dict:
+                 cache_dir: Optional[str] = None, threads: int = 2, jobs: int = 1,
+                 log: Callable[[str], None] = print) -> dict:
     """Run the text profile; returns a summary (also written to <out_dir>/results_text.json)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -183,14 +206,31 @@ def run_text_lab(out_dir: str = "lab_out", profile: str = "text", seed: int = 0,
     log(f"centered_merge lab: profile {prof.name}, all-MiniLM-L6-v2"
         f"{'' if prof.num_layers is None else f' cut to {prof.num_layers} blocks'}, {len(prof.tasks)} tasks "
         f"({', '.join(prof.tasks)}), {prof.seeds} seed(s), zero-shot class-name heads frozen, {prof.steps} AdamW "
-        f"steps of {prof.batch} per task, torch threads {torch.get_num_threads()}")
-    summary: dict = {"profile": asdict(prof), "seeds": [], "timing": {}, "files": []}
+        f"steps of {prof.batch} per task, torch threads {torch.get_num_threads()}"
+        f"{f', {jobs} seed processes' if jobs > 1 else ''}")
+    summary: dict = {"profile": asdict(prof), "seeds": [], "timing": {}, "files": [], "jobs": int(jobs)}
     files = summary["files"]
+    seed_list = [seed + i for i in range(prof.seeds)]
+    if jobs > 1:
+        # One process per seed (each with `threads` torch threads): on two cores, two single-threaded processes
+        # keep both busy through the many small forward passes of the search, where one process with two
+        # threads leaves them idle between small GEMMs.
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(max_workers=int(jobs), mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_seed_job, prof, s, s == seed, cache_dir, threads, None) for s in seed_list]
+            done = [f.result() for f in futures]
+        for d in done:
+            for line in d["log"]:
+                log(line)
+    else:
+        done = [_seed_job(prof, s, s == seed, cache_dir, threads, log, model, pre) for s in seed_list]
     tables, rank_rows = [], []
     spectrum_rows: List[dict] = []
-    for s in [seed + i for i in range(prof.seeds)]:
-        res, fts, timing = run_seed(prof, s, model, pre, cache_dir, log)
-        summary["timing"][f"seed{s}"] = timing
+    for s, d in zip(seed_list, done):
+        res = d["table"]
+        summary["timing"][f"seed{s}"] = d["timing"]
         tables.append(res)
         rank_rows.append(res.rank_rows)
         summary["seeds"].append({"seed": s, "rows": res.rows, "rank_curve": res.rank_rows})
@@ -201,10 +241,8 @@ def run_text_lab(out_dir: str = "lab_out", profile: str = "text", seed: int = 0,
             table.write_table_csv(res, os.path.join(out_dir, f"table_{ARCH}.csv"))
             table.write_search_csv(res, os.path.join(out_dir, f"search_{ARCH}.csv"))
             files += [f"table_{ARCH}.csv", f"search_{ARCH}.csv"]
-            t0 = time.time()
-            spectrum_rows = cart_analysis.spectrum_energy(_Models(ARCH, res.task_names, pre, fts),
-                                                          ratios=(0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0))
-            summary["timing"]["spectrum_s"] = time.time() - t0
+            spectrum_rows = d["spectrum"]
+            summary["timing"]["spectrum_s"] = d["timing"]["spectrum_s"]
 
     seed_rows = _seed_summary(tables)
     summary["table"] = seed_rows
