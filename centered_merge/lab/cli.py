@@ -40,6 +40,9 @@ def build_parser(prog: str = "centered-merge lab") -> argparse.ArgumentParser:
                         "only add contention; 2 for the text profiles)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="text profiles: run the seeds in N processes at once (default 1)")
+    p.add_argument("--combine", nargs="+", metavar="RUN_DIR", default=None,
+                   help="text profiles: instead of running, write the seed table of finished runs (their --out "
+                        "folders, e.g. one seed each run side by side) into --out")
     p.add_argument("--no-cache", action="store_true", help="train everything afresh, write no cache")
     return p
 
@@ -54,7 +57,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cache_ctx = tempfile.TemporaryDirectory(prefix="cm_lab_cache_")
         cache = cache_ctx.name
     try:
-        if args.profile.startswith("text"):
+        if args.profile.startswith("text") and args.combine:
+            from .text_run import combine_seed_runs
+
+            combine_seed_runs(args.out, args.combine)
+        elif args.profile.startswith("text"):
             from .text_run import run_text_lab
 
             run_text_lab(args.out, profile=args.profile, seed=args.seed, seeds=args.seeds, cache_dir=cache,

@@ -181,13 +181,84 @@ def _seed_job(prof: TextProfile, seed: int, first: bool, cache_dir: Optional[str
     return {"table": res, "timing": timing, "spectrum": spectrum, "log": lines}
 
 
+def write_seed_tables(out_dir: str, tables: Sequence[TableResult], rank_rows: Sequence[List[dict]],
+                      log: Callable[[str], None] = print) -> dict:
+    """The table over seeds (table_seeds_minilm.csv) and CART's mean rank curve (rank_sweep_minilm.csv and its
+    plot) from per-seed tables; returns the summary entries."""
+    from .run import _seed_summary
+
+    summary: dict = {}
+    files: List[str] = []
+    seed_rows = _seed_summary(tables)
+    summary["table"] = seed_rows
+    with open(os.path.join(out_dir, f"table_seeds_{ARCH}.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arch", "method", "seeds", "abs_mean", "abs_std", "norm_mean", "norm_std", "abs_per_seed",
+                    "params_per_seed"])
+        for i, r in enumerate(seed_rows):
+            w.writerow([ARCH, r["method"], r["seeds"], f"{r['abs_mean']:.4f}", f"{r['abs_std']:.4f}",
+                        f"{r['norm_mean']:.4f}", f"{r['norm_std']:.4f}",
+                        " ".join(f"{v:.4f}" for v in r["abs_per_seed"]),
+                        json.dumps([t.rows[i]["params"] for t in tables], sort_keys=True)])
+    files.append(f"table_seeds_{ARCH}.csv")
+    log(f"Mean ± std over {len(tables)} seed(s), MiniLM encoder, {len(tables[0].task_names)} tasks "
+        f"(absolute / normalized test accuracy, %):")
+    for r in seed_rows:
+        log(f"  {r['method']:16s} {100 * r['abs_mean']:5.1f} ± {100 * r['abs_std']:.1f}   "
+            f"{100 * r['norm_mean']:5.1f} ± {100 * r['norm_std']:.1f}")
+
+    curve = _mean_rank_rows(rank_rows)
+    summary["rank_curve"] = curve
+    with open(os.path.join(out_dir, f"rank_sweep_{ARCH}.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arch", "rank_ratio", "best_lam_on_val_per_seed", "val_mean", "test_mean", "test_std"])
+        for r in curve:
+            w.writerow([ARCH, r["rank"], " ".join(f"{l:g}" for l in r["lams"]), f"{r['val']:.4f}",
+                        f"{r['test']:.4f}", f"{r['test_std']:.4f}"])
+    files.append(f"rank_sweep_{ARCH}.csv")
+    cart_analysis.plot_rank_sweep({ARCH: curve}, {ARCH: _mean_rows(tables)},
+                                  os.path.join(out_dir, f"cart_rank_sweep_{ARCH}.png"))
+    files.append(f"cart_rank_sweep_{ARCH}.png")
+    summary["interior_optimum"] = {"by_val": cart_analysis.interior_optimum(curve, "val"),
+                                   "by_test": cart_analysis.interior_optimum(curve, "test")}
+    log("CART rank curve (λ chosen on dev per rank; mean over seeds; r = 1 is weight averaging), val/test %: "
+        + "  ".join(f"r={r['rank']:g}:{100 * r['val']:.1f}/{100 * r['test']:.1f}" for r in curve))
+    io = summary["interior_optimum"]
+    log(f"  best rank by dev r={io['by_val']['best_rank']:g} ({io['by_val']['where']}); by test "
+        f"r={io['by_test']['best_rank']:g} ({io['by_test']['where']})")
+
+    summary["files_written"] = files
+    return summary
+
+
+def combine_seed_runs(out_dir: str, run_dirs: Sequence[str], log: Callable[[str], None] = print) -> dict:
+    """The seed table from finished runs of one seed each (e.g. `--seed 1 --seeds 1` in separate folders, run at
+    the same time), read back from their results_minilm.json."""
+    tables, rank_rows, seeds = [], [], []
+    for d in run_dirs:
+        with open(os.path.join(d, f"results_{ARCH}.json")) as f:
+            r = json.load(f)
+        for entry in r["seeds"]:
+            names = r["profile"]["tasks"]
+            tables.append(TableResult(ARCH, list(names), entry["rows"]))
+            rank_rows.append(entry["rank_curve"])
+            seeds.append(entry["seed"])
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"runs to combine repeat seeds: {seeds}")
+    os.makedirs(out_dir, exist_ok=True)
+    summary = write_seed_tables(out_dir, tables, rank_rows, log)
+    summary["seeds"] = seeds
+    with open(os.path.join(out_dir, f"results_seeds_{ARCH}.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    return summary
+
+
 def run_text_lab(out_dir: str = "lab_out", profile: str = "text", seed: int = 0, seeds: Optional[int] = None,
                  cache_dir: Optional[str] = None, threads: int = 2, jobs: int = 1,
                  log: Callable[[str], None] = print) -> dict:
     """Run the text profile; returns a summary (also written to <out_dir>/results_text.json)."""
     import matplotlib
     matplotlib.use("Agg")
-    from .run import _seed_summary
     from .text_model import load_encoder, trainable_state
 
     if profile not in TEXT_PROFILES:
@@ -244,43 +315,8 @@ def run_text_lab(out_dir: str = "lab_out", profile: str = "text", seed: int = 0,
             spectrum_rows = d["spectrum"]
             summary["timing"]["spectrum_s"] = d["timing"]["spectrum_s"]
 
-    seed_rows = _seed_summary(tables)
-    summary["table"] = seed_rows
-    with open(os.path.join(out_dir, f"table_seeds_{ARCH}.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["arch", "method", "seeds", "abs_mean", "abs_std", "norm_mean", "norm_std", "abs_per_seed",
-                    "params_per_seed"])
-        for i, r in enumerate(seed_rows):
-            w.writerow([ARCH, r["method"], r["seeds"], f"{r['abs_mean']:.4f}", f"{r['abs_std']:.4f}",
-                        f"{r['norm_mean']:.4f}", f"{r['norm_std']:.4f}",
-                        " ".join(f"{v:.4f}" for v in r["abs_per_seed"]),
-                        json.dumps([t.rows[i]["params"] for t in tables], sort_keys=True)])
-    files.append(f"table_seeds_{ARCH}.csv")
-    log(f"Mean ± std over {prof.seeds} seed(s), MiniLM encoder, {len(prof.tasks)} tasks "
-        f"(absolute / normalized test accuracy, %):")
-    for r in seed_rows:
-        log(f"  {r['method']:16s} {100 * r['abs_mean']:5.1f} ± {100 * r['abs_std']:.1f}   "
-            f"{100 * r['norm_mean']:5.1f} ± {100 * r['norm_std']:.1f}")
-
-    curve = _mean_rank_rows(rank_rows)
-    summary["rank_curve"] = curve
-    with open(os.path.join(out_dir, f"rank_sweep_{ARCH}.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["arch", "rank_ratio", "best_lam_on_val_per_seed", "val_mean", "test_mean", "test_std"])
-        for r in curve:
-            w.writerow([ARCH, r["rank"], " ".join(f"{l:g}" for l in r["lams"]), f"{r['val']:.4f}",
-                        f"{r['test']:.4f}", f"{r['test_std']:.4f}"])
-    files.append(f"rank_sweep_{ARCH}.csv")
-    cart_analysis.plot_rank_sweep({ARCH: curve}, {ARCH: _mean_rows(tables)},
-                                  os.path.join(out_dir, f"cart_rank_sweep_{ARCH}.png"))
-    files.append(f"cart_rank_sweep_{ARCH}.png")
-    summary["interior_optimum"] = {"by_val": cart_analysis.interior_optimum(curve, "val"),
-                                   "by_test": cart_analysis.interior_optimum(curve, "test")}
-    log("CART rank curve (λ chosen on dev per rank; mean over seeds; r = 1 is weight averaging), val/test %: "
-        + "  ".join(f"r={r['rank']:g}:{100 * r['val']:.1f}/{100 * r['test']:.1f}" for r in curve))
-    io = summary["interior_optimum"]
-    log(f"  best rank by dev r={io['by_val']['best_rank']:g} ({io['by_val']['where']}); by test "
-        f"r={io['by_test']['best_rank']:g} ({io['by_test']['where']})")
+    summary.update(write_seed_tables(out_dir, tables, rank_rows, log))
+    files += summary.pop("files_written")
 
     cart_analysis.write_spectrum_csv(spectrum_rows, os.path.join(out_dir, f"cart_spectrum_{ARCH}.csv"))
     shown = [r for r in spectrum_rows if any(r["layer"].startswith(f"encoder.layer.{b}.") for b in prof.spectrum_layers)]
