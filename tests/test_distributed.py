@@ -28,7 +28,7 @@ SCENARIOS = ["cart", "ties", "rank0_only", "diff_args", "fail_write", "post_fini
 
 def _scenario(name, rank, models, base, out):
     """Run one scenario on this rank; returns (status, detail)."""
-    import centered_merge.engine as E
+    import centered_merge.engine.card as E
     from centered_merge.io import writer as W
 
     kw = dict(base=base, progress=False)
@@ -45,12 +45,12 @@ def _scenario(name, rank, models, base, out):
     if name == "diff_args":
         merge_checkpoints(models, out, distributed=True, method="cart", rank=0.5, lam=1.0 + rank, **kw)
         return "ok", None
-    saved = (W.PartitionedShardWriter.write, E.model_card)
+    saved = (W.ShardedWriter.write, E.model_card)
     try:
         if name == "fail_write" and rank == 1:
             def broken(self, tname, tensor):
                 raise W._write_error(self.out, OSError(28, "No space left on device"), f"tensor {tname!r}", "x")
-            W.PartitionedShardWriter.write = broken
+            W.ShardedWriter.write = broken
         if name == "post_finish_fail" and rank == 0:  # after every rank's writes: rank 0 alone fails
             def broken_card(*a, **k):
                 raise RuntimeError("card failed")
@@ -58,11 +58,11 @@ def _scenario(name, rank, models, base, out):
         if name == "peer_dies" and rank == 1:
             def die(self, tname, tensor):
                 os._exit(3)
-            W.PartitionedShardWriter.write = die
+            W.ShardedWriter.write = die
         merge_checkpoints(models, out, distributed=True, method="cart", rank=0.5, **kw)
         return "ok", None
     finally:
-        W.PartitionedShardWriter.write, E.model_card = saved
+        W.ShardedWriter.write, E.model_card = saved
 
 
 def _rank_main(rank, world, init_file, models, base, tmp, results):
