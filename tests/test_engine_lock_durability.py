@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 import centered_merge.io.writer as writer_mod
 from centered_merge.cli import main

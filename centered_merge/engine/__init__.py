@@ -8,7 +8,5 @@ from .pipeline import MergeReport, merge_checkpoints, merge_in_memory, plan_merg
 from .reader import LazyDeviceInputs
 from .request import MergeRequest, build_request, parse_dtype, resolve_device, resolve_method
 
-_LazyDeviceInputs = LazyDeviceInputs  # the name earlier versions exported
-
 __all__ = ["MergeReport", "MergeRequest", "build_request", "merge_checkpoints", "merge_in_memory", "plan_merge",
            "parse_dtype", "resolve_device", "resolve_method", "library_version", "model_card", "LazyDeviceInputs"]

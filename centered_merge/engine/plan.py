@@ -40,15 +40,18 @@ def plan(req: MergeRequest) -> Dict[str, Any]:
 
     twin = backend_describe().get("cuda" if dev.type == "cuda" else "cpu") != "native"
     max_ws = max((r["workspace_bytes"] + math.prod(r["shape"]) * (5 if twin else 1) for r in rows), default=0)
-    max_in = max((r["in_bytes"] for r in rows), default=0)
     # host: method workspace (+ its float32 result) for the current tensor, the finalized tensor, and the
     # tensors waiting for / being written; mmap'd inputs live in the page cache, not in this figure.
     host = max_ws + (req.write_queue + 2) * max_out
     est = {"host_bytes": host, "device_bytes": 0}
     if dev.type == "cuda":
-        # staged inputs of the read-ahead window, capped as in the reader (beyond the cap: inputs copied on read)
-        cap = torch.cuda.get_device_properties(dev).total_memory // 4
-        staged = min((req.read_ahead + 1) * max_in, cap)
+        # staged inputs of the read-ahead window, as the reader stages them: all T inputs of a tensor up to the
+        # request's budget, else one input at a time when read (a method holds at most two)
+        budget = req.stage_budget()
+        group = len(inputs.group)
+        eager = max((r["in_bytes"] for r in rows if r["in_bytes"] <= budget), default=0)
+        lazy = max((r["in_bytes"] // group for r in rows if r["in_bytes"] > budget), default=0)
+        staged = (req.read_ahead + 1) * eager + 2 * lazy
         est["device_bytes"] = max_ws + staged + max_out
         est["host_bytes"] = host + staged  # pinned staging buffers
     return {

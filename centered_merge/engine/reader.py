@@ -70,11 +70,7 @@ class Reader:
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device=self.device)
-            # eager staging (all T inputs on the device, copied ahead on a side stream) only while the staged
-            # tensors of the read-ahead window fit in a quarter of the device memory; beyond that, inputs are
-            # copied one at a time when read (LazyDeviceInputs), so device memory does not grow with T
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            self.stage_budget = total // (4 * (self.depth + 1))
+            self.stage_budget = req.stage_budget()  # beyond it: LazyDeviceInputs, device memory flat in T
         if self.depth > 0:
             self.q: "queue.Queue" = queue.Queue(maxsize=self.depth)
             self.thread = threading.Thread(target=self._run, name="centered_merge-reader", daemon=True)

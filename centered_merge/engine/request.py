@@ -86,6 +86,15 @@ class MergeRequest:
             self._layout = ShardLayout(self.items, self.shard_size)
         return self._layout
 
+    def stage_budget(self) -> int:
+        """CUDA: the most input bytes of one tensor staged eagerly (all T inputs copied ahead on a side stream):
+        the staged inputs of the read-ahead window then fit in a quarter of the device memory. A tensor with
+        more input bytes is copied to the device one input at a time, when read (reader.LazyDeviceInputs)."""
+        if self.device.type != "cuda":
+            return 0
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return total // (4 * (self.read_ahead + 1))
+
     def cost(self, key: str) -> int:
         """Planned work for one tensor, to share tensors out between ranks: FLOPs plus bytes moved."""
         info = self.inputs.sources[0].info(key)
