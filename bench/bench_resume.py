@@ -5,7 +5,9 @@ of the interrupted runs against the uninterrupted one (same inputs, same machine
     python bench/bench_resume.py --size-gb 2 --kills 10 --method weight_average
 
 Inputs are synthetic bf16 Llama-shaped checkpoints written with the engine's own writer (bench_engine's
-make_checkpoint). Each kill lands at a uniformly random time in (0.05, 0.95) x the uninterrupted run's time.
+make_checkpoint). The kill points are N distinct tensor counts drawn at random from 1..(number of tensors): run i
+is killed as soon as the journal holds its count of finished tensors (polled every 5 ms), so every kill lands
+inside the merge, and the last point may fall after the last tensor, while the directory is being finished.
 """
 from __future__ import annotations
 
@@ -37,6 +39,17 @@ def digest_tree(d: Path) -> dict:
                     h.update(block)
             out[str(p.relative_to(d))] = h.hexdigest()
     return out
+
+
+def journal_lines(partial: Path) -> int:
+    """Finished tensors recorded in the partial directory's journals (0 while there is none)."""
+    n = 0
+    try:
+        for p in partial.glob(".centered_merge-journal*"):
+            n += p.read_bytes().count(b"\n")
+    except OSError:
+        pass
+    return n
 
 
 def merge_cmd(models, out, method):
@@ -74,20 +87,22 @@ def main(argv=None) -> int:
         print(f"uninterrupted: {t_ref:.1f} s", flush=True)
 
         out = work / "resumed"
+        partial = work / ".resumed.partial"
+        n_tensors = len(json.loads((work / "reference" / "model.safetensors.index.json").read_text())["weight_map"])
+        targets = sorted(rng.sample(range(1, n_tensors + 1), a.kills))
         t_total, kills = 0.0, []
-        for i in range(a.kills):
-            delay = rng.uniform(0.05, 0.95) * t_ref
+        for target in targets:
             t0 = time.perf_counter()
-            p = subprocess.Popen(merge_cmd(models, out, a.method), env=env, stderr=subprocess.PIPE, text=True)
-            try:
-                p.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                p.send_signal(signal.SIGKILL)
-                p.wait()
+            p = subprocess.Popen(merge_cmd(models, out, a.method), env=env, stderr=subprocess.DEVNULL)
+            while p.poll() is None and journal_lines(partial) < target:
+                time.sleep(0.005)
+            p.send_signal(signal.SIGKILL)
+            p.wait()
             t_total += time.perf_counter() - t0
-            kills.append((round(delay, 1), p.returncode))
-            if p.returncode == 0:  # it finished before the kill: nothing left to resume
-                break
+            kills.append((target, round(time.perf_counter() - t0, 1), p.returncode))
+            if p.returncode == 0:
+                print("a run finished before its kill point", file=sys.stderr)
+                return 1
         t0 = time.perf_counter()
         r = subprocess.run(merge_cmd(models, out, a.method)[:-1], env=env, capture_output=True, text=True)
         t_total += time.perf_counter() - t0
@@ -97,7 +112,7 @@ def main(argv=None) -> int:
             return 1
         same = digest_tree(work / "reference") == digest_tree(out)
         result = {"uninterrupted_s": round(t_ref, 1), "interrupted_total_s": round(t_total, 1),
-                  "ratio": round(t_total / t_ref, 2), "kills": kills, "byte_identical": same,
+                  "ratio": round(t_total / t_ref, 2), "kills (tensor count, s, rc)": kills, "byte_identical": same,
                   "last_run": resumed_line.strip(), "load_end": os.getloadavg()}
         print(json.dumps(result, indent=1))
         return 0 if same else 1
