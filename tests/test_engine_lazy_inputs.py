@@ -34,7 +34,8 @@ class Probe(LazyDeviceInputs):
         return c
 
 
-PARAMS = {"cart": {"rank": 0.5, "svd": "exact"}, "ties": {"density": 0.5}, "dare": {"p": 0.3}}
+PARAMS = {"cart": {"rank": 0.5, "svd": "exact"}, "ties": {"density": 0.5}, "dare": {"p": 0.3}, "slerp": {"t": 0.3}}
+MODEL_COUNT = {"slerp": 1, "nuslerp": 2}  # methods that take a fixed number of models (slerp: + the base)
 
 
 from centered_merge.backend import describe as backend_describe
@@ -44,6 +45,8 @@ NATIVE = backend_describe().get("cpu") == "native"
 # them, ties_merge all T), so with the native backend these methods hold more than two. Routing a
 # LazyDeviceInputs to the streaming torch twin is a dispatch change in centered_merge/ops.
 NATIVE_HOLDS_MORE = {"cart", "ties", "weight_average"}
+# Known gap in a method: karcher's fixed-point iterations read every input at every step and keep them all.
+HOLDS_ALL = {"karcher"}
 
 
 def _cases():
@@ -52,6 +55,8 @@ def _cases():
             marks = []
             if backend == "auto" and NATIVE and method in NATIVE_HOLDS_MORE:
                 marks = [pytest.mark.xfail(strict=True, reason="native ops read several inputs at once")]
+            if method in HOLDS_ALL:
+                marks = [pytest.mark.xfail(strict=True, reason="the method keeps every input for its iterations")]
             yield pytest.param(backend, method, marks=marks, id=f"{backend}-{method}")
 
 
@@ -59,6 +64,7 @@ def _cases():
 @pytest.mark.parametrize("T", [3, 8])
 def test_at_most_two_inputs_resident(backend, method, T, monkeypatch):
     monkeypatch.setenv("CENTERED_MERGE_BACKEND", backend)
+    T = MODEL_COUNT.get(method, T)
     base, models = make_state_dicts(T=T, dtype=torch.bfloat16, with_int=False)
     m = get_method(method, **PARAMS.get(method, {}))
     gc.disable()  # only reference counts free tensors
