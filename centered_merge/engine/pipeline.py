@@ -28,7 +28,7 @@ import torch
 
 from ..distributed import RankContext, assign
 from ..errors import MergeConfigError, MergeOutputError
-from ..io.writer import ShardedWriter
+from ..io.writer import ShardedWriter, check_output_path
 from . import card
 from .core import merge_tensor
 from .lock import OutputLock
@@ -165,8 +165,6 @@ def merge_checkpoints(models, out_dir, method="cart", base=None, *, out_dtype=No
                         allow_nonfinite=allow_nonfinite, trust_pickle=trust_pickle, **params)
     lock = writer = bar = None
     try:
-        from ..io.writer import check_output_path
-
         check_output_path(out_dir, overwrite, req.inputs.paths)
         lock = _lock_everywhere(out_dir, ctx)
         if lock is not None and lock.taken_over:
