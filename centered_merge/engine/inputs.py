@@ -12,6 +12,7 @@ import torch
 
 from ..errors import MergeConfigError, MergeInputError
 from ..io import TensorInfo, TensorSource, open_model
+from ..io.base import check_computable
 from ..validation import FLOAT, PASSTHROUGH, check_group, check_key_sets
 
 # files an HF directory may read weights from: each must be a regular file (a FIFO would block the open forever)
@@ -116,6 +117,7 @@ class Inputs:
     def kind(self, key) -> str:
         """Shape and float-ness from metadata alone (no data read): FLOAT, PASSTHROUGH or raise."""
         infos = [s.info(key) for s in self.group]
+        check_computable(key, [i.dtype for i in infos], self.labels(key))
         floats = [i.dtype.is_floating_point for i in infos]
         if all(floats) and len({i.shape for i in infos}) == 1:
             return FLOAT
