@@ -110,8 +110,14 @@ def test_mean_noncontiguous_and_mixed_dtypes(dtype, how):
 
 
 def test_mean_rejects_bad_weights():
-    with pytest.raises(ValueError, match="weights"):
-        N.mean_fp32([torch.zeros(3)] * 2, [1.0])
+    from centered_merge import ops
+
+    for f in (N.mean_fp32, R.mean_fp32, ops.mean_fp32):
+        with pytest.raises(ValueError, match="mean_fp32: argument 'weights'"):
+            f([torch.zeros(3)] * 2, [1.0])
+    for f in (R.mean_fp32, ops.mean_fp32):
+        with pytest.raises(ValueError, match="mean_fp32: argument 'inputs'"):
+            f([])
 
 
 # --- centering ---------------------------------------------------------------------------------------------
@@ -434,6 +440,39 @@ def test_cuda_ties(dtype, shape, density, values):
         xs = [make(shape, dtype, values, seed=t, device="cuda") for t in range(T)]
         got = N.ties_merge(xs, base, density, 0.7)
         same(got, R.ties_merge([x.cpu() for x in xs], base.cpu(), density, 0.7), f"T={T}")
+
+
+@cuda
+@pytest.mark.parametrize("density", [1e-3, 0.2, 0.8])
+@pytest.mark.parametrize("shape", [(37, 129), MID, (1000, 1001)], ids=str)
+def test_cuda_ties_exactly_k_with_many_ties(density, shape):
+    # bf16 task vectors with thousands of equal magnitudes: the CUDA tie ranks (tile counts, scan, ballots)
+    # must pick the same lowest-index entries as the CPU kernel and the twin
+    xs = _tied_task_vectors(shape, 5, seed=11, zero_frac=0.1)
+    base = torch.zeros(shape, dtype=torch.bfloat16)
+    got = N.ties_merge([x.cuda() for x in xs], base.cuda(), density, 0.9)
+    same(got, R.ties_merge(xs, base, density, 0.9))
+    same(got, N.ties_merge(xs, base, density, 0.9))
+    (x,) = _tied_task_vectors(shape, 1, seed=3)
+    out = N.ties_merge([x.cuda()], base.cuda(), density, 1.0)
+    assert int((out != 0).sum()) == R.kept_count(x.numel(), density)
+
+
+@cuda
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["none", "bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_cuda_linear_kernels(dtype, shape, values, out_dtype):
+    base = make(shape, dtype, "randn", seed=50, device="cuda")
+    xs = [make(shape, dtype, values, seed=t, device="cuda") for t in range(3)]
+    for f_n, f_r, args in [(N.linear_merge, R.linear_merge, ([0.2, 0.3, 0.5], out_dtype)),
+                           (N.task_arithmetic_merge, R.task_arithmetic_merge, ([1.0, 0.5, 2.0], 0.4, out_dtype))]:
+        a_dev = (xs,) + ((base,) if f_n is N.task_arithmetic_merge else ()) + args
+        a_cpu = ([x.cpu() for x in xs],) + ((base.cpu(),) if f_n is N.task_arithmetic_merge else ()) + args
+        (y, n), (y_ref, n_ref) = f_n(*a_dev), f_r(*a_cpu)
+        same(y, y_ref)
+        assert n == n_ref
 
 
 @cuda

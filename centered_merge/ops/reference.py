@@ -27,6 +27,10 @@ def mean_fp32(
     """sum_t weights[t] * inputs[t] in float32 (weights default to 1/T each), into `out` when given (a float32
     buffer of the inputs' shape, reused across calls to spare the allocation and first-touch page faults)."""
     T = len(inputs)
+    if T == 0:
+        raise ValueError("mean_fp32: argument 'inputs': expected at least one tensor, got an empty sequence")
+    if weights is not None and len(weights) != T:
+        raise ValueError(f"mean_fp32: argument 'weights': expected {T} weights (one per input), got {len(weights)}")
     if out is None:
         acc = torch.zeros(inputs[0].shape, dtype=F32, device=inputs[0].device)
     else:

@@ -106,10 +106,6 @@ def _task_arithmetic_applies(inputs, base, weights, lam, out_dtype=None) -> bool
             and _native_float(base) and (out_dtype is None or out_dtype in NATIVE_DTYPES))
 
 
-def _first(*args, **kwargs):
-    return args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
-
-
 @dataclass(frozen=True)
 class Op:
     name: str
