@@ -239,3 +239,16 @@ def test_table_falls_back_for_what_kernels_do_not_cover():
     expect = w - mean
     assert torch.equal(ops.center_into(w, mean, mean), expect)
     assert ops.choose("center_into", w, mean, torch.empty(6)) == "native-cpu"
+
+
+@needs_ext
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
+def test_one_openmp_runtime_per_process():
+    # the extension links the OpenMP runtime torch bundles, so torch and the kernels share one thread pool
+    code = ("import torch, centered_merge\nfrom centered_merge import ops\n"
+            "ops.mean_fp32([torch.randn(1 << 16)] * 2); torch.randn(1 << 16).sum()\n"
+            "libs = sorted({l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l or 'iomp' in l or 'libomp' in l})\n"
+            "print(libs); assert len(libs) == 1, libs")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "openmp_runtime" in build_info()
