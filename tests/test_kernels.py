@@ -287,8 +287,8 @@ def test_ties_noncontiguous(how):
 OUT_DTYPES = [None, torch.bfloat16, torch.float16, torch.float32]
 
 
-@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["none", "bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES[:3], ids=["none", "bf16", "fp16"])
+@pytest.mark.parametrize("values", ["randn", "huge", "nonfinite"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_linear_merge(dtype, shape, values, out_dtype):
@@ -301,8 +301,8 @@ def test_linear_merge(dtype, shape, values, out_dtype):
         assert n == n_ref, (T, n, n_ref)
 
 
-@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["none", "bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES[:3], ids=["none", "bf16", "fp16"])
+@pytest.mark.parametrize("values", ["randn", "huge", "nonfinite"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_task_arithmetic_merge(dtype, shape, values, out_dtype):
