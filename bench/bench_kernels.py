@@ -168,12 +168,14 @@ class ViaKernels:
         return self.cache[key][1]
 
     def mean_fp32(self, xs, weights=None, out=None):
-        return self.k.mean([self._a(x) for x in xs], weights)
+        return self.k.mean([self._a(x) for x in xs], weights, None if out is None else self._a(out))
 
     def center_into(self, w, m, out):
-        return self.k.center(self._a(w), self._a(m))
+        return self.k.center(self._a(w), self._a(m), self._a(out))
 
     def finalize(self, x, dtype, add=None):
+        if dtype == torch.bfloat16 and self.lib is not None and self.lib.__name__ == "numpy":
+            return self.k.finalize(x, dtype, add)  # numpy cannot hold the bfloat16 result: torch in, torch out
         return self.k.finalize(self._a(x), dtype, None if add is None else self._a(add))
 
     def ties_merge(self, xs, base, density, lam):
@@ -183,7 +185,7 @@ class ViaKernels:
         return self.k.dare(self._a(tau), p, seed)
 
     def linear_merge(self, xs, w, out_dtype=None):
-        return self.k.linear([self._a(x) for x in xs], w, out_dtype)
+        return self.k.linear([self._a(x) for x in xs], w, out_dtype)  # bf16 inputs stay torch (see _a)
 
     def task_arithmetic_merge(self, xs, base, w, lam, out_dtype=None):
         return self.k.task_arithmetic([self._a(x) for x in xs], self._a(base), w, lam, out_dtype)

@@ -75,17 +75,19 @@ def _back(t: torch.Tensor, like, fn: str):
     return lib.from_dlpack(t.detach())
 
 
-def mean(inputs, weights: Optional[Sequence[float]] = None):
-    """float32 sum_t weights[t] * inputs[t] (weights default to 1/T each)."""
+def mean(inputs, weights: Optional[Sequence[float]] = None, out=None):
+    """float32 sum_t weights[t] * inputs[t] (weights default to 1/T each), into `out` (a float32 array of the
+    inputs' shape, reused across calls) when given; returns an array of out's library then, else the inputs'."""
     xs = _seq(inputs, "mean", "inputs")
-    return _back(ops.mean_fp32(xs, weights), inputs[0], "mean")
+    ot = None if out is None else _to_torch(out, "mean", "out")
+    return _back(ops.mean_fp32(xs, weights, ot), inputs[0] if out is None else out, "mean")
 
 
-def center(w, mean):
-    """float32(w) - mean (mean float32)."""
+def center(w, mean, out=None):
+    """float32(w) - mean (mean float32), into `out` (a float32 array, reused across calls) when given."""
     wt, mt = _to_torch(w, "center", "w"), _to_torch(mean, "center", "mean")
-    out = torch.empty(wt.shape, dtype=torch.float32, device=wt.device)
-    return _back(ops.center_into(wt, mt, out), w, "center")
+    ot = torch.empty(wt.shape, dtype=torch.float32, device=wt.device) if out is None else _to_torch(out, "center", "out")
+    return _back(ops.center_into(wt, mt, ot), w if out is None else out, "center")
 
 
 def finalize(x, dtype, add=None):

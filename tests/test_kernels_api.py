@@ -43,6 +43,17 @@ def test_numpy_in_numpy_out(dtype):
     _eq(ta, R.task_arithmetic_merge(txs, torch.from_numpy(base), [1.0, 1.0, 2.0], 0.3)[0].numpy())
 
 
+def test_out_arrays_are_written_in_place():
+    xs = [_np((3, 5), seed=s) for s in range(2)]
+    out = np.full((3, 5), 7.0, np.float32)
+    r = kernels.mean(xs, out=out)
+    assert isinstance(r, np.ndarray) and np.shares_memory(r, out)
+    _eq(out, R.mean_fp32([torch.from_numpy(x) for x in xs]).numpy())
+    c = np.empty((3, 5), np.float32)
+    kernels.center(xs[0], out, out=c)
+    _eq(c, xs[0] - out)
+
+
 def test_numpy_results_share_memory_with_the_kernel_output():
     m = kernels.mean([_np(8), _np(8, seed=1)])
     assert not m.flags.owndata  # a view of the kernel's output buffer (exchanged through DLPack), not a copy
