@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # the package itself accepts torch>=2.1.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test demo build bench clean
+.PHONY: test demo build bench clean sanitize gpu-check
 
 $(VENV)/.deps: requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ bench: build
 	$(PY) bench/bench_cart_speed.py
 	$(PY) bench/bench_kernels.py
 	$(PY) bench/bench_engine.py --T 4 --size-gb 1 --methods weight_average cart
+
+# The sanitizer job: the extension built with ASan + UBSan (out of tree, CPU kernels) runs the kernel and binding
+# tests (about 3 minutes here; .ci/run calls it after make test).
+sanitize: $(VENV)/.deps
+	PY=$(PY) .ci/sanitize.sh
+
+# On a machine with an NVIDIA GPU: build with the CUDA kernels, run every CUDA test, the kernel benchmark and a
+# CART merge benchmark on the device, one summary (bench/gpu_check.sh). Fails at once, saying so, without a GPU.
+gpu-check: $(VENV)/.deps
+	PY=$(PY) bench/gpu_check.sh
 
 clean:
 	rm -rf build $(VENV) *.egg-info centered_merge/*.so
