@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import MergeConfigError
+from .methods import get_method, method_class
+from .methods.params import Param
+from .methods.catalog import yaml_keys
 
 METHOD_ALIASES = {
     "linear": "weight_average", "weight_average": "weight_average", "model_soup": "weight_average",
-    "task_arithmetic": "task_arithmetic", "ties": "ties", "cart": "cart",
+    "task_arithmetic": "task_arithmetic", "ties": "ties", "cart": "cart", "dare": "dare",
 }
-# global parameter names (mergekit's or ours) -> our parameter name, per method
-_RENAME = {"lambda": "lam", "lam": "lam", "prior": "lam"}
-CART_PARAMS = ("rank", "energy", "indices", "svd", "oversample", "power_iters", "seed", "select", "include", "exclude")
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
              "name", "chat_template", "tokenizer"}
 
@@ -63,6 +63,10 @@ def _resolve_model(spec, cfg_dir: Path, where: str) -> str:
 
 
 def _all_equal(values: List[float], what: str, method: str) -> Optional[float]:
+    cls = method_class(method)
+    name = {"weights": "weight"}.get(what, what)
+    check = cls.param(name).check if name in cls.defaults else Param(name, "float", 1.0, what).check
+    values = [None if v is None else check(method, v) for v in values]
     vals = [float(v) for v in values if v is not None]
     if not vals:
         return None
@@ -107,6 +111,8 @@ def from_mapping(cfg: Dict[str, Any], cfg_dir: Path = Path("."), source: str = "
         mp = (e.get("parameters") or {}) if isinstance(e, dict) else {}
         if not isinstance(mp, dict):
             raise MergeConfigError(f"{where}.parameters must be a mapping")
+        per_model = {k: p.name for k, p in yaml_keys(method).items() if p.per_model}
+        mp = {per_model.get(k, k): v for k, v in mp.items()}
         bad = sorted(set(mp) - {"weight", "density"})
         if bad:
             raise MergeConfigError(f"{where}.parameters: {', '.join(bad)} not supported per model (weight, density are)")
@@ -122,7 +128,9 @@ def from_mapping(cfg: Dict[str, Any], cfg_dir: Path = Path("."), source: str = "
     if not isinstance(gp, dict):
         raise MergeConfigError(f"{source}: 'parameters' must be a mapping")
     # CART's indices is a list by nature (not a per-layer schedule): it goes through as given
-    gp = {k: v if k == "indices" else _scalar(v, f"{source}: parameters.{k}") for k, v in gp.items()}
+    declared = yaml_keys(method)  # these are checked by their declarations, lists included
+    gp = {k: v if k in declared else _scalar(v, f"{source}: parameters.{k}")
+          for k, v in gp.items()}
     params: Dict[str, Any] = {}
     normalize = gp.pop("normalize", None)
     g_weight = gp.pop("weight", None)
@@ -131,28 +139,30 @@ def from_mapping(cfg: Dict[str, Any], cfg_dir: Path = Path("."), source: str = "
         weights = [g_weight if w is None else w for w in weights]
     if g_density is not None:
         densities = [g_density if d is None else d for d in densities]
+    keys = yaml_keys(method)  # the method's declared parameters, by name and alias
     for k in list(gp):
-        if k in _RENAME:
-            params["lam"] = gp.pop(k)
-    allowed_extra = {"cart": CART_PARAMS, "ties": (), "task_arithmetic": (), "weight_average": ()}[method]
-    for k in list(gp):
-        if k in allowed_extra:
-            params[k] = gp.pop(k)
+        if k in keys and keys[k].name not in ("weight", "weights", "density"):
+            p = keys[k]
+            if p.name in params:
+                raise MergeConfigError(f"{source}: parameters {k!r} and another name of {p.name} both given")
+            params[p.name] = gp.pop(k)
     if gp:
         raise MergeConfigError(f"{source}: parameters {', '.join(sorted(gp))} are not used by {method}")
 
     where = f"{source} ({raw_method})"
+    get_method(method, **params)  # the global values, checked by their declarations before any arithmetic
     if method == "weight_average":
         if "lam" in params:
             raise MergeConfigError(f"{where}: 'lambda' is not a parameter of weight averaging")
         if any(d is not None for d in densities):
             raise MergeConfigError(f"{where}: 'density' is not a parameter of weight averaging")
         if any(w is not None for w in weights):
-            ws = [1.0 if w is None else float(w) for w in weights]
+            ws = [1.0 if w is None else w for w in weights]
+            ws = get_method(method, weight=ws).params["weight"]  # checked by the declaration, naming it
             if normalize is False and abs(sum(ws) - 1.0) > 1e-6:
                 raise MergeConfigError(f"{where}: normalize: false with weights not summing to 1 is not "
                                        "supported (weights are always normalised)")
-            params["weights"] = ws
+            params["weight"] = ws
     elif method == "task_arithmetic":
         if any(d is not None for d in densities):
             raise MergeConfigError(f"{where}: 'density' is not a parameter of task arithmetic (use ties)")
@@ -174,8 +184,23 @@ def from_mapping(cfg: Dict[str, Any], cfg_dir: Path = Path("."), source: str = "
         _all_equal([1.0 if x is None else x for x in weights], "weights", method)
         if normalize is False:
             raise MergeConfigError(f"{where}: normalize: false is not supported for cart")
-    return {"method": method, "models": models, "base": base, "params": params,
-            "dtype": cfg.get("dtype"), "out_dtype": cfg.get("out_dtype")}
+    elif method == "dare":
+        d = _all_equal(densities, "density", method)
+        if d is not None:  # mergekit's density is the fraction kept
+            if "p" in params:
+                raise MergeConfigError(f"{where}: give density (kept) or p (dropped), not both")
+            params["p"] = 1.0 - float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else d
+        w = _all_equal([1.0 if x is None else x for x in weights], "weights", method)
+        if w != 1.0:
+            params["lam"] = float(params.get("lam", 1.0)) * w
+    return checked({"method": method, "models": models, "base": base, "params": params,
+                    "dtype": cfg.get("dtype"), "out_dtype": cfg.get("out_dtype")})
+
+
+def checked(req: Dict[str, Any]) -> Dict[str, Any]:
+    """`req` after building its method once, so every value is checked by its declaration (naming it)."""
+    get_method(req["method"], **req["params"])
+    return req
 
 
 def load_config(path) -> Dict[str, Any]:

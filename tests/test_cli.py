@@ -88,7 +88,7 @@ def test_config_mapping_rules():
     assert from_mapping(m(merge_method="linear"))["method"] == "weight_average"
     r = from_mapping({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
                                                            {"model": "b", "parameters": {"weight": 3}}]})
-    assert r["params"] == {"weights": [1.0, 3.0]}
+    assert r["params"] == {"weight": [1.0, 3.0]}
     # task arithmetic: base + lambda * sum_t w_t tau_t -> one lam
     r = from_mapping({**m(merge_method="task_arithmetic", base_model="base", parameters={"lambda": 0.5}),
                       "models": [{"model": "a", "parameters": {"weight": 0.6}},
@@ -102,7 +102,7 @@ def test_config_mapping_rules():
     assert r["params"] == {"lam": 2.0, "rank": 16, "seed": 5} and r["dtype"] == "bfloat16"
     bad = [
         (m(merge_method="slerp"), "slerp.*not supported"),
-        (m(merge_method="ties", base_model="x", parameters={"density": [0.1, 0.5]}), "per-layer"),
+        (m(merge_method="ties", base_model="x", parameters={"density": [0.1, 0.5]}), "density must be a number"),
         ({"merge_method": "ties", "base_model": "x", "models": [{"model": "a", "parameters": {"density": 0.1}},
                                                                {"model": "b", "parameters": {"density": 0.5}}]},
          "per-model density differ"),

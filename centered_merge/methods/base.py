@@ -1,33 +1,63 @@
 """The per-tensor interface every merge method implements, and the parameter checking they share."""
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Optional, Sequence
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from ..errors import MergeConfigError
+from .params import Param
 
 
 class MergeMethod:
     """One merge method with its parameters resolved.
 
-    Subclasses set `name`, `needs_base`, `defaults` (every accepted parameter with its default) and implement
-    `merge_tensor`. Inputs arrive tensor by tensor so the same object drives in-memory merges and the
-    streaming engine.
+    Subclasses set `name`, `needs_base`, `parameters` (a tuple of Param: every accepted parameter, declared once)
+    and implement `merge_tensor`; `defaults` is derived from `parameters`. Every value passes through its
+    Param.check when the method is built, whatever front end (Python, CLI, YAML) it came from; `validate` adds the
+    checks that involve several parameters. Inputs arrive tensor by tensor so the same object drives in-memory
+    merges and the streaming engine.
     """
 
     name: ClassVar[str] = ""
     needs_base: ClassVar[bool] = False
+    summary: ClassVar[str] = ""  # one line for the README's method table
+    parameters: ClassVar[Tuple[Param, ...]] = ()
     defaults: ClassVar[Dict[str, Any]] = {}
 
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "parameters" not in cls.__dict__ and "defaults" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}: declare `parameters` (a tuple of Param), not `defaults`")
+        names = [p.name for p in cls.parameters]
+        if len(set(names)) != len(names):
+            raise TypeError(f"{cls.__name__}: a parameter is declared twice in {names}")
+        cls.defaults = {p.name: p.default for p in cls.parameters}
+
+    @classmethod
+    def param(cls, key: str) -> Param:
+        for p in cls.parameters:
+            if p.name == key:
+                return p
+        raise KeyError(key)
+
     def __init__(self, **params):
+        aliases = {a: p.name for p in self.parameters for a in p.yaml_keys}
+        named, spelled = {}, {}
+        for key, value in params.items():
+            canon = aliases.get(key, key)
+            if canon in named:
+                raise MergeConfigError(f"method {self.name!r}: {key} and another name of {canon} both given")
+            named[canon], spelled[canon] = value, key
+        params = named
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             allowed = ", ".join(sorted(self.defaults)) or "none"
             raise MergeConfigError(
                 f"method {self.name!r} does not take parameter(s) {', '.join(unknown)}; it takes: {allowed}"
             )
-        self.params = {**self.defaults, **params}
+        checked = {k: self.param(k).check(self.name, v, spelled[k]) for k, v in params.items()}
+        self.params = {**self.defaults, **checked}
         self.validate()
 
     def __getattr__(self, key):

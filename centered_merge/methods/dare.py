@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import ops
 from ..seeding import derive_seed
-from .base import check_number
+from .params import Param, lam_param, seed_param
 from .registry import register
 from .task_arithmetic import TaskArithmetic
 
@@ -13,11 +13,12 @@ from .task_arithmetic import TaskArithmetic
 class Dare(TaskArithmetic):
     name = "dare"
     needs_base = True
-    defaults = {"p": 0.5, "lam": 1.0, "seed": 0}
-
-    def validate(self):
-        check_number(self.name, "p", self.params["p"], lo=0.0, hi=1.0, hi_open=True)
-        check_number(self.name, "lam", self.params["lam"])
+    summary = "DARE + task arithmetic: drop task-vector entries with probability p, rescale by 1/(1-p)"
+    parameters = (
+        Param("p", "float", 0.5, "probability of dropping each task-vector entry", lo=0.0, hi=1.0, hi_open=True),
+        lam_param(1.0),
+        seed_param(),
+    )
 
     def task_vector(self, tau, name, t):
         return ops.dare(tau, float(self.p), derive_seed(int(self.seed), name, t))

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .base import MergeMethod, check_number
+from .base import MergeMethod
+from .params import lam_param
 from .registry import register
 
 
@@ -12,10 +13,8 @@ from .registry import register
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     needs_base = True
-    defaults = {"lam": 0.3}
-
-    def validate(self):
-        check_number(self.name, "lam", self.params["lam"])
+    summary = "task arithmetic: theta_0 + lam * sum_t (theta_t - theta_0)"
+    parameters = (lam_param(0.3),)
 
     def merge_tensor(self, name, inputs, base):
         base32 = base.to(torch.float32)

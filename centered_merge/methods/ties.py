@@ -3,7 +3,8 @@ average the kept entries that agree with it, and add lam times that to the base.
 from __future__ import annotations
 
 from .. import ops
-from .base import MergeMethod, check_number, numel_of
+from .base import MergeMethod, numel_of
+from .params import Param, lam_param
 from .registry import register
 
 
@@ -11,11 +12,11 @@ from .registry import register
 class Ties(MergeMethod):
     name = "ties"
     needs_base = True
-    defaults = {"density": 0.2, "lam": 1.0}
-
-    def validate(self):
-        check_number(self.name, "density", self.params["density"], lo=0.0, hi=1.0, lo_open=True)
-        check_number(self.name, "lam", self.params["lam"])
+    summary = "TIES: trim each task vector to its top-density magnitudes, elect signs, disjoint mean"
+    parameters = (
+        Param("density", "float", 0.2, "fraction of each task vector's entries kept", lo=0.0, hi=1.0, lo_open=True),
+        lam_param(1.0),
+    )
 
     def merge_tensor(self, name, inputs, base):
         return ops.ties_merge(inputs, base, float(self.density), float(self.lam))
