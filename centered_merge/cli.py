@@ -80,6 +80,21 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _check_side_files(req: dict) -> None:
+    """Refuse what the writer cannot do yet rather than do something else: tokenizer files are copied from the
+    base model, else the first model; a chat_template is not written in."""
+    from pathlib import Path
+
+    ts = req.get("tokenizer_source")
+    copied_from = req["base"] if req["base"] is not None else req["models"][0]
+    if ts not in (None, "base") and (not isinstance(copied_from, str) or Path(ts) != Path(copied_from)):
+        raise MergeConfigError(f"tokenizer_source {ts}: tokenizer files are copied from the base model (else the "
+                               f"first model), {copied_from}; another source is not supported yet")
+    if req.get("chat_template") is not None:
+        print(f"{PROG}: warning: chat_template is not applied: the output's tokenizer files are copied unchanged "
+              "from the base (else first) model", file=sys.stderr)
+
+
 def _merge_request(a) -> dict:
     from .config import load_config
     from .methods import get_method
@@ -88,7 +103,12 @@ def _merge_request(a) -> dict:
     if a.config:
         if a.models or a.method:
             raise MergeConfigError("give either --config or MODEL... with --method, not both")
-        req = load_config(a.config)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            req = load_config(a.config)
+        for w in caught:  # parameters the method ignores, as mergekit does: one plain line
+            print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+        _check_side_files(req)
     else:
         if not a.models:
             raise MergeConfigError("no models given (MODEL... or --config FILE.yaml)")

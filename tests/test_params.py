@@ -11,6 +11,7 @@ from centered_merge.errors import MergeConfigError
 from centered_merge.methods import available, get_method, method_class
 from centered_merge.methods.catalog import cli_options, method_table, readme_with_table, yaml_keys
 from centered_merge.methods.params import KINDS, Param
+from centered_merge.methods.schedule import from_yaml as to_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = [(m, p) for m in available() for p in method_class(m).parameters]
@@ -35,8 +36,10 @@ def _bad(p: Param):
     out = []
     if p.kind in ("float", "int", "rank", "floats"):
         out += [("abc", "abc"), (math.nan, "nan"), (math.inf, "inf"), (-math.inf, "-inf"), (True, None)]
-        if not p.per_model and p.kind != "floats":
+        if not p.per_model and not p.schedulable and p.kind != "floats":
             out.append(([1.0, 2.0], None))  # a list where a number belongs
+        if p.schedulable:  # a gradient or a filter list with one bad value in it
+            out += [([0.5, math.nan], None), ([{"filter": "mlp", "value": "abc"}, {"value": 0.5}], None)]
         if p.lo is not None:
             out.append((p.lo - 1.0, str(p.lo - 1.0)))
         if p.hi is not None:
@@ -101,8 +104,9 @@ def test_parameter_reachable_from_cli_and_yaml_with_one_validation(method, p):
             assert get_method(method, **req["params"]).params[p.name] == want, key
 
     for value, text in _bad(p):
+        as_python = to_schedule(value, None, "x") if p.schedulable and isinstance(value, list) else value
         with pytest.raises(MergeConfigError) as from_python:
-            get_method(method, **{p.name: value})
+            get_method(method, **{p.name: as_python})
         assert p.name in str(from_python.value)
         for key in p.yaml_keys:
             with pytest.raises(MergeConfigError) as from_yaml:

@@ -1,5 +1,7 @@
 """Merge methods, one module each, behind one registry."""
-from . import cart, dare, task_arithmetic, ties, weight_average  # noqa: F401  (registers the methods)
+from . import (  # noqa: F401  (registers the methods)
+    breadcrumbs, cart, dare, della, linear, passthrough, sce, task_arithmetic, ties, weight_average,
+)
 from .base import MergeMethod
 from .registry import available, get_method, method_class, register
 

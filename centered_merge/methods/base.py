@@ -7,6 +7,7 @@ import torch
 
 from ..errors import MergeConfigError
 from .params import Param
+from .schedule import describe_value, value_at
 
 
 class MergeMethod:
@@ -66,6 +67,25 @@ class MergeMethod:
             return params[key]
         raise AttributeError(key)
 
+    def values(self, name: str, num_models: int) -> "TensorValues":
+        """The parameter values for tensor `name`: schedules (gradients, filter lists, precedence chains) resolved
+        for it, per-model parameters as a list of `num_models` values, unset values replaced by the defaults."""
+        out = {}
+        for p in self.parameters:
+            v = self.params[p.name]
+            if p.per_model:
+                vs = v if isinstance(v, list) else [v] * num_models
+                if len(vs) != num_models:
+                    raise MergeConfigError(f"{self.name}: {len(vs)} values of {p.name} given for {num_models} models")
+                got = [value_at(x, name) for x in vs]
+                if any(g is None for g in got) and p.default is None and not p.nullable:
+                    raise MergeConfigError(f"{self.name}: no {p.name} for tensor {name!r}")
+                out[p.name] = [p.default if g is None else g for g in got]
+            else:
+                g = value_at(v, name)
+                out[p.name] = p.default if g is None else g
+        return TensorValues(out)
+
     def validate(self) -> None:
         """Raise MergeConfigError for an invalid parameter value."""
 
@@ -81,7 +101,17 @@ class MergeMethod:
         return {"lowrank": False, "k": None, "flops": numel * (num_models + 1), "workspace_bytes": 4 * numel}
 
     def describe(self) -> dict:
-        return {"method": self.name, **self.params}
+        return {"method": self.name, **{k: describe_value(v) for k, v in self.params.items()}}
+
+
+class TensorValues(dict):
+    """Resolved parameter values of one tensor; read as attributes (v.lam) or keys (v["lam"])."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
 
 
 def check_number(method: str, key: str, value, lo=None, hi=None, lo_open=False, hi_open=False):

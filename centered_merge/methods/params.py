@@ -47,6 +47,7 @@ class Param:
     per_model: bool = False  # one value for all models, or one per model
     schedulable: bool = False  # may vary per tensor (a gradient over layers, a filter list)
     mergekit: Optional[str] = None  # the name mergekit gives it, where it has one and it differs
+    yaml_default: Any = None  # the default when a mergekit-style YAML config omits it (mergekit's), if it differs
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):

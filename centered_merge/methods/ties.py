@@ -1,26 +1,35 @@
-"""TIES-merging (Yadav et al. 2023): trim each task vector to its top-density magnitudes, elect a sign per entry,
-average the kept entries that agree with it, and add lam times that to the base. The passes live in ops."""
+"""TIES-merging (Yadav et al. 2023): trim each task vector to exactly k = kept_count(numel, density) entries of
+largest magnitude (ties at the threshold: the lowest flat indices), elect a sign per entry from the weighted sum of
+the trimmed vectors, and average the agreeing entries (weighted; normalize divides by the agreeing weights);
+theta_0 + lam * that. With equal weights, one density and normalize on, the fused ops.ties_merge pass runs."""
 from __future__ import annotations
 
 from .. import ops
-from .base import MergeMethod, numel_of
-from .params import Param, lam_param
+from . import sparsify
+from .params import lam_param
 from .registry import register
+from .task_arithmetic import TaskVectorMerge, density_param, normalize_param, weight_param
 
 
 @register
-class Ties(MergeMethod):
+class Ties(TaskVectorMerge):
     name = "ties"
-    needs_base = True
-    summary = "TIES: trim each task vector to its top-density magnitudes, elect signs, disjoint mean"
+    consensus = True
+    summary = "TIES: trim each task vector to its top-density magnitudes, elect signs, (weighted) disjoint mean"
     parameters = (
-        Param("density", "float", 0.2, "fraction of each task vector's entries kept", lo=0.0, hi=1.0, lo_open=True),
-        lam_param(1.0),
+        density_param(0.2, yaml_default=1.0),
+        lam_param(1.0, schedulable=True),
+        weight_param(),
+        normalize_param(True),
     )
 
-    def merge_tensor(self, name, inputs, base):
-        return ops.ties_merge(inputs, base, float(self.density), float(self.lam))
+    def sparsify(self, tau, name, t, v):
+        return sparsify.magnitude(tau, float(v.density[t]))
 
-    def plan_tensor(self, name, shape, dtype, num_models):
-        n = numel_of(shape)
-        return {"lowrank": False, "k": None, "flops": 12 * n * num_models, "workspace_bytes": 4 * n * 5}
+    def merge_tensor(self, name, inputs, base):
+        v = self.values(name, len(inputs))
+        w, d = v.weight, v.density
+        if v.normalize and len(set(w)) == 1 and w[0] > 0 and len(set(d)) == 1:
+            # equal positive weights cancel in the normalised mean: the fused two-pass kernel gives the same result
+            return ops.ties_merge(inputs, base, float(d[0]), float(v.lam))
+        return super().merge_tensor(name, inputs, base)
