@@ -52,7 +52,7 @@ def test_key_mismatch_names_missing_keys_per_model():
         ("ties", {"density": 0.0}, "density must be > 0"),
         ("dare", {"p": 1.0}, "p must be < 1"),
         ("weight_average", {"weights": [1, -1]}, "weights must be >= 0"),
-        ("slerp", {}, "unknown merge method 'slerp'"),
+        ("no_such_method", {}, "unknown merge method 'no_such_method'"),
     ],
 )
 def test_bad_parameters(method, params, match):

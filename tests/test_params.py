@@ -27,6 +27,10 @@ def _valid(p: Param):
     return v
 
 
+def _required(method: str) -> dict:
+    return {p.name: _valid(p) for p in method_class(method).parameters if p.required}
+
+
 def _cli_text(v):
     return [str(x) for x in v] if isinstance(v, list) else [str(v)]
 
@@ -55,18 +59,21 @@ def _bad(p: Param):
     return out
 
 
-def _yaml_cfg(method: str, key: str, p: Param, value):
+def _yaml_cfg(method: str, key: str, p: Param, value, need=None):
     entry = {"models": [{"model": "a"}, {"model": "b"}], "base_model": "base"}
+    glob = dict(need or {})
     yaml_method = method if method in METHOD_ALIASES else None
     assert yaml_method, f"{method} cannot be named as merge_method in YAML"
     if p.per_model:
         entry["models"] = [{"model": "a", "parameters": {key: value}}, {"model": "b", "parameters": {key: value}}]
-        return {"merge_method": yaml_method, **entry}
-    return {"merge_method": yaml_method, **entry, "parameters": {key: value}}
+        return {"merge_method": yaml_method, **entry, "parameters": glob}
+    return {"merge_method": yaml_method, **entry, "parameters": {**glob, key: value}}
 
 
-def _cli(method: str, flag: str, texts):
+def _cli(method: str, flag: str, texts, need=None):
     args = [f"{flag}={texts[0]}"] if len(texts) == 1 else [flag, *texts]  # --x=-inf: not read as an option
+    for k, x in (need or {}).items():
+        args.append(f"{method_class(method).param(k).cli_flag}={x}")
     a = build_parser().parse_args(["merge", "a", "b", "--base", "base", "--method", method, *args])
     return _merge_request(a)
 
@@ -81,7 +88,7 @@ def test_every_declaration_is_complete():
             assert p.help and p.kind in KINDS, (m, p.name)
             if p.default is not None:  # every default passes its own check
                 assert p.check(m, p.default) == p.default, (m, p.name)
-        get_method(m)  # the defaults build
+        get_method(m, **_required(m))  # the defaults build
 
 
 @pytest.mark.parametrize("method,p", ALL, ids=[f"{m}.{p.name}" for m, p in ALL])
@@ -92,32 +99,33 @@ def test_parameter_reachable_from_cli_and_yaml_with_one_validation(method, p):
     assert set(p.yaml_keys) <= set(yaml_keys(method))
 
     v = _valid(p)
-    want = get_method(method, **{p.name: v}).params[p.name]
+    need = {k: x for k, x in _required(method).items() if k != p.name}
+    want = get_method(method, **need, **{p.name: v}).params[p.name]
     if p.kind != "bool":
-        got_cli = _cli(method, p.cli_flag, _cli_text(v))["params"][p.name]
-        assert get_method(method, **{p.name: got_cli}).params[p.name] == want
+        got_cli = _cli(method, p.cli_flag, _cli_text(v), need)["params"][p.name]
+        assert get_method(method, **need, **{p.name: got_cli}).params[p.name] == want
     else:
-        assert _cli(method, p.cli_flag, [])["params"][p.name] is True
+        assert _cli(method, p.cli_flag, [], need)["params"][p.name] is True
     for key in p.yaml_keys:
-        req = from_mapping(_yaml_cfg(method, key, p, v))
+        req = from_mapping(_yaml_cfg(method, key, p, v, need))
         if not p.per_model and p.name in req["params"]:
             assert get_method(method, **req["params"]).params[p.name] == want, key
 
     for value, text in _bad(p):
         as_python = to_schedule(value, None, "x") if p.schedulable and isinstance(value, list) else value
         with pytest.raises(MergeConfigError) as from_python:
-            get_method(method, **{p.name: as_python})
+            get_method(method, **need, **{p.name: as_python})
         assert p.name in str(from_python.value)
         for key in p.yaml_keys:
             with pytest.raises(MergeConfigError) as from_yaml:
-                from_mapping(_yaml_cfg(method, key, p, value))
+                from_mapping(_yaml_cfg(method, key, p, value, need))
             assert p.name in str(from_yaml.value), (key, value, str(from_yaml.value))
             if not p.per_model:
                 assert str(from_yaml.value) == str(from_python.value)  # one check, one message
         if text is None:
             continue
         try:
-            _cli(method, p.cli_flag, [text])
+            _cli(method, p.cli_flag, [text], need)
         except SystemExit as e:  # argparse refused the text itself (not a number): exit 2 naming the flag
             assert e.code == 2 and p.kind in ("float", "int", "rank", "floats"), (p.name, text)
         except MergeConfigError as e:
@@ -171,7 +179,7 @@ def test_readme_table_matches_registry():
 
 def test_describe_lists_every_declared_parameter():
     for m in available():
-        d = get_method(m).describe()
+        d = get_method(m, **_required(m)).describe()
         assert d["method"] == m
         declared = {p.name for p in method_class(m).parameters}
         assert set(d) - {"method"} <= declared

@@ -57,6 +57,10 @@ class MergeMethod:
             raise MergeConfigError(
                 f"method {self.name!r} does not take parameter(s) {', '.join(unknown)}; it takes: {allowed}"
             )
+        missing = [p.name for p in self.parameters if p.required and params.get(p.name) is None]
+        if missing:
+            p = self.param(missing[0])
+            raise MergeConfigError(f"{self.name}: parameter {p.name} is required ({p.help})")
         checked = {k: self.param(k).check(self.name, v, spelled[k]) for k, v in params.items()}
         self.params = {**self.defaults, **checked}
         self.validate()
@@ -76,7 +80,7 @@ class MergeMethod:
             if p.per_model:
                 vs = v if isinstance(v, list) else [v] * num_models
                 if len(vs) != num_models:
-                    raise MergeConfigError(f"{self.name}: {len(vs)} values of {p.name} given for {num_models} models")
+                    raise MergeConfigError(f"{self.name}: {len(vs)} {plural(p.name)} given for {num_models} models")
                 got = [value_at(x, name) for x in vs]
                 if any(g is None for g in got) and p.default is None and not p.nullable:
                     raise MergeConfigError(f"{self.name}: no {p.name} for tensor {name!r}")
@@ -102,6 +106,10 @@ class MergeMethod:
 
     def describe(self) -> dict:
         return {"method": self.name, **{k: describe_value(v) for k, v in self.params.items()}}
+
+
+def plural(word: str) -> str:
+    return word[:-1] + "ies" if word.endswith("y") else word + ("es" if word.endswith("s") else "s")
 
 
 class TensorValues(dict):

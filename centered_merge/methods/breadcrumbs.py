@@ -4,9 +4,9 @@ TIES's sign consensus (`breadcrumbs_ties`)."""
 from __future__ import annotations
 
 from . import sparsify
-from .params import Param, lam_param
+from .params import Param, density_param, lam_param, normalize_param, weight_param
 from .registry import register
-from .task_arithmetic import TaskVectorMerge, density_param, normalize_param, weight_param
+from .task_arithmetic import TaskVectorMerge
 
 
 class _Breadcrumbs(TaskVectorMerge):

@@ -15,7 +15,6 @@ formula's exact value, not an approximation.
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import torch

@@ -7,9 +7,9 @@ from __future__ import annotations
 from ..errors import MergeConfigError
 from ..seeding import derive_seed
 from . import sparsify
-from .params import Param, lam_param, seed_param
+from .params import Param, density_param, lam_param, normalize_param, rescale_param, seed_param, weight_param
 from .registry import register
-from .task_arithmetic import TaskVectorMerge, density_param, normalize_param, rescale_param, weight_param
+from .task_arithmetic import TaskVectorMerge
 
 
 class _Della(TaskVectorMerge):

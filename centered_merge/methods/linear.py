@@ -6,7 +6,7 @@ from .. import ops
 from ..errors import MergeConfigError
 from .base import MergeMethod
 from .registry import register
-from .task_arithmetic import normalize_param, weight_param
+from .params import normalize_param, weight_param
 
 
 @register

@@ -44,6 +44,7 @@ class Param:
     aliases: Tuple[str, ...] = ()  # other YAML keys meaning the same (mergekit's names: lambda for lam)
     flag: Optional[str] = None  # CLI flag; default "--" + name with "_" -> "-"
     optional: bool = False  # None is a valid value (meaning "not set"); implied by a None default
+    required: bool = False  # the method cannot run without it (its default is None)
     per_model: bool = False  # one value for all models, or one per model
     schedulable: bool = False  # may vary per tensor (a gradient over layers, a filter list)
     mergekit: Optional[str] = None  # the name mergekit gives it, where it has one and it differs
@@ -66,7 +67,7 @@ class Param:
 
     @property
     def nullable(self) -> bool:
-        return self.optional or self.default is None
+        return (self.optional or self.default is None) and not self.required
 
     def range_text(self) -> str:
         """The allowed values, in words, for help texts and the README."""
@@ -163,6 +164,28 @@ def lam_param(default: float, help_text: str = "scale of the merged task vectors
     """The scale that mergekit calls `lambda` (a Python keyword, hence `lam`; CART's authors call it `prior`)."""
     return Param("lam", "float", default, help_text, aliases=("lambda",) + kw.pop("aliases", ()), flag="--lambda",
                  mergekit="lambda", **kw)
+
+
+def weight_param(default=1.0, **kw) -> Param:
+    return Param("weight", "float", default, "each model's weight", per_model=True, schedulable=True,
+                 aliases=("weights",), flag="--weights", **kw)
+
+
+def density_param(default, yaml_default=None, lo_open=True, **kw) -> Param:
+    return Param("density", "float", default, "fraction of each task vector's entries kept", lo=0.0, hi=1.0,
+                 lo_open=lo_open, per_model=True, schedulable=True, yaml_default=yaml_default, **kw)
+
+
+def normalize_param(default: bool) -> Param:
+    return Param("normalize", "bool", default, "divide by the sum of the weights that contribute at each entry")
+
+
+def rescale_param(default: bool) -> Param:
+    return Param("rescale", "bool", default, "scale each thinned task vector back to its L1 norm")
+
+
+def use_base_param(help_text: str) -> Param:
+    return Param("use_base", "bool", False, help_text + " (mergekit does this when a config names base_model)")
 
 
 def seed_param(help_text: str = "seed of the random steps; with the tensor name it fixes each tensor's draws") -> Param:

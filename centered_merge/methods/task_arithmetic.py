@@ -17,30 +17,11 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..errors import MergeConfigError
 from .base import MergeMethod, numel_of
-from .params import Param, lam_param
+from .params import lam_param, normalize_param, weight_param
 from .registry import register
 
 F32 = torch.float32
-
-
-def weight_param(default=1.0, **kw) -> Param:
-    return Param("weight", "float", default, "each model's weight", per_model=True, schedulable=True,
-                 aliases=("weights",), flag="--weights", **kw)
-
-
-def density_param(default, yaml_default=None, lo_open=True, **kw) -> Param:
-    return Param("density", "float", default, "fraction of each task vector's entries kept", lo=0.0, hi=1.0,
-                 lo_open=lo_open, per_model=True, schedulable=True, yaml_default=yaml_default, **kw)
-
-
-def normalize_param(default: bool) -> Param:
-    return Param("normalize", "bool", default, "divide by the sum of the weights that contribute at each entry")
-
-
-def rescale_param(default: bool) -> Param:
-    return Param("rescale", "bool", default, "scale each thinned task vector back to its L1 norm")
 
 
 class TaskVectorMerge(MergeMethod):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from .. import ops
 from . import sparsify
-from .params import lam_param
+from .params import density_param, lam_param, normalize_param, weight_param
 from .registry import register
-from .task_arithmetic import TaskVectorMerge, density_param, normalize_param, weight_param
+from .task_arithmetic import TaskVectorMerge
 
 
 @register
