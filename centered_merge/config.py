@@ -187,12 +187,14 @@ def from_mapping(cfg: Dict[str, Any], cfg_dir: Path = Path("."), source: str = "
         if not isinstance(entries, list) or not entries:
             raise MergeConfigError(f"{source}: 'models' must be a non-empty list of {{model: PATH}} entries")
 
+    # mergekit's geometric methods work relative to the base whenever a config names one: here, use_base
+    base_is_reference = cls.needs_base or (base is not None and "use_base" in cls.defaults)
     models, model_params = [], []
     for i, e in enumerate(entries):
         where = f"{source}: models[{i}]"
         path = _model_path(e, cfg_dir, where)
         mp = _mapping(e.get("parameters") if isinstance(e, dict) else None, f"{where}.parameters")
-        if base is not None and cls.needs_base and Path(path) == Path(base):
+        if base is not None and base_is_reference and Path(path) == Path(base):
             continue  # mergekit lists the base among the models; it is the reference, not a task
         models.append(path)
         model_params.append(mp)
@@ -209,6 +211,8 @@ def from_mapping(cfg: Dict[str, Any], cfg_dir: Path = Path("."), source: str = "
     if stacked is not None:
         vals.per_model.append({})
     params = vals.params()
+    if base is not None and "use_base" in cls.defaults:
+        params.setdefault("use_base", True)
     ignored = vals.ignored + [f"{k} (top-level key)" for k in unknown]
     if ignored:
         warnings.warn(f"{source}: {method} ignores {', '.join(ignored)}", stacklevel=2)
