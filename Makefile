@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # the package itself accepts torch>=2.1.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test demo build bench clean
+.PHONY: test demo build bench peer clean
 
 $(VENV)/.deps: requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,18 @@ bench: build
 	$(PY) bench/bench_cart_speed.py
 	$(PY) bench/bench_kernels.py
 	$(PY) bench/bench_engine.py --T 4 --size-gb 1 --methods weight_average cart
+
+# Parity with mergekit itself (not part of make test): its own venv with the pinned mergekit of
+# bench/peer/requirements.txt, our package from this checkout (the extension built by `build`).
+PEER_VENV := bench/peer/.venv
+$(PEER_VENV)/.deps: bench/peer/requirements.txt
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q "$(TORCH_PIN)"
+	$(PEER_VENV)/bin/pip install -q -r bench/peer/requirements.txt
+	touch $@
+
+peer: build $(PEER_VENV)/.deps
+	PYTHONPATH=$(CURDIR) $(PEER_VENV)/bin/python bench/peer/run_peer.py
 
 clean:
 	rm -rf build $(VENV) *.egg-info centered_merge/*.so
