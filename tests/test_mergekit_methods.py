@@ -136,10 +136,11 @@ def test_della_probabilities_and_keep_rate():
 
 # -- SCE and passthrough --------------------------------------------------------------------------------------
 def test_sce_hand_worked():
-    """tau1 = [1, 2, 0, -1], tau2 = [3, -2, 0, -1]: votes [4, 0, 0, -2] elect [+, none, none, -]; weights from the
-    mean squares 1.5 and 3.5 -> 0.3 and 0.7; entry 0: 0.3*1 + 0.7*3 = 2.4; entry 3: -1."""
+    """tau1 = [1, 2, 0, -1], tau2 = [3, -2, 0, -1]: votes [4, 0, 0, -2] elect [+, +, +, -] (a zero sum elects +, as
+    in mergekit); weights from the mean squares 1.5 and 3.5 -> 0.3 and 0.7; entry 0: 0.3*1 + 0.7*3 = 2.4; entry 1:
+    only model 1's +2 agrees -> 2; entry 2: nothing nonzero -> 0; entry 3: -1."""
     base = one([0.0] * 4)
-    close(cm.merge([one([1.0, 2, 0, -1]), one([3.0, -2, 0, -1])], "sce", base=base)["w"], [2.4, 0, 0, -1], 1e-5)
+    close(cm.merge([one([1.0, 2, 0, -1]), one([3.0, -2, 0, -1])], "sce", base=base)["w"], [2.4, 2, 0, -1], 1e-5)
     # select_topk 0.5 of the 2 varying entries keeps entry 1 (variance 2.25 > 1): only model 1 agrees there
     close(cm.merge([one([1.0, 2, 0, -1]), one([3.0, -1, 0, -1])], "sce", base=base, select_topk=0.5)["w"],
           [0, 2, 0, 0], 1e-5)

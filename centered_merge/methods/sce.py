@@ -1,6 +1,7 @@
 """SCE (Wan et al., FuseChat 2024): Select the entries whose task vectors vary most across models (top
 select_topk fraction of the per-entry variance), Calculate each model's weight as its share of the mean squared
-(selected) task vector, Erase entries whose sign disagrees with the elected one (TIES's sum rule), and take the
+(selected) task vector, Erase entries whose sign disagrees with the elected one (the sign of the sum; a zero sum
+elects +, as in mergekit), and take the
 weighted mean of what is left: theta_0 + sum_t c_t s_t m_t / sum_t c_t m_t.
 
 Passes over the inputs, each forming one task vector at a time: mean, variance, votes and weights, the mean of
@@ -59,7 +60,8 @@ class Sce(MergeMethod):
             s = task(t)
             votes.add_(s)
             energy.append(float(s.square().mean()) if s.numel() else 0.0)
-        elected = torch.sign(votes)
+        # mergekit's rule for SCE: a zero sum elects + (TIES here elects no sign there; docs/mergekit.md)
+        elected = torch.where(votes >= 0, 1.0, -1.0)
         del votes
         total = sum(energy)
         weights = [1.0 / T] * T if abs(total) < 1e-6 else [e / total for e in energy]
