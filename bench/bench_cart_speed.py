@@ -11,18 +11,32 @@ more over the minutes a full run takes, which would otherwise land on whichever 
 spell. Each approach's time is the sum over the matrices (with --repeats R, of each matrix's fastest of R).
 centered_merge is called through its public API, cm.cart, once per matrix.
 
+Achieved GFLOP/s: the FLOPs CART's plan counts for the matrices (cm.methods.get_method("cart").plan_tensor)
+over the measured time, printed next to the machine's GEMM peak (float32 and bfloat16 2048^3 GEMMs, best of 5,
+measured at the start and at the end of the run; the higher reading is reported).
+
+--energy F also times energy mode (energy=F) against the fixed-rank default. --contend times cm.cart on the
+first block in child processes, quiet and with one competing single-threaded busy process, under torch's default
+thread policy (CENTERED_MERGE_WAIT_POLICY=keep: spinning threads, no one-thread fallback) and under
+centered_merge's (threads.py), interleaved.
+
     python bench/bench_cart_speed.py [--blocks 12] [--tasks 8] [--rank 0.12] [--threads N] [--repeats R]
+                                     [--energy 0.9] [--contend]
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
+import subprocess
+import sys
 import time
+
+import centered_merge as cm  # before torch: both approaches then run under centered_merge's thread policy
 
 import torch
 
-import centered_merge as cm
 from centered_merge.linalg import resolve_sketch_dtype
 
 SHAPES = {
@@ -62,7 +76,73 @@ def official_style(models, rank: float, lam: float):
     return out
 
 
+def gemm_peak(dtype, size=2048, repeats=5) -> float:
+    """GFLOP/s of the best of `repeats` size^3 GEMMs in `dtype`."""
+    a = torch.randn(size, size).to(dtype)
+    a @ a
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best / 1e9
+
+
+def planned_flops(models, **params) -> int:
+    method = cm.methods.get_method("cart", select="all2d", **params)
+    return sum(method.plan_tensor(k, tuple(v.shape), v.dtype, len(models))["flops"] for k, v in models[0].items())
+
+
+BUSY = "while True: pass"
+
+
+def contend_child(argv):
+    """Child of --contend: time cm.cart on block 0 of the set, print 'seconds'."""
+    blocks, tasks, rank, repeats = int(argv[0]), int(argv[1]), float(argv[2]), int(argv[3])
+    models = make_models(1, tasks, 1.0)
+    cm.cart(models, rank=rank, select="all2d")  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        cm.cart(models, rank=rank, select="all2d")
+        best = min(best, time.perf_counter() - t0)
+    print(f"{best:.4f}")
+
+
+def contend(args):
+    """Quiet vs one busy competitor, torch's default thread policy vs centered_merge's, each in a fresh process
+    (the OpenMP wait policy is read when torch loads), interleaved over --repeats rounds, best of each."""
+    policies = {"torch default (spinning)": {"CENTERED_MERGE_WAIT_POLICY": "keep"}, "centered_merge": {}}
+    best = {}
+    for _ in range(args.repeats):
+        for busy in (False, True):
+            load = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
+            try:
+                for label, extra in policies.items():
+                    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                    env.update(extra)
+                    out = subprocess.run([sys.executable, __file__, "--contend-child", "1", str(args.tasks),
+                                          str(args.rank), "2"], env=env, capture_output=True, text=True, check=True)
+                    key = (label, busy)
+                    best[key] = min(best.get(key, math.inf), float(out.stdout.split()[-1]))
+            finally:
+                if load is not None:
+                    load.kill()
+                    load.wait()
+    print(f"cm.cart, one block x {args.tasks} tasks, best of {args.repeats} rounds x 2 runs; load before: "
+          f"{os.getloadavg()}")
+    print(f"{'thread policy':<28}{'quiet s':>9}{'1 busy s':>10}{'busy/quiet':>12}")
+    for label in policies:
+        q, b = best[label, False], best[label, True]
+        print(f"{label:<28}{q:>9.3f}{b:>10.3f}{b / q:>12.2f}")
+    ours, theirs = best["centered_merge", False], best["torch default (spinning)", False]
+    print(f"quiet: centered_merge's policy / torch default = {ours / theirs:.3f}")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--contend-child":
+        return contend_child(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=12)
     ap.add_argument("--tasks", type=int, default=8)
@@ -72,9 +152,15 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1, help="time each matrix R times per approach, keep the best")
     ap.add_argument("--with-exact", action="store_true", help="also time svd=exact through centered_merge")
+    ap.add_argument("--energy", type=float, default=None, help="also time energy mode with this fraction")
+    ap.add_argument("--contend", action="store_true", help="quiet vs one busy process, thread policies (only)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"load average before: {os.getloadavg()}")
+    if args.contend:
+        return contend(args)
+    peaks = {dt: gemm_peak(dt) for dt in (torch.float32, torch.bfloat16)}
 
     models = make_models(args.blocks, args.tasks, args.decay)
     n_mat = len(models[0])
@@ -94,6 +180,9 @@ def main(argv=None):
     }
     if args.with_exact:
         approaches["centered_merge, svd=exact"] = ours(svd="exact")
+    if args.energy is not None:
+        approaches[f"centered_merge, energy={args.energy}"] = (
+            lambda sub: cm.cart(sub, energy=args.energy, lam=args.lam, select="all2d"))
     labels = list(approaches)
     seconds = dict.fromkeys(labels, 0.0)
     merged = {label: {} for label in labels}
@@ -114,9 +203,20 @@ def main(argv=None):
 
     ref_label, default_label = labels[0], labels[1]
     t_ref = seconds[ref_label]
-    print(f"{'approach':<58}{'seconds':>10}{'speed-up':>10}")
+    for dt in peaks:
+        peaks[dt] = max(peaks[dt], gemm_peak(dt))
+    flops = {default_label: planned_flops(models, rank=args.rank),
+             labels[2]: planned_flops(models, rank=args.rank, sketch_dtype="float32")}
+    print(f"load average after: {os.getloadavg()}")
+    print(f"GEMM peak measured in this run: float32 {peaks[torch.float32]:.0f} GFLOP/s, "
+          f"bfloat16 {peaks[torch.bfloat16]:.0f} GFLOP/s")
+    print(f"{'approach':<58}{'seconds':>10}{'speed-up':>10}{'GFLOP/s':>10}")
     for label in labels:
-        print(f"{label:<58}{seconds[label]:>10.2f}{t_ref / seconds[label]:>10.2f}")
+        rate = f"{flops[label] / seconds[label] / 1e9:10.0f}" if label in flops else ""
+        print(f"{label:<58}{seconds[label]:>10.2f}{t_ref / seconds[label]:>10.2f}{rate}")
+    if args.energy is not None:
+        e_label = f"centered_merge, energy={args.energy}"
+        print(f"energy mode / fixed-rank default: {seconds[e_label] / seconds[default_label]:.2f}x")
     print("default vs official, by matrix shape:")
     for shape in SHAPES.values():
         a, b = by_shape[ref_label, shape], by_shape[default_label, shape]
@@ -125,6 +225,8 @@ def main(argv=None):
     ref = merged[ref_label]
     avg = cm.merge(models, "weight_average")
     for label in labels[1:]:
+        if label.startswith("centered_merge, energy"):
+            continue  # another rank per matrix: not comparable with the fixed-rank official merge
         got = merged[label]
         num = sum((got[k] - ref[k]).double().pow(2).sum() for k in ref).sqrt().item()
         den = sum(ref[k].double().pow(2).sum() for k in ref).sqrt().item()

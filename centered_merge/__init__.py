@@ -1,4 +1,5 @@
 """centered_merge: merge fine-tuned checkpoints with CART and the usual baselines, fast and in bounded memory."""
+from . import threads  # noqa: F401  (first: chooses the OpenMP wait policy before torch is loaded)
 from . import methods
 from .api import cart, merge
 from .errors import MergeConfigError, MergeError, MergeInputError, MergeOutputError

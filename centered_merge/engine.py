@@ -38,6 +38,7 @@ from . import ops
 from .distributed import RankContext, assign
 from .errors import MergeConfigError, MergeError, MergeInputError, MergeOutputError
 from .io import TensorInfo, TensorSource, open_model
+from .io.base import check_computable
 from .io.writer import PartitionedShardWriter, ShardedWriter, check_output_path, parse_size
 from .methods import get_method
 from .validation import check_group, check_key_sets, count_nonfinite
@@ -146,6 +147,7 @@ class _Inputs:
     def check_meta(self, key) -> str:
         """Shape and float-ness from metadata alone (no data read): 'float', 'passthrough' or raise."""
         infos = [s.info(key) for s in self.group]
+        check_computable(key, [i.dtype for i in infos], self.labels(key))
         floats = [i.dtype.is_floating_point for i in infos]
         if all(floats) and len({i.shape for i in infos}) == 1:
             return "float"

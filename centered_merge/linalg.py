@@ -64,22 +64,35 @@ def fast_bf16_matmul(device) -> bool:
 
 
 def resolve_sketch_dtype(choice: str, k: int, rows: int, cols: int, device) -> torch.dtype:
-    """The dtype of the range finder's GEMMs. "auto": bfloat16 where the hardware multiplies it natively and
-    k <= min(rows, cols) / 4 (at larger k the bf16 noise floor, ~1e-4 sigma_1, nears the optimal error and
-    costs more than 2%), float32 otherwise."""
+    """The dtype of the range finder's power-iteration GEMMs. "auto": bfloat16 where the hardware multiplies it
+    natively, float32 otherwise. bf16 only *finds* the subspace: the float32 refinement step that follows
+    (_range_and_projection) removes its rounding floor at every rank, so k no longer enters the choice."""
     if choice != "auto":
         return SKETCH_DTYPES[choice]
-    if 4 * k <= min(rows, cols) and fast_bf16_matmul(device):
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if fast_bf16_matmul(device) else torch.float32
 
 
 def sketch_width(k: int, oversample: Optional[int] = None) -> int:
-    """Range-finder width k + p. oversample=None picks p = max(10, ceil(k / 10)): a fixed 10 is Halko et al.'s
-    usual choice, but at large k (a third of the matrix and more) the error then drifts past 2% of optimal on
-    slowly decaying spectra; growing p with k keeps it within 2% (tests/test_linalg.py)."""
-    p = max(10, math.ceil(k / 10)) if oversample is None else int(oversample)
+    """Range-finder width k + p. oversample=None picks p = max(10, ceil(k / 4)).
+
+    Measured on 768x3072 matrices with sigma_i ~ i^-1/2 (the slowest-decaying spectrum where the rank still
+    matters; flat spectra are easy), rank-k error / optimal with 2 power iterations at k = 92:
+    p = k/10: 1.0069, p = k/4: 1.0038, p = k/2: 1.0018. k/4 keeps a margin of > 2x to the 1.01 bound for
+    the cost of 13% more sketch columns than k/10."""
+    p = max(10, math.ceil(k / 4)) if oversample is None else int(oversample)
     return k + p
+
+
+def power_iterations(k: int, rows: int, cols: int, power_iters: Optional[int] = None) -> int:
+    """The number of (reduced-precision) power iterations; None picks it from k / min(rows, cols).
+
+    With p = k/4, sigma_i ~ i^-1/2, 768x3072, error / optimal: k = min/8 (92): q = 2 gives 1.0038; k = min/4
+    (192): q = 2 gives 1.0062, q = 3 1.0025; k = min/2 (384): q = 3 gives 1.0049, q = 4 1.0023. So q = 2
+    up to min/8, 3 up to min/4 and 4 beyond, each < 1.005 there."""
+    if power_iters is not None:
+        return int(power_iters)
+    short = min(rows, cols)
+    return 2 if 8 * k <= short else (3 if 4 * k <= short else 4)
 
 
 def exact_svd(a: torch.Tensor, k: Optional[int] = None) -> SVD:
@@ -101,73 +114,71 @@ def sketch(shape, width: int, generator: torch.Generator, device) -> torch.Tenso
     return omega.to(device)
 
 
-def _top_eigvecs(b: torch.Tensor, k: int):
-    """The top-k left singular vectors of a short-wide sketch b (w x n, w small) and their singular values,
-    from the eigendecomposition of the w x w Gram matrix b b^T.
-
-    Much cheaper than a LAPACK SVD of b (a w x w eigenproblem instead of a w x n bidiagonalisation). Float32
-    suffices: the Gram matrix squares the condition number, so directions with sigma_i / sigma_1 below ~3e-4
-    come out as arbitrary orthonormal mixtures, but the rank-k result top top^T b is an exact orthogonal
-    projection of b whatever those vectors are, and such directions carry at most ~1e-7 of the energy.
-    Float64 here (Gram, eigh and the product with b) took about an eighth of CART's time on ViT-sized matrices
-    and changed no error by more than rounding (tests/test_linalg.py holds the 2% bound either way).
-    """
-    evals, evecs = torch.linalg.eigh(b @ b.mT)
-    top = torch.flip(evecs[:, -k:], dims=(1,))
-    s = torch.flip(evals[-k:], dims=(0,)).clamp_(min=0.0).sqrt_()
-    return top, s
-
-
-def _range_basis(a: torch.Tensor, omega: torch.Tensor, power_iters: int, sketch_dtype: torch.dtype) -> torch.Tensor:
-    """Orthonormal basis (m x w) of the range of a wide float32 `a` (m <= n), probed with omega[:n].
-
-    Halko et al.'s range finder with `power_iters` subspace iterations, one QR per iteration (after a a^T),
-    which in float32 keeps every direction whose sigma_i / sigma_1 exceeds ~1e-4, far beyond the ranks CART
-    keeps. Running on the shorter side makes every QR one of an m x w block.
-
-    sketch_dtype=torch.bfloat16 runs the sketch and the power iterations (the GEMMs that only *find* the
-    subspace) in bfloat16, ~2.5x faster where the hardware multiplies bf16 natively. The basis is
-    orthonormalised in float32 and everything after it (the projection Q^T a, the small eigenproblem, the
-    factors) is float32, so bf16 rounding (~2^-9 of each entry) can only tilt the subspace by about that much:
-    the rank-k error stays within 2% of optimal (tests/test_linalg.py).
-    """
-    lo = a if sketch_dtype == a.dtype else a.to(sketch_dtype)  # keeps a's layout
-    y = _big_times(lo, omega[: a.shape[1]].to(sketch_dtype)).to(a.dtype)
-    for _ in range(power_iters):
-        q = _orth(y).to(sketch_dtype)
-        y = _big_times(lo, _big_times(lo.mT, q)).to(a.dtype)
-    return _orth(y)
-
-
 def _big_times(big: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """big @ x for a large `big` and a thin `x`, ordered so that big enters the GEMM in its stored row-major
-    layout: when big is a transposed view, (x^T big^T)^T. oneDNN's bf16 GEMM runs ~25% slower when its first
-    operand is a transposed view (measured on AVX512-BF16: 1.62 vs 1.24 ms for 768x3072 @ 3072x102), and a
-    power iteration multiplies by both a and a^T, so one of the two is always such a view."""
+    """big @ x for a large bf16 `big` and a thin `x`, ordered so that big enters the GEMM in its stored
+    row-major layout: when big is a transposed view, (x^T big^T)^T. oneDNN's bf16 GEMM runs ~25% slower when its
+    first operand is a transposed view (measured on AVX512-BF16: 1.62 vs 1.24 ms for 768x3072 @ 3072x102), and
+    a power iteration multiplies by both a and a^T, so one of the two is always such a view."""
     if big.stride(-1) == 1 or big.stride(-2) != 1:
         return big @ x
     return (x.mT @ big.mT).mT
 
 
+def _range_and_projection(a: torch.Tensor, omega: torch.Tensor, power_iters: int, sketch_dtype: torch.dtype):
+    """For a wide float32 `a` (m <= n): an orthonormal basis p (n x w) of a's approximate top row space and
+    b = a p (m x w), both float32, so that a ~= b p^T is a's best approximation in that row space.
+
+    1. Halko et al.'s range finder, probed with omega[:n], with `power_iters` subspace iterations (one QR
+       each, on the short side), its GEMMs in `sketch_dtype`. bfloat16 runs them ~2.5x faster where the
+       hardware multiplies bf16 natively, but rounding `a` to bf16 adds noise of ~2^-9 of each entry, i.e. a
+       floor: directions whose sigma_i lie below ~1e-4 ||a||_F are lost (measured: error 25x the optimal on
+       sigma_i ~ 0.9^i at k = 92).
+    2. One float32 refinement half-step: z = a^T q, p = orth(z), b = a p. A further power step on the exact
+       matrix: bf16 noise in q tilts the subspace only to second order in the error, which is what removes the
+       floor (0.9^i, 768x3072, k = 92: 2.3x optimal = optimal + 8e-5 ||a||_F, as low as an all-float32 range
+       finder gets there: 2.5x).
+    """
+    lo = a if sketch_dtype == a.dtype else a.to(sketch_dtype)  # keeps a's layout
+    y = _big_times(lo, omega[: a.shape[-1]].to(sketch_dtype)).to(torch.float32)
+    for _ in range(power_iters):
+        q = _orth(y).to(sketch_dtype)
+        y = _big_times(lo, _big_times(lo.mT, q)).to(torch.float32)
+    p = _orth(a.mT @ _orth(y))
+    return p, a @ p
+
+
+def _top_right(b: torch.Tensor, k: int):
+    """The top-k right singular vectors (w x k) of a tall-thin float32 b (m x w) and its singular values,
+    from the eigendecomposition of the w x w Gram matrix b^T b, formed and solved in float64.
+
+    A w x w eigenproblem instead of an m x w SVD; float64 keeps the Gram's squared condition number harmless
+    (directions down to sigma_i / sigma_1 ~ 1e-7 resolve, while float32 would mix everything below ~3e-4)."""
+    b64 = b.to(torch.float64)
+    evals, evecs = torch.linalg.eigh(b64.mT @ b64)
+    top = torch.flip(evecs[..., -k:], dims=(-1,))
+    s = torch.flip(evals[..., -k:], dims=(-1,)).clamp_(min=0.0).sqrt_()
+    return top.to(b.dtype), s.to(b.dtype)
+
+
 def _sketched(a: torch.Tensor, omega: torch.Tensor, k: int, power_iters: int, sketch_dtype: torch.dtype):
-    """The randomized SVD's shared steps, on the shorter side of `a` (a^T when a is tall): the range basis q,
-    the projection b = q^T a, and b's top-k left singular vectors `top` (w x k) and values s. Returns
-    (q, b, top, s, flipped), flipped telling whether they describe a^T."""
-    flipped = a.shape[0] > a.shape[1]
+    """The randomized SVD's shared steps on the shorter side of `a` (a^T when a is tall): the row basis p
+    (long x w), b = wide @ p (short x w), b's top-k right singular vectors `top` (w x k) and values s, so
+    that wide ~= (b top)(p top)^T with b top = U_k S_k. Returns (p, b, top, s, flipped), flipped telling
+    whether they describe a^T."""
+    flipped = a.shape[-2] > a.shape[-1]
     wide = a.mT if flipped else a
-    q = _range_basis(wide, omega, power_iters, sketch_dtype)
-    b = q.mT @ wide
-    top, s = _top_eigvecs(b, k)
-    return q, b, top, s, flipped
+    p, b = _range_and_projection(wide, omega, power_iters, sketch_dtype)
+    top, s = _top_right(b, k)
+    return p, b, top, s, flipped
 
 
 def randomized_svd_from_sketch(
     a: torch.Tensor, omega: torch.Tensor, k: int, power_iters: int, sketch_dtype: torch.dtype = torch.float32
 ) -> SVD:
     """Top-k SVD (U, S, Vh) of `a` (m x n float32) from the range of its shorter side probed with `omega`."""
-    q, b, top, s, flipped = _sketched(a, omega, k, power_iters, sketch_dtype)
-    u, vh = q @ top, (top.mT @ b) / torch.where(s > 0, s, 1.0)[:, None]
-    return (vh.mT, s, u.mT) if flipped else (u, s, vh)
+    p, b, top, s, flipped = _sketched(a, omega, k, power_iters, sketch_dtype)
+    u, v = (b @ top) / torch.where(s > 0, s, 1.0)[..., None, :], p @ top
+    return (v, s, u.mT) if flipped else (u, s, v.mT)
 
 
 def randomized_lowrank_factors(
@@ -179,29 +190,33 @@ def randomized_lowrank_factors(
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The same rank-k approximation as randomized_svd_from_sketch, as two factors: a ~= lt^T @ r with lt
-    (k x m) and r (k x n), i.e. lt^T = U_k and r = S_k Vh_k, without the division by S and re-multiplication.
+    (k x m) and r (k x n), without dividing by S (the wide view's U_k S_k and Vh_k, transposed for a tall a).
 
     `out` = (lt, r) buffers to write into, e.g. row blocks of larger buffers that gather the factors of several
     matrices so that their sum is one GEMM (CART's accumulation).
+
+    `a` may carry a leading batch dimension (T, m, n), e.g. T tasks' matrices of one tensor on a GPU, where one
+    batched GEMM/QR/eigh per step replaces T small launches; lt and r are then (T, k, m) and (T, k, n).
     """
-    q, b, top, _, flipped = _sketched(a, omega, k, power_iters, sketch_dtype)
+    p, b, top, _, flipped = _sketched(a, omega, k, power_iters, sketch_dtype)
     lt_out, r_out = (None, None) if out is None else out
-    basis_out, proj_out = (r_out, lt_out) if flipped else (lt_out, r_out)
-    basis_t = torch.mm(top.mT, q.mT, out=basis_out)  # (k x short side) = U_k^T of the wide view
-    proj = torch.mm(top.mT, b, out=proj_out)  # (k x long side) = S_k Vh_k of the wide view
-    return (proj, basis_t) if flipped else (basis_t, proj)
+    short_out, long_out = (r_out, lt_out) if flipped else (lt_out, r_out)
+    short_t = torch.matmul(top.mT, b.mT, out=short_out)  # (k x short side) = (U_k S_k)^T of the wide view
+    long_t = torch.matmul(top.mT, p.mT, out=long_out)  # (k x long side) = Vh_k of the wide view
+    return (long_t, short_t) if flipped else (short_t, long_t)
 
 
 def randomized_svd(
     a: torch.Tensor,
     k: int,
     oversample: Optional[int] = None,
-    power_iters: int = 2,
+    power_iters: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     omega: Optional[torch.Tensor] = None,
     sketch_dtype: str = "auto",
 ) -> SVD:
-    """Rank-k SVD of `a` by a randomized range finder of width sketch_width(k, oversample).
+    """Rank-k SVD of `a` by a randomized range finder of width sketch_width(k, oversample), with
+    power_iterations(k, m, n, power_iters) power iterations and the float32 refinement step.
 
     Falls back to the exact SVD when the sketch would be at least as wide as the matrix is thin (no saving).
     Pass `omega` to reuse one sketch for several matrices of the same shape.
@@ -215,7 +230,8 @@ def randomized_svd(
             generator = torch.Generator().manual_seed(0)
         omega = sketch((m, n), width, generator, a.device)
     dt = resolve_sketch_dtype(sketch_dtype, k, m, n, a.device)
-    return randomized_svd_from_sketch(a.to(torch.float32), omega, k, power_iters, dt)
+    q = power_iterations(k, m, n, power_iters)
+    return randomized_svd_from_sketch(a.to(torch.float32), omega, k, q, dt)
 
 
 def energy_rank(s: torch.Tensor, total_energy: float, fraction: float) -> int:
@@ -232,7 +248,7 @@ def energy_svd(
     fraction: float,
     mode: str = "randomized",
     oversample: Optional[int] = None,
-    power_iters: int = 2,
+    power_iters: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     start_width: int = 32,
     sketch_dtype: str = "auto",

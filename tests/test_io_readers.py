@@ -25,16 +25,46 @@ def _same(src, sd):
         assert torch.equal(src.get(k), v)
 
 
-def test_safetensors_file_is_zero_copy_view(tmp_path, sd):
+@pytest.mark.parametrize("mode", ["auto", "pread"])
+def test_safetensors_file_modes(tmp_path, sd, mode):
     p = tmp_path / "m.safetensors"
     save_file(sd, str(p))
-    src = open_model(p)
-    assert isinstance(src, SafetensorsFile)
+    src = SafetensorsFile(p, mode=mode)
+    if mode == "auto" and not lease_possible(p):
+        pytest.skip("no file leases here: auto falls back to pread")
+    assert src.mode == ("map" if mode == "auto" else "pread")
     _same(src, sd)
-    t = src.get("model.embed_tokens.weight")
-    # a view of the mapped file, not a private copy: two reads share storage bytes
-    assert t.untyped_storage().data_ptr() != 0
+    a, b = src.get("model.embed_tokens.weight"), src.get("model.embed_tokens.weight")
+    # map: two views of the same mapped bytes; pread: two private copies
+    assert (a.data_ptr() == b.data_ptr()) == (mode == "auto")
+    a.zero_()  # writing into what get returned never reaches the file (MAP_PRIVATE, or a copy)
+    assert torch.equal(SafetensorsFile(p, mode="pread").get("model.embed_tokens.weight"),
+                       sd["model.embed_tokens.weight"])
     assert src.total_bytes() == sum(v.numel() * v.element_size() for v in sd.values())
+    assert src.keys() == sorted(sd, key=lambda k: src.byte_range(k)[0])  # file order
+    src.close()
+
+
+def lease_possible(p) -> bool:
+    return SafetensorsFile(p).mode == "map"
+
+
+def test_read_into_reused_buffer_and_byte_ranges(tmp_path, sd):
+    p = tmp_path / "m.safetensors"
+    save_file(sd, str(p))
+    for src in (SafetensorsFile(p), StateDictSource(sd, "sd")):
+        buf = torch.empty(1 << 20, dtype=torch.uint8)
+        for k, v in sd.items():
+            raw = v.contiguous().reshape(-1).view(torch.uint8)
+            n = raw.numel()
+            assert torch.equal(src.read_into(k, buf[:n]), raw)
+            if n >= 8:  # a byte range in the middle, into a buffer of another dtype
+                out = torch.empty(2, dtype=torch.int16)
+                src.read_into(k, out, offset=4)
+                assert torch.equal(out.view(torch.uint8), raw[4:8])
+            with pytest.raises(ValueError, match="outside tensor"):
+                src.read_into(k, buf[:n + 1])
+        src.close()
 
 
 def test_hf_dir_with_sharded_index(tmp_path, sd):
@@ -142,7 +172,7 @@ def test_byte_ranges_for_prefetch(tmp_path, sd):
     src = SafetensorsFile(p)
     raw = p.read_bytes()
     for k, v in sd.items():
-        off, n = src._ranges[k]
+        off, n = src.byte_range(k)
         assert raw[off:off + n] == v.contiguous().view(torch.uint8).numpy().tobytes()
         src.prefetch(k)  # a hint: must never fail
     src.close()

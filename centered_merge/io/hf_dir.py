@@ -3,13 +3,13 @@ model.safetensors, or (older repos) pytorch_model.bin, sharded or not. Shards ar
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Dict, List
 
 import torch
 
 from ..errors import MergeInputError
-from .base import TensorInfo, TensorSource
+from .base import TensorInfo, TensorSource, check_regular_file
 from .safetensors_reader import SafetensorsFile
 from .torch_bin import TorchFile
 
@@ -17,13 +17,42 @@ ST_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"key {k!r} appears twice")
+        d[k] = v
+    return d
+
+
 def _read_index(path: Path) -> Dict[str, str]:
+    """The index's weight_map {tensor: shard file name}, checked: a JSON object whose weight_map maps strings to
+    plain file names inside the directory (no absolute paths, no '..')."""
+    check_regular_file(path)
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MergeInputError(f"{path}: unreadable shard index ({type(e).__name__}: {e})") from None
+        doc = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except OSError as e:
+        raise MergeInputError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, duplicates
+        raise MergeInputError(f"{path}: corrupt shard index ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                              ) from None
+    if not isinstance(doc, dict):
+        raise MergeInputError(f"{path}: corrupt shard index (a JSON {type(doc).__name__}, not an object)")
+    if "weight_map" not in doc:
+        raise MergeInputError(f"{path}: corrupt shard index (no 'weight_map')")
+    weight_map = doc["weight_map"]
     if not isinstance(weight_map, dict):
-        raise MergeInputError(f"{path}: 'weight_map' is not a mapping")
+        raise MergeInputError(f"{path}: 'weight_map' is a JSON {type(weight_map).__name__}, not a mapping of "
+                              "tensor names to shard files")
+    for k, v in weight_map.items():
+        if not isinstance(v, str) or not v:
+            raise MergeInputError(f"{path}: 'weight_map' entry for tensor {k!r} is {str(v)[:60]!r}, not a file name")
+        pv = PurePosixPath(v)
+        if pv.is_absolute() or ".." in pv.parts or "\\" in v:
+            raise MergeInputError(f"{path}: 'weight_map' entry for tensor {k!r} points outside the directory ({v!r})")
+    if not weight_map:
+        raise MergeInputError(f"{path}: 'weight_map' is empty")
     return weight_map
 
 
@@ -91,6 +120,13 @@ class HFDirectory(TensorSource):
 
     def get(self, key: str) -> torch.Tensor:
         return self._where[key].get(key)
+
+    def read_into(self, key: str, out: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return self._where[key].read_into(key, out, offset)
+
+    def check_unchanged(self) -> None:
+        for s in self._shards:
+            s.check_unchanged()
 
     def file_of(self, key: str) -> str:
         return self._where[key].file_of(key)

@@ -15,6 +15,7 @@ from typing import Dict
 import torch
 
 from ..errors import MergeInputError
+from .base import FileGuard, check_regular_file
 from .memory import StateDictSource
 
 
@@ -35,12 +36,13 @@ def _flatten(obj, prefix="") -> Dict[str, torch.Tensor]:
     return out
 
 
-def load_torch_file(path: Path, trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
-    """The tensors of a torch checkpoint; views of an mmap for zip-format files, in memory for legacy ones."""
+def load_torch_file(path: Path, trust_pickle: bool = False, mmap: bool | None = None) -> Dict[str, torch.Tensor]:
+    """The tensors of a torch checkpoint; views of an mmap for zip-format files (unless mmap=False), in memory for
+    legacy ones."""
     path = Path(path)
-    if not path.exists():
-        raise MergeInputError(f"{path}: file not found")
-    mmap = zipfile.is_zipfile(path)  # legacy (pre-1.6) files cannot be mapped: they are read whole
+    check_regular_file(path)  # a FIFO or device would block torch.load or read without end
+    zipped = zipfile.is_zipfile(path)  # legacy (pre-1.6) files cannot be mapped: they are read whole
+    mmap = zipped if mmap is None else (mmap and zipped)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -60,16 +62,35 @@ def load_torch_file(path: Path, trust_pickle: bool = False) -> Dict[str, torch.T
 
 
 class TorchFile(StateDictSource):
-    """One torch checkpoint file. The dict of (mmap-backed) tensors is held; their bytes are paged in lazily."""
+    """One torch checkpoint file. The dict of (mmap-backed) tensors is held; their bytes are paged in lazily.
+
+    A zip-format file is memory-mapped only under a file read lease (FileGuard), which keeps other processes from
+    truncating or rewriting it while the merge reads it (a shrinking map would kill the process with SIGBUS);
+    where no lease is granted it is read whole into memory instead."""
 
     def __init__(self, path, trust_pickle: bool = False, label: str | None = None):
         self.path = Path(path)
-        # once loaded (memory-mapped where the format allows), a torch file is a state dict
-        super().__init__(load_torch_file(self.path, trust_pickle), label or str(self.path))
-        self.mmapped = zipfile.is_zipfile(self.path)
+        self._guard = FileGuard(self.path)
+        try:
+            leased = self._guard.take_lease()
+            # once loaded (memory-mapped where the format allows), a torch file is a state dict
+            super().__init__(load_torch_file(self.path, trust_pickle, mmap=leased), label or str(self.path))
+            self._guard.check()
+        except BaseException:
+            self._guard.close()
+            raise
+        self.mmapped = leased and zipfile.is_zipfile(self.path)
+
+    def get(self, key: str) -> torch.Tensor:
+        self._guard.check(key)
+        return super().get(key)
+
+    def check_unchanged(self) -> None:
+        self._guard.check()
 
     def file_of(self, key: str) -> str:
         return str(self.path)
 
     def close(self) -> None:
         self._t = {}
+        self._guard.close()

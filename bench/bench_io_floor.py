@@ -1,0 +1,356 @@
+"""How fast can a merge go, and how close do the linear merges get? (a benchmark, not a test)
+
+Builds T + 1 synthetic bf16 checkpoints of a Llama-shaped model (bench_engine's shapes: hidden 2048, MLP 5632,
+vocab 32000; the number of layers sets the size), then, in one run:
+
+  read floor    every input byte read once, file by file in file order, into one reused buffer (readinto)
+  write floor   the output's bytes written shard by shard from a reused buffer and fsynced, as the writer does
+  merges        weight_average, task_arithmetic and ties through cm.merge_checkpoints, each in its own child
+                process, timed inside that process after imports; peak anonymous memory (RssAnon polled every
+                5 ms) above the child's RssAnon after imports
+  ratio         each merge ÷ (read floor + write floor)
+
+    python bench/bench_io_floor.py --size-gb 1 --T 4
+    python bench/bench_io_floor.py --size-gb 0.5 --T 4 --cache cold
+
+--cache warm (default) reads the inputs once before each timed step, so all of them are in the page cache
+(they must fit in RAM); --cache cold drops them first (posix_fadvise DONTNEED on our own files only).
+
+`--compare-reads` instead times ways of reading the same inputs (mmap + page faults with and without madvise
+hints, pread/readinto into a reused buffer with and without read-ahead by bytes), cold and warm: the figures that
+chose the engine's reading path (docs/engine.md, "Reading at the floor").
+
+Checkpoints go to a temporary directory under --tmp (default /tmp), deleted at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_engine import HIDDEN, VOCAB, evict, layers_for, make_checkpoint, model_bytes  # noqa: E402  (the shapes)
+
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python 3.11 lacks the name
+CHUNK = 64 << 20
+
+
+def files_of(models):
+    return [f for m in models for f in sorted(Path(m).rglob("*.safetensors"))]
+
+
+def warm(models):
+    buf = bytearray(CHUNK)
+    for f in files_of(models):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
+def prepare(models, cache):
+    if cache == "cold":
+        evict(models)
+    else:
+        warm(models)
+
+
+def _status():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon", "VmHWM")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def _faults():
+    r = __import__("resource").getrusage(__import__("resource").RUSAGE_SELF)
+    return r.ru_minflt, r.ru_majflt
+
+
+# --- the floors --------------------------------------------------------------------------------------------------
+def read_floor(models) -> float:
+    buf = bytearray(CHUNK)
+    t0 = time.perf_counter()
+    for f in files_of(models):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+def write_floor(out: Path, nbytes: int, shard_size: int) -> float:
+    """nbytes written in shard_size files with pwrite from one reused buffer, each file fsynced, then the
+    directory: what the engine's writer does with the merged bytes."""
+    out.mkdir(parents=True, exist_ok=True)
+    buf = memoryview(bytearray(CHUNK))
+    t0 = time.perf_counter()
+    left, i = nbytes, 0
+    while left > 0:
+        n = min(left, shard_size)
+        fd = os.open(out / f"shard{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            off = 0
+            while off < n:
+                off += os.pwrite(fd, buf[:min(CHUNK, n - off)], off)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        left -= n
+        i += 1
+    dfd = os.open(out, os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+    secs = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return secs
+
+
+# --- ways of reading (--compare-reads) ---------------------------------------------------------------------------
+def _tensor_ranges(path: Path):
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    ranges = sorted((8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0], v["dtype"])
+                    for k, v in header.items() if k != "__metadata__")
+    return ranges
+
+
+def _consume(t, how):
+    """What the reader does with a tensor once it has it: here the engine's NaN/Inf scan (one min/max pass)."""
+    if how == "scan":
+        from centered_merge.validation import count_nonfinite
+
+        count_nonfinite(t)
+
+
+def read_mmap(models, hint, consume):
+    import torch
+
+    for f in files_of(models):
+        with open(f, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        if hint == "sequential":
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        ranges = _tensor_ranges(f)
+        for i, (off, n, _) in enumerate(ranges):
+            if hint == "willneed" and i + 1 < len(ranges):
+                o2, n2, _ = ranges[i + 1]
+                page = o2 - o2 % mmap.PAGESIZE
+                mm.madvise(mmap.MADV_WILLNEED, page, o2 + n2 - page)
+            if hint == "populate":
+                page = off - off % mmap.PAGESIZE
+                mm.madvise(MADV_POPULATE_READ, page, off + n - page)
+            t = torch.frombuffer(mm, dtype=torch.bfloat16, count=n // 2, offset=off)
+            if consume == "touch":  # one byte per page: the page faults and nothing else
+                t.view(torch.uint8)[::mmap.PAGESIZE].sum()
+            else:
+                _consume(t, consume)
+            del t
+        del mm
+
+
+def read_pread(models, ahead_bytes, consume):
+    import torch
+
+    largest = max(n for f in files_of(models) for _, n, _ in _tensor_ranges(f))
+    buf = torch.empty(largest, dtype=torch.uint8)
+    mv = memoryview(buf.numpy())
+    for f in files_of(models):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            ranges = _tensor_ranges(f)
+            hinted = 0
+            for off, n, _ in ranges:
+                if ahead_bytes:  # read-ahead by bytes: keep the kernel ahead_bytes past what we read
+                    want = off + n + ahead_bytes
+                    if want > hinted:
+                        start = max(hinted, off + n)
+                        os.posix_fadvise(fd, start, want - start, os.POSIX_FADV_WILLNEED)
+                        hinted = want
+                got = 0
+                while got < n:
+                    k = os.preadv(fd, [mv[got:n]], off + got)
+                    if k <= 0:
+                        raise OSError("short read")
+                    got += k
+                if consume != "none":
+                    _consume(buf[:n].view(torch.bfloat16), consume)
+        finally:
+            os.close(fd)
+
+
+def compare_reads(models, repeats: int):
+    import torch
+
+    nbytes = sum(f.stat().st_size for f in files_of(models))
+    ways = [
+        ("mmap, faults only (1 byte/page)", lambda: read_mmap(models, None, "touch")),
+        ("mmap + MADV_SEQUENTIAL, faults only", lambda: read_mmap(models, "sequential", "touch")),
+        ("mmap + MADV_WILLNEED next tensor, faults only", lambda: read_mmap(models, "willneed", "touch")),
+        ("mmap + MADV_POPULATE_READ per tensor", lambda: read_mmap(models, "populate", "touch")),
+        ("pread into reused buffer", lambda: read_pread(models, 0, "none")),
+        ("pread + fadvise WILLNEED 64 MiB ahead", lambda: read_pread(models, 64 << 20, "none")),
+        ("pread + fadvise WILLNEED 256 MiB ahead", lambda: read_pread(models, 256 << 20, "none")),
+        ("mmap + NaN/Inf scan", lambda: read_mmap(models, None, "scan")),
+        ("mmap + MADV_SEQUENTIAL + scan", lambda: read_mmap(models, "sequential", "scan")),
+        ("mmap + MADV_POPULATE_READ + scan", lambda: read_mmap(models, "populate", "scan")),
+        ("pread + scan", lambda: read_pread(models, 0, "scan")),
+        ("pread + 64 MiB ahead + scan", lambda: read_pread(models, 64 << 20, "scan")),
+    ]
+    rows = []
+    for cache in ("warm", "cold"):
+        for name, fn in ways:
+            best = None
+            for _ in range(repeats):
+                prepare(models, cache)
+                f0 = _faults()
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+                f1 = _faults()
+                if best is None or dt < best[0]:
+                    best = (dt, f1[0] - f0[0], f1[1] - f0[1])
+            rows.append((cache, name) + best)
+            print(f"# {cache:4s} {name:48s} {best[0]:6.2f} s  {nbytes / best[0] / 1e9:5.2f} GB/s  "
+                  f"minor faults {best[1]}", file=sys.stderr, flush=True)
+    print(f"\ninputs: {len(files_of(models))} files, {nbytes / 1e9:.2f} GB; best of {repeats}; torch threads "
+          f"{torch.get_num_threads()}; load average before: {os.getloadavg()[0]:.2f}")
+    print("\n| cache | way of reading | s | GB/s | minor faults |")
+    print("|---|---|---|---|---|")
+    for cache, name, dt, minf, _ in rows:
+        print(f"| {cache} | {name} | {dt:.2f} | {nbytes / dt / 1e9:.2f} | {minf} |")
+
+
+# --- merges (child processes) ------------------------------------------------------------------------------------
+METHODS = {
+    "weight_average": {},
+    "task_arithmetic": {"lam": 0.3},
+    "ties": {"density": 0.2, "lam": 1.0},
+}
+
+
+def child(spec) -> None:
+    import torch
+
+    import centered_merge as cm
+
+    models, base, out = spec["models"], spec["base"], Path(spec["out"])
+    method = spec["method"]
+    prepare(models + [base], spec["cache"])
+    base_anon = _status()["RssAnon"]
+    peak = [base_anon]
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _status()["RssAnon"])
+            time.sleep(0.005)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    f0 = _faults()
+    t0 = time.perf_counter()
+    rep = cm.merge_checkpoints(models, out, method=method, base=base if method != "weight_average" else None,
+                               progress=False, shard_size=spec["shard_size"], device=spec["device"],
+                               **METHODS[method])
+    secs = time.perf_counter() - t0
+    f1 = _faults()
+    stop.set()
+    th.join()
+    shutil.rmtree(out, ignore_errors=True)
+    print("RESULT " + json.dumps({"seconds": secs, "peak_anon": peak[0] - base_anon, "baseline_anon": base_anon,
+                                  "minor_faults": f1[0] - f0[0], "timings": rep.timings,
+                                  "bytes_read": rep.bytes_read, "bytes_written": rep.bytes_written,
+                                  "threads": torch.get_num_threads()}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=1.0, help="size of each checkpoint (default 1)")
+    ap.add_argument("--T", type=int, default=4, help="number of fine-tuned models (a base is added)")
+    ap.add_argument("--cache", choices=("warm", "cold"), default="warm")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--shard-size", type=int, default=5 * 10**9)
+    ap.add_argument("--device", default="cpu", help="the merges' device (cpu, cuda)")
+    ap.add_argument("--repeats", type=int, default=2, help="--compare-reads: best of this many runs")
+    ap.add_argument("--compare-reads", action="store_true")
+    ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)  # so the temporary checkpoints are deleted on kill
+    root = Path(tempfile.mkdtemp(prefix="cm_floor_", dir=args.tmp))
+    try:
+        layers = layers_for(args.size_gb)
+        t0 = time.perf_counter()
+        paths = []
+        for i in range(args.T + 1):
+            p = root / ("base" if i == args.T else f"ft{i}")
+            make_checkpoint(p, layers, seed=2000 + i)
+            paths.append(str(p))
+        os.sync()
+        models, base = paths[:-1], paths[-1]
+        size = model_bytes(layers)
+        print(f"# built {args.T} + 1 checkpoints of {size / 1e9:.2f} GB ({layers} layers) in "
+              f"{time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+        if args.compare_reads:
+            return compare_reads(models, args.repeats)
+        rows = {}
+        load0 = os.getloadavg()[0]
+        for method in args.methods:
+            inputs = models + ([] if method == "weight_average" else [base])
+            prepare(inputs, args.cache)
+            rf = read_floor(inputs)
+            wf = write_floor(root / "wfloor", size, args.shard_size)
+            spec = {"models": models, "base": base, "out": str(root / "out"), "method": method,
+                    "cache": args.cache, "shard_size": args.shard_size, "device": args.device}
+            r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+            line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+            if r.returncode or not line:
+                print(r.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"merge failed: {method}")
+            res = json.loads(line[0][7:])
+            res.update(read_floor=rf, write_floor=wf, inputs=len(inputs))
+            rows[method] = res
+            print(f"# {method}: merge {res['seconds']:.2f} s, read floor {rf:.2f} s, write floor {wf:.2f} s, "
+                  f"peak anon +{res['peak_anon'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+        largest = VOCAB * HIDDEN * 2  # the embedding / head, bf16
+        print(f"\n{args.T} models + base, {size / 1e9:.2f} GB each ({layers} layers, bf16), cache {args.cache}; "
+              f"largest tensor {largest / 2**20:.0f} MiB; torch threads {next(iter(rows.values()))['threads']}; "
+              f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
+        print("\n| method | inputs read | merge s | read floor s | write floor s | merge ÷ (read + write) | "
+              "peak RssAnon above baseline MiB | ÷ largest tensor | minor faults | main thread read/compute/write/finish s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for method, r in rows.items():
+            t = r["timings"]
+            print(f"| {method} | {r['inputs']} | {r['seconds']:.2f} | {r['read_floor']:.2f} | {r['write_floor']:.2f} | "
+                  f"{r['seconds'] / (r['read_floor'] + r['write_floor']):.2f} | {r['peak_anon'] / 2**20:.0f} | "
+                  f"{r['peak_anon'] / largest:.1f} | {r['minor_faults']} | "
+                  + " / ".join(f"{t.get(k, 0):.2f}" for k in ("read", "compute", "write", "finish")) + " |")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
