@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     o.add_argument("--shard-size", default="5GB", metavar="SIZE", help="max bytes per output shard (default 5GB)")
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    o.add_argument("--no-resume", action="store_true", help="discard the partial output of an interrupted earlier run")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     o.add_argument("--dry-run", action="store_true",
                    help="print the plan (tensors, low-rank k, FLOPs, estimated peak memory) and exit")
@@ -159,7 +160,7 @@ def cmd_merge(a) -> int:
     common = dict(method=req["method"], base=req["base"], out_dtype=req["out_dtype"], dtype=req["dtype"],
                   device=a.device, read_ahead=a.read_ahead, trust_pickle=a.trust_pickle, **req["params"])
     if a.dry_run:
-        _print_plan(plan_merge(req["models"], **common))
+        _print_plan(plan_merge(req["models"], shard_size=a.shard_size, **common))
         return 0
     if not a.out:
         raise MergeConfigError("--out DIR is required")
@@ -170,7 +171,7 @@ def cmd_merge(a) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rep = merge_checkpoints(req["models"], a.out, shard_size=a.shard_size, overwrite=a.overwrite,
-                                    progress=not a.quiet, allow_nonfinite=a.allow_nonfinite,
+                                    progress=not a.quiet, allow_nonfinite=a.allow_nonfinite, resume=not a.no_resume,
                                     distributed=ctx is not None, **common)
     finally:
         if created:

@@ -32,6 +32,11 @@ class RankContext:
     world: int
 
     @staticmethod
+    def single() -> "RankContext":
+        """A single process: a world of one rank, whose collectives return its own values."""
+        return RankContext(0, 1)
+
+    @staticmethod
     def current() -> Optional["RankContext"]:
         """The context of an initialised torch.distributed group of more than one process, else None."""
         import torch.distributed as dist
@@ -42,6 +47,8 @@ class RankContext:
 
     def broadcast(self, obj):
         """rank 0's `obj` on every rank."""
+        if self.world == 1:
+            return obj
         import torch.distributed as dist
 
         box = [obj if self.rank == 0 else None]
@@ -50,6 +57,8 @@ class RankContext:
 
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
         import torch.distributed as dist
 
         out = [None] * self.world

@@ -23,12 +23,12 @@ from _engine_util import leftovers, make_state_dicts, save_models, tree_bytes  #
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 MULTI_SHARD = {"method": "cart", "rank": 0.25, "shard_size": 3000}  # tensors of one shard land on both ranks
-SCENARIOS = ["cart", "ties", "rank0_only", "diff_args", "fail_write", "post_finish_fail", "peer_dies"]
+SCENARIOS = ["cart", "ties", "rank0_only", "diff_args", "locked", "fail_write", "post_finish_fail", "peer_dies"]
 
 
 def _scenario(name, rank, models, base, out):
     """Run one scenario on this rank; returns (status, detail)."""
-    import centered_merge.engine as E
+    import centered_merge.engine.card as E
     from centered_merge.io import writer as W
 
     kw = dict(base=base, progress=False)
@@ -42,15 +42,18 @@ def _scenario(name, rank, models, base, out):
         if rank == 0:
             merge_checkpoints(models, out, method="cart", rank=0.5, **kw)
         return "ok", None
+    if name == "locked":  # the test process holds the output's lock: every rank refuses, naming it
+        merge_checkpoints(models, out, distributed=True, method="cart", rank=0.5, **kw)
+        return "ok", None
     if name == "diff_args":
         merge_checkpoints(models, out, distributed=True, method="cart", rank=0.5, lam=1.0 + rank, **kw)
         return "ok", None
-    saved = (W.PartitionedShardWriter.write, E.model_card)
+    saved = (W.ShardedWriter.write, E.model_card)
     try:
         if name == "fail_write" and rank == 1:
             def broken(self, tname, tensor):
                 raise W._write_error(self.out, OSError(28, "No space left on device"), f"tensor {tname!r}", "x")
-            W.PartitionedShardWriter.write = broken
+            W.ShardedWriter.write = broken
         if name == "post_finish_fail" and rank == 0:  # after every rank's writes: rank 0 alone fails
             def broken_card(*a, **k):
                 raise RuntimeError("card failed")
@@ -58,11 +61,11 @@ def _scenario(name, rank, models, base, out):
         if name == "peer_dies" and rank == 1:
             def die(self, tname, tensor):
                 os._exit(3)
-            W.PartitionedShardWriter.write = die
+            W.ShardedWriter.write = die
         merge_checkpoints(models, out, distributed=True, method="cart", rank=0.5, **kw)
         return "ok", None
     finally:
-        W.PartitionedShardWriter.write, E.model_card = saved
+        W.ShardedWriter.write, E.model_card = saved
 
 
 def _rank_main(rank, world, init_file, models, base, tmp, results):
@@ -89,6 +92,9 @@ def _rank_main(rank, world, init_file, models, base, tmp, results):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     base, models = save_models(tmp, *make_state_dicts(T=3), kind="dir")
+    from centered_merge.engine.lock import OutputLock
+
+    held = OutputLock(tmp / "locked")  # another merge into that output, as far as the ranks can tell
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tmp / "init"), models, base, str(tmp), results),
@@ -102,6 +108,7 @@ def runs(tmp_path_factory):
         for p in procs:  # never leave a hung rank behind
             if p.is_alive():
                 p.kill()
+        held.release()
     out = {}
     while not results.empty():
         name, rank, status = results.get(timeout=5)
@@ -137,6 +144,15 @@ def test_a_failure_on_any_rank_fails_every_rank_and_leaves_nothing(runs, name, r
     assert out[name, 0][0] != "ok" and rank0 in out[name, 0][1]
     assert out[name, 1][0] != "ok" and rank1 in out[name, 1][1]
     assert leftovers(tmp, name) == []
+
+
+def test_every_rank_refuses_a_locked_output(runs):
+    tmp, _, _, out, _ = runs
+    for rank in (0, 1):
+        status, message = out["locked", rank]
+        assert status == "MergeOutputError" and f"another merge into this output is running (pid {os.getpid()}" \
+            in message, message
+    assert not (tmp / "locked").exists()
 
 
 def test_a_rank_that_dies_is_noticed_and_leaves_nothing(runs):

@@ -141,7 +141,7 @@ def test_plan(tmp_path):
 def test_lazy_device_inputs_give_the_same_merge(method, params):
     """The sequence the engine hands to methods on CUDA when T inputs do not fit (copy on read) is a drop-in
     for a list: every method gives the same bits (checked on CPU; the CUDA copy is the only difference)."""
-    from centered_merge.engine import _LazyDeviceInputs
+    from centered_merge.engine import LazyDeviceInputs
     from centered_merge.methods import get_method
 
     base, models = make_state_dicts(T=3, dtype=torch.bfloat16, with_int=False)
@@ -149,7 +149,7 @@ def test_lazy_device_inputs_give_the_same_merge(method, params):
     for k in base:
         xs = [sd[k] for sd in models]
         b = base[k] if m.needs_base else None
-        lazy = _LazyDeviceInputs(xs, torch.device("cpu"))
+        lazy = LazyDeviceInputs(xs, torch.device("cpu"))
         assert len(lazy) == 3 and len(lazy[1:]) == 2
         assert torch.equal(m.merge_tensor(k, lazy, b), m.merge_tensor(k, xs, b)), k
 

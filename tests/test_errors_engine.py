@@ -154,27 +154,23 @@ def test_output_exists(tmp_path, files, capsys):
 
 
 class _FullDisk:
-    """A file whose writes fail with ENOSPC once `room` bytes have been written."""
+    """The writer's pwrite, failing with ENOSPC once `room` bytes have been written."""
 
     room = 3000
+    real = staticmethod(writer_mod._pwrite_all)
 
-    def __init__(self, path, mode="r", **kw):
-        self._f = open(path, mode, **kw)
-
-    def write(self, b):
-        n = len(memoryview(b).cast("B"))
+    @staticmethod
+    def pwrite_all(fd, data, offset):
+        n = len(memoryview(data).cast("B"))
         if _FullDisk.room < n:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         _FullDisk.room -= n
-        return self._f.write(b)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
+        return _FullDisk.real(fd, data, offset)
 
 
 def test_disk_full_mid_way(tmp_path, files, capsys, monkeypatch):
     _, _, (_, paths) = files
-    monkeypatch.setattr(writer_mod, "open", _FullDisk, raising=False)
+    monkeypatch.setattr(writer_mod, "_pwrite_all", _FullDisk.pwrite_all)
     _FullDisk.room = 3000
     rc, err = run_cli(["merge", *paths, "--method", "weight_average", "--shard-size", "2KB",
                        "--out", str(tmp_path / "out")], capsys)
@@ -241,7 +237,7 @@ def test_sigterm_mid_merge_cleans_up(tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
-        while not any(n.startswith(".out.partial-") for n in os.listdir(tmp_path)):
+        while not any(n.startswith(".out.partial") for n in os.listdir(tmp_path)):
             assert p.poll() is None and time.time() < deadline, "merge ended before it could be stopped"
             time.sleep(0.01)
         time.sleep(0.2)

@@ -1,45 +1,46 @@
-"""The output side of the engine: an HF-style directory, written tensor by tensor, made visible only when complete.
+"""The output side of the engine: one writer for an HF-style directory, made visible only when complete.
 
-Layout: model.safetensors (one shard) or model-0000i-of-0000N.safetensors + model.safetensors.index.json,
-config.json / generation and tokenizer files copied from a reference model, and a README.md card.
+Layout (io/layout.py): model.safetensors (one shard) or model-0000i-of-0000N.safetensors +
+model.safetensors.index.json, config.json / generation and tokenizer files copied from a reference model, and a
+README.md card.
 
-Why this module writes the safetensors format itself: `safetensors.torch.save_file` needs every tensor of a
-shard in memory at once (a 5 GB shard = 5 GB of RAM), which would break the engine's promise that memory is
-bounded by the largest tensor. The format is simple (8-byte little-endian header length, a JSON header with
-dtype / shape / data_offsets per tensor, then the raw bytes, contiguous, no holes), and every tensor's shape and
-dtype is known before the merge starts, so each shard's header is written first and the tensor bytes are then
-appended as they are produced. Files written here are read back with safetensors' own reader in the tests.
+One writer for every case: each tensor's bytes go to their planned offset with pwrite, so the order of writes
+does not matter and several processes (torch.distributed ranks) can write one output together; a single process
+is a world of one rank. Writes run on a background thread (a bounded queue of `queue_depth` tensors, so memory
+stays bounded); errors of the thread surface at the next write or at finish.
 
-Atomicity: everything goes to a hidden sibling directory `.NAME.partial-XXXX`; only a complete output is renamed
-to NAME. On any failure the partial directory is removed, so nothing at NAME ever looks finished when it is not.
+Atomicity and resume: everything goes to a hidden sibling directory `.NAME.partial`; only a complete output is
+renamed to NAME. After a tensor's bytes are written (and fsynced), a line naming it, its offset, length and a
+CRC-32 of its bytes is appended to this rank's journal in the partial directory and fsynced: only then does the
+tensor count as done. The partial directory also keeps a fingerprint of the request. If the process is killed
+(SIGKILL, OOM, power loss), the same request later finds the partial directory, checks the fingerprint and the
+journal's checksums against the bytes on disk, and writes only what is missing. A failure the process sees
+(a bad input, a full disk, Ctrl-C) removes the partial directory, so nothing at NAME ever looks finished.
+
+Durability: shards, index, config, card and copied files are fsynced, and so are the partial directory before
+the rename and the parent directory after it. Files and directories are created with the process's umask.
 """
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import queue
 import re
 import shutil
-import tempfile
 import threading
+import time
+import zlib
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
+from ..distributed import RankContext
 from ..errors import MergeConfigError, MergeError, MergeOutputError
 from .base import TensorInfo
-
-ST_DTYPE = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _attr, _name in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
-                     ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _attr):
-        ST_DTYPE[getattr(torch, _attr)] = _name
+from .layout import INDEX_NAME, ST_DTYPE, ShardLayout, plan_shards  # noqa: F401  (re-exported)
 
 # copied from the reference model's directory when present
 COPY_FILES = (
@@ -48,39 +49,74 @@ COPY_FILES = (
     "merges.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
 )
 
+REQUEST_FILE = ".centered_merge-request.json"  # in the partial directory only; removed before publishing
+JOURNAL_PREFIX = ".centered_merge-journal"
+SYNC_BYTES = 256 << 20  # a journal batch: at most this many bytes written ...
+SYNC_SECONDS = 2.0  # ... or this much time since the batch began
+
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.I)
 
 
 def parse_size(text) -> int:
-    """'5GB' -> 5*10**9, '500MiB' -> 500*2**20, '1e9' or 1000 -> bytes."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        n = int(text)
+    """'5GB' -> 5*10**9, '500MiB' -> 500*2**20, '1e9' or 1000 -> bytes. Refuses 0, negative, inf, NaN, garbage."""
+    if isinstance(text, bool):
+        raise MergeConfigError(f"shard size {text!r} is not a size (examples: 5GB, 500MB, 2GiB)")
+    if isinstance(text, (int, float)):
+        n = float(text)
     else:
         s = str(text)
         m = _SIZE.match(s)
         if m:
             num, unit, binary = m.groups()
-            base = 1024 if binary else 1000
-            n = int(float(num) * base ** " kmgt".index(unit.lower() or " "))
+            n = float(num) * (1024 if binary else 1000) ** " kmgt".index(unit.lower() or " ")
         else:
             try:
-                n = int(float(s))
+                n = float(s)
             except ValueError:
                 raise MergeConfigError(f"shard size {text!r} is not a size (examples: 5GB, 500MB, 2GiB)") from None
-    if n <= 0:
+    if not math.isfinite(n):
+        raise MergeConfigError(f"shard size must be a finite number of bytes; got {text!r}")
+    if int(n) <= 0:
         raise MergeConfigError(f"shard size must be positive; got {text!r}")
-    return n
+    return int(n)
 
 
-def check_output_path(out_dir, overwrite: bool) -> Path:
-    """Refuse an existing non-empty output unless overwrite; called before any work and again at the end."""
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_output_path(out_dir, overwrite: bool, inputs: Iterable[Union[str, Path]] = ()) -> Path:
+    """Refuse an output that cannot or must not be replaced; called before any work and again at the end.
+
+    Refused always: the current directory or one above it, a mount point, a regular file or other non-directory
+    (--overwrite replaces directories only), a path that holds one of the merge's `inputs` (files or
+    directories), a path inside an input directory. Refused without `overwrite`: a non-empty directory.
+    """
     out = Path(out_dir)
+    if str(out_dir) == "" or out.name in ("", ".", ".."):
+        raise MergeOutputError(f"{out_dir!s}: give the output a directory name of its own (not '.', '..' or /)")
+    real = Path(os.path.realpath(out))
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if _within(cwd, real):
+        raise MergeOutputError(f"{out}: the output would replace the current directory (or one above it)")
+    for inp in inputs:
+        ip = Path(os.path.realpath(inp))
+        if _within(ip, real):
+            raise MergeOutputError(f"{out}: the output path holds the merge's input {inp}; a merge never "
+                                   "replaces its own inputs (not even with --overwrite)")
+        if ip.is_dir() and _within(real, ip):
+            raise MergeOutputError(f"{out}: the output path is inside the input directory {inp}; write it elsewhere")
     if out.exists() or out.is_symlink():
+        if out.is_dir() and not out.is_symlink() and os.path.ismount(out):
+            raise MergeOutputError(f"{out}: is a mount point and cannot be replaced; give a directory inside it")
         if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
             return out
+        if not out.is_dir() and not out.is_symlink():
+            raise MergeOutputError(f"{out}: output path exists and is not a directory; --overwrite replaces "
+                                   "directories only: remove the file or pick another output path")
         if not overwrite:
-            what = "directory is not empty" if out.is_dir() else "path exists and is not a directory"
-            raise MergeOutputError(f"{out}: output {what}; pass --overwrite (API: overwrite=True) to replace it")
+            raise MergeOutputError(f"{out}: output directory is not empty; pass --overwrite (API: overwrite=True) "
+                                   "to replace it")
     parent = out.absolute().parent
     while not parent.exists() and parent != parent.parent:  # missing parents are created later
         parent = parent.parent
@@ -91,46 +127,9 @@ def check_output_path(out_dir, overwrite: bool) -> Path:
     return out
 
 
-def plan_shards(items: Sequence[Tuple[str, TensorInfo]], shard_size: int) -> List[List[Tuple[str, TensorInfo]]]:
-    """Split tensors (in the given order) into shards of at most shard_size bytes (a bigger tensor gets its own).
-
-    Inside a shard, tensors are laid out by element size, largest first (stable), so that every tensor starts at
-    an offset aligned to its element size without padding (safetensors allows no holes).
-    """
-    shards: List[List[Tuple[str, TensorInfo]]] = []
-    cur: List[Tuple[str, TensorInfo]] = []
-    size = 0
-    for name, info in items:
-        if cur and size + info.nbytes > shard_size:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((name, info))
-        size += info.nbytes
-    if cur or not shards:
-        shards.append(cur)
-    return [sorted(s, key=lambda kv: -_itemsize(kv[1].dtype)) for s in shards]
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return 1 if dtype == torch.bool else torch.empty((), dtype=dtype).element_size()
-
-
-def _header_bytes(shard: Sequence[Tuple[str, TensorInfo]], metadata: Dict[str, str]) -> Tuple[bytes, int]:
-    header = {"__metadata__": metadata}
-    off = 0
-    for name, info in shard:
-        if info.dtype not in ST_DTYPE:
-            raise MergeConfigError(f"tensor {name!r}: dtype {info.dtype} cannot be stored in safetensors")
-        header[name] = {"dtype": ST_DTYPE[info.dtype], "shape": list(info.shape),
-                        "data_offsets": [off, off + info.nbytes]}
-        off += info.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw, off
-
-
-def _shard_names(n: int) -> List[str]:
-    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+def partial_dir(out: Path) -> Path:
+    """The hidden directory next to `out` where a merge into `out` is built (and resumed)."""
+    return out.absolute().parent / f".{out.name}.partial"
 
 
 def _write_error(out: Path, e: OSError, what: str, fname: str) -> MergeOutputError:
@@ -138,15 +137,6 @@ def _write_error(out: Path, e: OSError, what: str, fname: str) -> MergeOutputErr
               errno.EFBIG: "file size limit reached"}.get(e.errno, "write error")
     return MergeOutputError(f"{out}: {reason} while writing {what} to {fname} ({e.strerror or e}); "
                             "nothing was written to the output path")
-
-
-def _make_partial_dir(out: Path) -> Path:
-    parent = out.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-    except OSError as e:
-        raise MergeOutputError(f"{out}: cannot create a temporary directory in {parent} ({e.strerror})") from None
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -161,256 +151,199 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """os.pwrite until every byte is written (os-level writes may be short)."""
+    pos = 0
+    while pos < len(data):
+        pos += os.pwrite(fd, data[pos:pos + (1 << 26)], offset + pos)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: Path, text: str, fsync: bool) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+class Journal:
+    """This rank's record of finished tensors: one JSON line each (name, shard, offset, length, crc32), fsynced."""
+
+    def __init__(self, path: Path, fsync: bool):
+        self.path, self.fsync = path, fsync
+        self._fd: Optional[int] = None
+
+    def load(self, layout: ShardLayout, fds: Dict[int, int]) -> Set[str]:
+        """Names whose journal line matches the layout and whose bytes on disk still have the recorded CRC."""
+        done: Set[str] = set()
+        try:
+            lines = self.path.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return done
+        for raw in lines:
+            try:
+                e = json.loads(raw)
+                slot = layout.slots[e["name"]]
+                if (e["shard"], e["offset"], e["length"]) != (slot.shard, slot.offset, slot.length):
+                    continue
+                data = os.pread(fds[slot.shard], slot.length, slot.offset) if slot.length else b""
+                if len(data) == slot.length and zlib.crc32(data) == e["crc32"]:
+                    done.add(e["name"])
+            except (ValueError, KeyError, TypeError, OSError):
+                continue  # a torn last line (killed mid-append) or a stale entry: that tensor is written again
+        return done
+
+    def record(self, entries: Sequence[Tuple[str, int, int, int, int]]) -> None:
+        """Append (name, shard, offset, length, crc32) lines, one write, then fsync: those tensors are done."""
+        if not entries:
+            return
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        lines = "".join(json.dumps({"name": n, "shard": s, "offset": o, "length": ln, "crc32": c},
+                                   separators=(",", ":")) + "\n" for n, s, o, ln, c in entries)
+        os.write(self._fd, lines.encode())
+        if self.fsync:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class ShardedWriter:
-    """Writes the planned tensors, in `order`, into shards in a hidden temporary directory; `commit` publishes.
+    """Writes the planned tensors of this rank into the partial directory; `commit` publishes.
 
-    `write(name, tensor)` hands the tensor to a background thread (a bounded queue of `queue_depth` tensors, so
-    memory stays bounded) and returns. Errors of the thread surface at the next write or at commit.
+    items: (name, TensorInfo) of every output tensor (or a ShardLayout). ctx: this process's place in a group
+    (default: a world of one). owner: name -> rank (default: every tensor is this rank's). fingerprint: a JSON-able
+    description of the request; given (and resume=True), a partial directory left by an earlier run of the same
+    request is continued, and a different one is discarded with the reason passed to `note`. After construction
+    `order` lists the tensors this rank still has to write, in layout order, and `resumed` how many were already
+    written.
+
+    Collectives, in the same order on every rank: construction broadcasts rank 0's set-up (directory, fingerprint,
+    whether it resumes) and gathers the ranks' agreement; `finish` gathers (so does `abort` before finish);
+    `commit` broadcasts (so does `abort` after finish).
     """
 
-    def __init__(self, out_dir, items: Sequence[Tuple[str, TensorInfo]], *, shard_size: int = 5 * 10**9,
-                 overwrite: bool = False, queue_depth: int = 2, fsync: bool = True,
-                 on_written: Optional[Callable[[str, int], None]] = None):
-        self.out = check_output_path(out_dir, overwrite)
-        self.overwrite = overwrite
-        self.fsync = fsync
-        self.on_written = on_written
-        self.shards = plan_shards(list(items), int(shard_size))
-        self.shard_names = _shard_names(len(self.shards))
-        self.order = [name for shard in self.shards for name, _ in shard]
-        self._info = dict(items)
-        self._next = 0
-        self.tmp = _make_partial_dir(self.out)
-        self._q: "queue.Queue" = queue.Queue(maxsize=max(1, queue_depth))
-        self._error: Optional[BaseException] = None
-        self._done = False
-        self._thread = threading.Thread(target=self._run, name="centered_merge-writer", daemon=True)
-        self._thread.start()
-
-    # --- producer side -------------------------------------------------------------------------------------
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self._raise_if_failed()
-        _accept(self, name, tensor)
-        while True:
-            try:
-                self._q.put((name, tensor), timeout=0.2)
-                return
-            except queue.Full:
-                self._raise_if_failed()
-
-    def _raise_if_failed(self):
-        if self._error is not None:
-            raise self._error
-
-    # --- writer thread -------------------------------------------------------------------------------------
-    def _run(self):
-        f = None
-        path = None
-        try:
-            for shard, fname in zip(self.shards, self.shard_names):
-                path = self.tmp / fname
-                name = None
-                try:
-                    f = open(path, "wb", buffering=0)
-                    head, _ = _header_bytes(shard, {"format": "pt"})
-                    f.write(head)
-                    for expect, info in shard:
-                        item = self._q.get()
-                        if item is None:  # abort
-                            return
-                        name, tensor = item
-                        assert name == expect
-                        buf = _tensor_bytes(tensor)
-                        del tensor, item
-                        view, pos = buf, 0
-                        while pos < len(view):  # os-level writes may be short
-                            pos += f.write(view[pos:pos + (1 << 26)])
-                        del buf, view
-                        if self.on_written is not None:
-                            self.on_written(name, info.nbytes)
-                    if self.fsync:
-                        os.fsync(f.fileno())
-                    f.close()
-                    f = None
-                except OSError as e:
-                    raise _write_error(self.out, e, f"tensor {name!r}" if name else "the header", fname) from None
-            self._done = True
-        except BaseException as e:  # noqa: BLE001  (handed to the producer)
-            self._error = e
-            # drain so a blocked producer wakes up and sees the error
-            try:
-                while True:
-                    self._q.get_nowait()
-            except queue.Empty:
-                pass
-        finally:
-            if f is not None:
-                try:
-                    f.close()
-                except OSError:
-                    pass
-
-    # --- end -----------------------------------------------------------------------------------------------
-    def finish(self, counts: Sequence[int], messages: Sequence[str] = ()) -> Tuple[List[int], List[str]]:
-        """The merge's counts summed, and its messages joined, over every process that wrote part of the output:
-        here just the arguments (PartitionedShardWriter gathers them across ranks)."""
-        return list(counts), list(messages)
-
-    def commit(self, *, config_dir=None, card: Optional[str] = None, out_dtype: Optional[torch.dtype] = None,
-               extra_files: Optional[Dict[str, str]] = None) -> Path:
-        """Wait for the writes, add index, config/tokenizer files and card, then rename into place."""
-        try:
-            if self._next != len(self.order):
-                raise RuntimeError(f"writer: {len(self.order) - self._next} planned tensor(s) never came (engine bug)")
-            self._thread.join()
-            self._raise_if_failed()
-            if not self._done:
-                raise MergeOutputError(f"{self.out}: writing stopped before the end")
-            _finish_directory(self, config_dir, card, out_dtype, extra_files)
-            return self.out
-        except BaseException:
-            self.abort()
-            raise
-
-    def abort(self) -> None:
-        """Stop the thread and remove the partial directory (idempotent)."""
-        if self._thread.is_alive():
-            self._error = self._error or RuntimeError("aborted")
-            try:
-                while True:
-                    self._q.get_nowait()
-            except queue.Empty:
-                pass
-            try:
-                self._q.put_nowait(None)
-            except queue.Full:
-                pass
-            self._thread.join(timeout=30)
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _accept(w, name: str, tensor: torch.Tensor) -> None:
-    """Check that `tensor` is the next one a writer expects, as planned (shape, dtype)."""
-    expected = w.order[w._next] if w._next < len(w.order) else None
-    if name != expected:
-        raise RuntimeError(f"writer: got tensor {name!r}, expected {expected!r} (engine bug)")
-    info = w._info[name]
-    if tuple(tensor.shape) != tuple(info.shape) or tensor.dtype != info.dtype:
-        raise RuntimeError(f"writer: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned "
-                           f"{info.shape} {info.dtype} (engine bug)")
-    w._next += 1
-
-
-def _finish_directory(w, config_dir, card, out_dtype, extra_files) -> None:
-    """Index, config/tokenizer files and card into the partial directory of writer `w`, then publish it."""
-    try:
-        if len(w.shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(i.nbytes for s in w.shards for _, i in s)},
-                "weight_map": {name: fname for shard, fname in zip(w.shards, w.shard_names) for name, _ in shard},
-            }
-            (w.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if config_dir is not None:
-            copy_model_files(Path(config_dir), w.tmp, out_dtype)
-        for fname, text in (extra_files or {}).items():
-            (w.tmp / fname).write_text(text)
-        if card is not None:
-            (w.tmp / "README.md").write_text(card)
-    except OSError as e:
-        raise MergeOutputError(f"{w.out}: write error while finishing the output ({e.strerror or e})") from None
-    _publish(w.tmp, w.out, w.overwrite)
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished partial directory to `out`, replacing what is there when `overwrite`."""
-    old = None
-    check_output_path(out, overwrite)  # something may have appeared there meanwhile
-    if out.exists() or out.is_symlink():
-        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-            out.rmdir()
-        else:
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError as e:
-        if old is not None:
-            os.rename(old, out)
-        raise MergeOutputError(f"{out}: cannot move the finished output into place ({e.strerror})") from None
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-
-
-class PartitionedShardWriter:
-    """ShardedWriter's output, written by several processes (torch.distributed ranks) at once.
-
-    Every rank plans the same shards. Rank 0 creates the partial directory, writes every shard's header and
-    sizes each file to its final length; each rank then writes the bytes of its own tensors (`owner`) at their
-    planned offsets with pwrite, so the files come out byte for byte as one process writes them. `finish`
-    gathers every rank's counts, messages and success; if all succeeded, `commit` has rank 0 add the index,
-    config files and card and publish, and the others learn the outcome from it. On any failure no rank
-    publishes and rank 0 removes the partial directory, also when a collective itself fails (a rank died).
-
-    Collectives, in the same order on every rank: construction broadcasts rank 0's directory and `fingerprint`
-    (a digest of the arguments; ranks given different ones all raise) and gathers the comparison; `finish`
-    gathers (so does `abort` before finish); `commit` broadcasts (so does `abort` after finish).
-    """
-
-    def __init__(self, out_dir, items: Sequence[Tuple[str, TensorInfo]], *, ctx, owner: Dict[str, int],
-                 shard_size: int = 5 * 10**9, overwrite: bool = False, fsync: bool = True, fingerprint: str = "",
-                 on_written: Optional[Callable[[str, int], None]] = None):
-        self.ctx, self.overwrite, self.fsync, self.on_written = ctx, overwrite, fsync, on_written
-        self.out = check_output_path(out_dir, overwrite)
-        self.shards = plan_shards(list(items), int(shard_size))
-        self.shard_names = _shard_names(len(self.shards))
-        self._info = dict(items)
-        self._where: Dict[str, Tuple[int, int]] = {}  # name -> (shard index, byte offset in its file)
-        headers = []
-        for i, shard in enumerate(self.shards):
-            head, _ = _header_bytes(shard, {"format": "pt"})
-            headers.append(head)
-            off = len(head)
-            for name, info in shard:
-                self._where[name] = (i, off)
-                off += info.nbytes
-        self.order = [name for shard in self.shards for name, _ in shard if owner[name] == ctx.rank]
-        self._next = 0
+    def __init__(self, out_dir, items: Union[Sequence[Tuple[str, TensorInfo]], ShardLayout], *,
+                 shard_size: int = 5 * 10**9, overwrite: bool = False, queue_depth: int = 2, fsync: bool = True,
+                 on_written: Optional[Callable[[str, int], None]] = None, ctx: Optional[RankContext] = None,
+                 owner: Optional[Dict[str, int]] = None, fingerprint=None, resume: bool = True,
+                 protect: Sequence[Union[str, Path]] = (), note: Optional[Callable[[str], None]] = None):
+        self.ctx = ctx or RankContext.single()
+        self.overwrite, self.fsync, self.on_written = overwrite, fsync, on_written
+        self.protect = list(protect)
+        self.out = check_output_path(out_dir, overwrite, self.protect)
+        self.layout = items if isinstance(items, ShardLayout) else ShardLayout(list(items), int(shard_size))
+        self.shards, self.shard_names = self.layout.shards, self.layout.names
+        self._info = self.layout.info
+        mine = [n for n in self.layout.order if owner is None or owner[n] == self.ctx.rank]
         self._fds: Dict[int, int] = {}
         self._stage = "writing"
         self.tmp: Optional[Path] = None
-        plan = [(n, list(i.shape), str(i.dtype)) for shard in self.shards for n, i in shard]
-        self.fingerprint = json.dumps([str(self.out.absolute()), plan, fingerprint], sort_keys=True)
-        made = None
-        if ctx.rank == 0:
+        self.resumed = 0
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+        self.journal: Optional[Journal] = None
+        digest = json.dumps([str(self.out.absolute()), self.layout.digest(), fingerprint, self.ctx.world],
+                            sort_keys=True, default=str)
+        setup = None
+        if self.ctx.rank == 0:
             try:
-                self.tmp = _make_partial_dir(self.out)
-                for shard, fname, head in zip(self.shards, self.shard_names, headers):
-                    with open(self.tmp / fname, "wb") as f:
-                        f.write(head)
-                        f.truncate(len(head) + sum(info.nbytes for _, info in shard))
-                        if self.fsync:
-                            os.fsync(f.fileno())
-                made = str(self.tmp)
+                setup = (str(self._prepare(digest, fingerprint is not None and resume, note)), digest)
             except (OSError, MergeOutputError) as e:
-                err = e if isinstance(e, MergeOutputError) else _write_error(self.out, e, "the headers", "the shards")
-                made = ("error", str(err))
-        made, theirs = self._collective(lambda: ctx.broadcast((made, self.fingerprint)))
-        if isinstance(made, tuple):
+                err = e if isinstance(e, MergeOutputError) else MergeOutputError(
+                    f"{self.out}: cannot create the partial directory ({e.strerror or e})")
+                setup = ("error", str(err))
+        made, theirs = self._collective(lambda: self.ctx.broadcast(setup))
+        if made == "error":
             self._stage = "done"
             self._cleanup()
-            raise MergeOutputError(made[1])
+            raise MergeOutputError(theirs)
         self.tmp = Path(made)
-        same = self._collective(lambda: ctx.gather(theirs == self.fingerprint))
+        same = self._collective(lambda: self.ctx.gather(theirs == digest))
         if not all(same):
             self._stage = "done"
             self._cleanup()
             bad = [r for r, ok in enumerate(same) if not ok]
             raise MergeConfigError(f"{self.out}: rank(s) {bad} were given different arguments from rank 0 (models, "
                                    "method, parameters, output path or shard size); every rank must run the same merge")
+        try:
+            self.journal = Journal(self.tmp / f"{JOURNAL_PREFIX}.{self.ctx.rank}-of-{self.ctx.world}", fsync)
+            for i, fname in enumerate(self.shard_names):
+                if any(self.layout.slots[n].shard == i for n in mine):
+                    self._fds[i] = os.open(self.tmp / fname, os.O_RDWR | os.O_CREAT, 0o666)
+            done = self.journal.load(self.layout, self._fds) if fingerprint is not None and resume else set()
+        except OSError as e:
+            self._stage = "done"
+            self._cleanup()
+            raise MergeOutputError(f"{self.out}: cannot open the partial output ({e.strerror or e})") from None
+        self.order = [n for n in mine if n not in done]
+        self.resumed = len(mine) - len(self.order)
+        self._next = 0
+        self._q: "queue.Queue" = queue.Queue(maxsize=max(1, queue_depth))
+        self._thread = threading.Thread(target=self._run, name="centered_merge-writer", daemon=True)
+        self._thread.start()
+
+    # --- set-up (rank 0) -----------------------------------------------------------------------------------
+    def _prepare(self, digest: str, resume: bool, note) -> Path:
+        """The partial directory, continued when it holds this very request, else made afresh with shard headers."""
+        tmp = partial_dir(self.out)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists() or tmp.is_symlink():
+            why = self._resumable(tmp, digest) if resume else "--no-resume was given"
+            if why is None:
+                return tmp
+            if note is not None:
+                note(f"{self.out}: starting over, discarding the partial output of an earlier run ({why})")
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+        os.mkdir(tmp, 0o777)  # the umask applies (tempfile.mkdtemp would make it 0700)
+        for fname, head in zip(self.shard_names, self.layout.headers):
+            fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                _pwrite_all(fd, memoryview(head), 0)
+                if self.fsync:
+                    os.fsync(fd)
+            except OSError as e:
+                raise _write_error(self.out, e, "the header", fname) from None
+            finally:
+                os.close(fd)
+        _write_text(tmp / REQUEST_FILE, digest, self.fsync)
+        if self.fsync:
+            fsync_path(tmp)
+            fsync_path(tmp.parent)
+        return tmp
+
+    def _resumable(self, tmp: Path, digest: str) -> Optional[str]:
+        """None when `tmp` was left by this same request (its shard headers intact), else the reason it is not."""
+        try:
+            old = (tmp / REQUEST_FILE).read_text()
+        except (OSError, UnicodeDecodeError):
+            return "it records no request"
+        if old != digest:
+            return describe_change(old, digest)
+        for fname, head, size in zip(self.shard_names, self.layout.headers, self.layout.file_sizes):
+            p = tmp / fname
+            try:
+                with open(p, "rb") as f:
+                    if f.read(len(head)) != head or os.fstat(f.fileno()).st_size > size:
+                        return f"{fname} does not match the planned layout"
+            except OSError:
+                return f"{fname} is missing"
+        return None
 
     def _collective(self, call):
         """Run one collective; if it fails (a rank died, a timeout, an interrupt), clean up and say so."""
@@ -426,21 +359,86 @@ class PartitionedShardWriter:
             self._cleanup()
             raise
 
+    # --- producer side -------------------------------------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        _accept(self, name, tensor)
-        shard, off = self._where[name]
-        fname = self.shard_names[shard]
+        """Hand `tensor`, the next one of `order`, to the writing thread."""
+        self._raise_if_failed()
+        expected = self.order[self._next] if self._next < len(self.order) else None
+        if name != expected:
+            raise RuntimeError(f"writer: got tensor {name!r}, expected {expected!r} (engine bug)")
+        info = self._info[name]
+        if tuple(tensor.shape) != tuple(info.shape) or tensor.dtype != info.dtype:
+            raise RuntimeError(f"writer: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned "
+                               f"{info.shape} {info.dtype} (engine bug)")
+        self._next += 1
+        while True:
+            try:
+                self._q.put((name, tensor), timeout=0.2)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def _raise_if_failed(self):
+        if self._error is not None:
+            raise self._error
+
+    # --- writer thread -------------------------------------------------------------------------------------
+    def _run(self):
+        # Tensors are journaled in batches: after SYNC_BYTES written or SYNC_SECONDS passed, one fdatasync of the
+        # files written to, then one journal append + fsync. A tensor counts as done only once both are on disk;
+        # a kill loses at most one batch. (A sync per tensor made weight averaging wait on the disk per tensor.)
+        name, batch, touched, size, since = None, [], set(), 0, time.monotonic()
         try:
-            if shard not in self._fds:
-                self._fds[shard] = os.open(self.tmp / fname, os.O_WRONLY)
-            view = _tensor_bytes(tensor)
-            pos = 0
-            while pos < len(view):  # os-level writes may be short
-                pos += os.pwrite(self._fds[shard], view[pos:pos + (1 << 26)], off + pos)
-        except OSError as e:
-            raise _write_error(self.out, e, f"tensor {name!r}", fname) from None
-        if self.on_written is not None:
-            self.on_written(name, self._info[name].nbytes)
+            while True:
+                item = self._q.get()
+                if item is None:  # end (or abort)
+                    if self._error is None:
+                        self._sync(batch, touched)
+                    return
+                name, tensor = item
+                del item
+                slot = self.layout.slots[name]
+                fname = self.shard_names[slot.shard]
+                buf = _tensor_bytes(tensor)
+                del tensor
+                try:
+                    _pwrite_all(self._fds[slot.shard], buf, slot.offset)
+                    batch.append((name, slot.shard, slot.offset, slot.length, zlib.crc32(buf)))
+                    del buf
+                    touched.add(slot.shard)
+                    size += slot.length
+                    if size >= SYNC_BYTES or time.monotonic() - since >= SYNC_SECONDS:
+                        self._sync(batch, touched)
+                        batch, touched, size, since = [], set(), 0, time.monotonic()
+                except OSError as e:
+                    raise _write_error(self.out, e, f"tensor {name!r}", fname) from None
+                if self.on_written is not None:
+                    self.on_written(name, slot.length)
+        except BaseException as e:  # noqa: BLE001  (handed to the producer)
+            self._error = e
+            try:  # drain so a blocked producer wakes up and sees the error
+                while True:
+                    self._q.get_nowait()
+            except queue.Empty:
+                pass
+
+    def _sync(self, batch, touched) -> None:
+        """The batch's bytes to disk, then its journal lines (the order that makes the journal trustworthy)."""
+        if self.fsync:
+            for shard in sorted(touched):
+                os.fdatasync(self._fds[shard])
+        self.journal.record(batch)
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            while True:
+                try:
+                    self._q.put(None, timeout=0.2)
+                    break
+                except queue.Full:
+                    if self._error is not None or not self._thread.is_alive():
+                        break
+            self._thread.join()
 
     def _close_files(self) -> None:
         """fsync and close this rank's files; every one is closed even if one fails, then the first error raises."""
@@ -454,16 +452,21 @@ class PartitionedShardWriter:
                 first = first or e
             finally:
                 os.close(fd)
+        if self.journal is not None:
+            self.journal.close()
         if first is not None:
             raise first
 
+    # --- end -----------------------------------------------------------------------------------------------
     def finish(self, counts: Sequence[int], messages: Sequence[str] = ()) -> Tuple[List[int], List[str]]:
-        """Collective. Every rank's `counts` summed and `messages` joined (rank order); raises on every rank if
-        any rank failed."""
+        """Collective. Waits for this rank's writes; every rank's `counts` summed and `messages` joined (rank
+        order); raises on every rank if any rank failed."""
         ok, err = True, None
         try:
             if self._next != len(self.order):
                 raise RuntimeError(f"writer: {len(self.order) - self._next} planned tensor(s) never came (engine bug)")
+            self._stop_thread()
+            self._raise_if_failed()
             self._close_files()
         except OSError as e:
             ok, err = False, _write_error(self.out, e, "its tensors", "the shards")
@@ -484,8 +487,38 @@ class PartitionedShardWriter:
 
     def commit(self, *, config_dir=None, card: Optional[str] = None, out_dtype: Optional[torch.dtype] = None,
                extra_files: Optional[Dict[str, str]] = None) -> Path:
-        """Collective. Rank 0 finishes and publishes the directory; every rank returns or raises with it."""
-        return self._conclude(lambda: _finish_directory(self, config_dir, card, out_dtype, extra_files))
+        """Collective. Rank 0 adds index, config/tokenizer files and card, then publishes; every rank returns or
+        raises with it. (A single process may call it without finish().)"""
+        if self._stage == "writing":
+            self.finish([])
+        return self._conclude(lambda: self._finish_directory(config_dir, card, out_dtype, extra_files))
+
+    def _finish_directory(self, config_dir, card, out_dtype, extra_files) -> None:
+        tmp = self.tmp
+        try:
+            for fname, size in zip(self.shard_names, self.layout.file_sizes):
+                with open(tmp / fname, "r+b") as f:
+                    f.truncate(size)  # trailing empty tensors, holes never written: the planned size exactly
+                    if self.fsync:
+                        os.fsync(f.fileno())
+            if len(self.shards) > 1:
+                _write_text(tmp / INDEX_NAME, json.dumps(self.layout.index(), indent=2) + "\n", self.fsync)
+            if config_dir is not None:
+                for name in copy_model_files(Path(config_dir), tmp, out_dtype):
+                    if self.fsync:
+                        fsync_path(tmp / name)
+            for fname, text in (extra_files or {}).items():
+                _write_text(tmp / fname, text, self.fsync)
+            if card is not None:
+                _write_text(tmp / "README.md", card, self.fsync)
+            for p in tmp.iterdir():  # the bookkeeping does not belong to the published output
+                if p.name == REQUEST_FILE or p.name.startswith(JOURNAL_PREFIX):
+                    p.unlink()
+            if self.fsync:
+                fsync_path(tmp)
+        except OSError as e:
+            raise MergeOutputError(f"{self.out}: write error while finishing the output ({e.strerror or e})") from None
+        _publish(tmp, self.out, self.overwrite, self.protect, self.fsync)
 
     def _conclude(self, work) -> Path:
         """Rank 0 runs `work` (publishing, or raising to abort) and broadcasts the outcome; the others follow."""
@@ -506,12 +539,23 @@ class PartitionedShardWriter:
         return self.out
 
     def _cleanup(self) -> None:
+        """Stop the thread, close the files and (rank 0) remove the partial directory."""
+        self._error = self._error or RuntimeError("aborted")
+        if self._thread is not None and self._thread.is_alive():
+            try:
+                while True:
+                    self._q.get_nowait()
+            except queue.Empty:
+                pass
+            self._stop_thread()
         for fd in self._fds.values():
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._fds = {}
+        if self.journal is not None:
+            self.journal.close()
         if self.ctx.rank == 0 and self.tmp is not None and self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -523,14 +567,66 @@ class PartitionedShardWriter:
             raise MergeOutputError(f"{self.out}: aborted after writing")
 
         try:
-            if stage == "writing":  # the others will gather in finish()
+            if stage == "writing" and self.ctx.world > 1:  # the others will gather in finish()
                 self._collective(lambda: self.ctx.gather((False, [], [])))
-            elif stage == "finished":  # the others will broadcast or await the outcome of commit()
+            elif stage == "finished" and self.ctx.world > 1:  # the others will await the outcome of commit()
                 self._conclude(fail)
         except MergeError:
             pass  # cleanup only: the caller re-raises its own error
         finally:
             self._cleanup()
+
+
+def describe_change(old: str, new: str) -> str:
+    """Why two request digests differ, in words (the first difference found)."""
+    try:
+        o, n = json.loads(old), json.loads(new)
+    except ValueError:
+        return "its request record is unreadable"
+    if not (isinstance(o, list) and len(o) == 4):
+        return "its request record is unreadable"
+    if o[1] != n[1]:
+        return "the output layout (tensors, dtypes or shard size) changed"
+    if o[3] != n[3]:
+        return f"it was written by {o[3]} process(es), this merge runs {n[3]}"
+    fo, fn = o[2], n[2]
+    if isinstance(fo, dict) and isinstance(fn, dict):
+        for key in ("version", "method", "options"):
+            if fo.get(key) != fn.get(key):
+                return {"version": "the library version changed", "method": "the method or its parameters changed",
+                        "options": "the merge options changed"}[key]
+        ins_o, ins_n = fo.get("inputs") or [], fn.get("inputs") or []
+        if [i.get("path") for i in ins_o] != [i.get("path") for i in ins_n]:
+            return "the input files changed"
+        for a, b in zip(ins_o, ins_n):
+            if a != b:
+                return f"input {b.get('path')} changed (size, modification time or header)"
+    return "the request changed"
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool, protect: Sequence[Union[str, Path]], fsync: bool) -> None:
+    """Rename the finished partial directory to `out`, replacing what is there when `overwrite`."""
+    old = None
+    check_output_path(out, overwrite, protect)  # something may have appeared there meanwhile
+    if out.exists() or out.is_symlink():
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError as e:
+        if old is not None:
+            os.rename(old, out)
+        raise MergeOutputError(f"{out}: cannot move the finished output into place ({e.strerror})") from None
+    if fsync:
+        fsync_path(out.absolute().parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
 
 
 def copy_model_files(src: Path, dst: Path, out_dtype: Optional[torch.dtype] = None) -> List[str]:

@@ -1,0 +1,75 @@
+"""The per-tensor core, the one copy shared by the in-memory API and the on-disk engine.
+
+For each tensor name: the group check (shapes, float-ness; equal values for tensors copied through) and the
+non-finite check of the inputs (`check_inputs`, run by the reader as it pages the data in), then the method's
+merge_tensor in float32, the conversion to the output dtype, and the checks of the result (`merge_tensor`).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import ops
+from ..errors import MergeError, MergeInputError
+from ..io import TensorInfo
+from ..validation import FLOAT, check_group, count_nonfinite
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_inputs(key: str, kind: str, tensors: Sequence[torch.Tensor], labels: Sequence[str],
+                 allow_nonfinite: bool) -> List[str]:
+    """Raise if the tensors called `key` cannot be merged; return the messages of inputs holding NaN/Inf (which
+    raise unless allow_nonfinite)."""
+    if kind != FLOAT:
+        check_group(key, tensors, labels)
+        return []
+    found = []
+    for t, where in zip(tensors, labels):
+        bad = count_nonfinite(t)
+        if bad:
+            msg = f"tensor {key!r} in {where} holds {bad} NaN/Inf value(s) of {t.numel()}"
+            if not allow_nonfinite:
+                raise MergeInputError(msg + "; pass --allow-nonfinite (API: allow_nonfinite=True) to merge anyway")
+            found.append(msg)
+    return found
+
+
+def merge_tensor(method, key: str, inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], want: TensorInfo,
+                 allow_nonfinite: bool, nonfinite_inputs: Sequence[str] = ()) -> Tuple[torch.Tensor, List[str]]:
+    """The merged tensor in the output dtype (on the compute device) and the non-finite messages it adds."""
+    if nonfinite_inputs:
+        plan = method.plan_tensor(key, tuple(want.shape), inputs[0].dtype, len(inputs))
+        if plan.get("lowrank"):  # an SVD of a matrix holding NaN/Inf is undefined (LAPACK fails or returns NaN)
+            raise MergeInputError(f"{nonfinite_inputs[0]}; {method.name} takes an SVD of this tensor, which is "
+                                  "undefined for NaN/Inf values, so --allow-nonfinite cannot merge it with "
+                                  f"{method.name}: repair the input or use a method without an SVD")
+    try:
+        merged = method.merge_tensor(key, inputs, base)
+    except torch.cuda.OutOfMemoryError as e:
+        raise MergeError(f"tensor {key!r} {want.shape}: out of GPU memory ({str(e).splitlines()[0]}); "
+                         "try --device cpu") from None
+    except torch.linalg.LinAlgError as e:
+        raise MergeInputError(f"tensor {key!r}: {method.name}'s linear algebra failed on it "
+                              f"({str(e).splitlines()[0]})") from None
+    out, bad = ops.finalize(merged, want.dtype)
+    found = []
+    if bad:
+        if nonfinite_inputs:  # carried over from inputs already reported (allow_nonfinite)
+            return out, found
+        if count_nonfinite(merged):  # already in the float32 result: the computation, not the conversion
+            msg = (f"merged tensor {key!r} has {bad} NaN/Inf value(s): its inputs are finite, but the float32 "
+                   "computation overflowed (values beyond float32's range, about 3.4e38)")
+            hint = "; pass --allow-nonfinite to write it anyway"
+        else:
+            msg = (f"merged tensor {key!r} has {bad} NaN/Inf value(s) after conversion to {_dtype_name(want.dtype)} "
+                   "(values out of range for the output dtype?)")
+            hint = "; pass --allow-nonfinite to write it anyway, or pick --out-dtype"
+        if not allow_nonfinite:
+            raise MergeInputError(msg + hint)
+        found.append(msg)
+    del merged
+    return out, found
