@@ -28,7 +28,8 @@ def test_runs_and_prints_tables(quick_run):
     for arch in ("mlp", "cnn"):
         assert f"Merge table, {arch} encoder, 2 tasks" in text
         methods = [r["method"] for r in summary["tables"][arch]["rows"]]
-        assert methods == ["pretrained", "individual", "weight_average", "task_arithmetic", "ties", "cart"]
+        assert methods == ["pretrained", "individual", "weight_average", "task_arithmetic", "ties", "cart",
+                           "cart_randomized", "tsv", "iso_c", "iso_cts"]
 
 
 def test_each_finetuned_model_beats_pretrained_on_its_own_task(quick_run):

@@ -67,6 +67,9 @@ class SearchGrid:
     ties_lams: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
     cart_ranks: Sequence[float] = (0.02, 0.04, 0.08, 0.12, 0.16, 0.25, 0.35, 0.5, 0.75, 1.0)
     cart_lams: Sequence[float] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+    # TSV-M's alpha (the authors use 1.0) and the isotropic merges' alpha (FusionBench's commands: 1.5)
+    tsv_alphas: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+    iso_alphas: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0, 2.5)
 
 
 @dataclass
@@ -85,44 +88,72 @@ def method_configs(grid: SearchGrid, svd: str, seed: int) -> Dict[str, List[dict
         "ties": [{"density": d, "lam": l} for d, l in itertools.product(grid.ties_densities, grid.ties_lams)],
         "cart": [{"rank": r, "lam": l, "svd": svd, "seed": seed}
                  for r, l in itertools.product(grid.cart_ranks, grid.cart_lams)],
+        "tsv": [{"alpha": a, "svd": svd, "seed": seed} for a in grid.tsv_alphas],
+        "iso_c": [{"alpha": a} for a in grid.iso_alphas],
+        "iso_cts": [{"alpha": a, "svd": "exact"} for a in grid.iso_alphas],
     }
 
 
+# CART's row in the table is the exact SVD; this row re-merges with CART's chosen (rank, lambda) through the
+# library's randomized SVD, to show how far the default moves accuracy.
+RANDOMIZED_ROW = "cart_randomized"
+
+
+def merge_models(finetuned: Sequence[StateDict], pretrained: StateDict, method: str, params: dict) -> StateDict:
+    from centered_merge.methods import method_class
+
+    base = pretrained if method_class(method).needs_base else None
+    return merge(finetuned, method, base=base, **params)
+
+
 def merge_with(tm: TaskModels, method: str, params: dict) -> StateDict:
-    base = tm.pretrained if method in ("task_arithmetic", "ties") else None
-    return merge(tm.finetuned, method, base=base, **params)
+    return merge_models(tm.finetuned, tm.pretrained, method, params)
+
+
+def search_table(arch: str, task_names: Sequence[str], finetuned: Sequence[StateDict], pretrained: StateDict,
+                 evaluate: Callable[[StateDict, str], np.ndarray], fixed_rows: Dict[str, tuple],
+                 configs: Dict[str, List[dict]], log: Callable[[str], None] = lambda s: None) -> TableResult:
+    """Each method's settings chosen by mean validation accuracy, then its test accuracy.
+
+    evaluate(encoder, split) -> per-task accuracies; fixed_rows: {"pretrained": (val, test), "individual": (val,
+    test)} measured by the caller (individual = each task's own fine-tuned model, the normaliser)."""
+    individual_test = np.asarray(fixed_rows["individual"][1])
+
+    def row(name: str, params: dict, val: np.ndarray, test: np.ndarray) -> dict:
+        return {"method": name, "params": params, "val": float(np.mean(val)), "test": list(map(float, test)),
+                "abs": float(np.mean(test)), "norm": float((np.asarray(test) / individual_test).mean())}
+
+    rows = [row(name, {}, *fixed_rows[name]) for name in ("pretrained", "individual")]
+    result = TableResult(arch, list(task_names), rows)
+    for method, cfgs in configs.items():
+        best = None
+        for params in cfgs:
+            v = float(evaluate(merge_models(finetuned, pretrained, method, params), "val").mean())
+            result.search.append({"method": method, "params": params, "val": v})
+            if best is None or v > best[1] + 1e-12:
+                best = (params, v)
+        chosen = [(method, best[0])]
+        if method == "cart":
+            chosen.append((RANDOMIZED_ROW, {**best[0], "svd": "randomized"}))
+        for name, params in chosen:
+            merged = merge_models(finetuned, pretrained, "cart" if name == RANDOMIZED_ROW else method, params)
+            result.merged[name] = merged  # re-merged with the chosen settings; this is what is saved
+            result.rows.append(row(name, params, evaluate(merged, "val"), evaluate(merged, "test")))
+            log(f"  [{arch}] {name:16s} {_fmt_params(params):28s} val {result.rows[-1]['val']:.3f}  "
+                f"test {result.rows[-1]['abs']:.3f}")
+    return result
 
 
 def merge_table(tm: TaskModels, grid: SearchGrid, svd: str = "exact", seed: int = 0,
                 log: Callable[[str], None] = lambda s: None) -> TableResult:
     ev = Evaluator(tm.arch, tm.arch_kw, tm.tasks, tm.heads)
     ev_pre = Evaluator(tm.arch, tm.arch_kw, tm.tasks, tm.pretrained_heads)
-    individual_test = np.array([Evaluator(tm.arch, tm.arch_kw, [t], [h]).accs(e, "test")[0]
-                                for t, h, e in zip(tm.tasks, tm.heads, tm.finetuned)])
-    individual_val = np.array([Evaluator(tm.arch, tm.arch_kw, [t], [h]).accs(e, "val")[0]
-                               for t, h, e in zip(tm.tasks, tm.heads, tm.finetuned)])
-
-    def row(name: str, params: dict, val: np.ndarray, test: np.ndarray) -> dict:
-        return {"method": name, "params": params, "val": float(val.mean()), "test": test.tolist(),
-                "abs": float(test.mean()), "norm": float((test / individual_test).mean())}
-
-    rows = [row("pretrained", {}, ev_pre.accs(tm.pretrained, "val"), ev_pre.accs(tm.pretrained, "test")),
-            row("individual", {}, individual_val, individual_test)]
-    result = TableResult(tm.arch, tm.task_names, rows)
-    for method, configs in method_configs(grid, svd, seed).items():
-        best = None
-        for params in configs:
-            v = float(ev.accs(merge_with(tm, method, params), "val").mean())
-            result.search.append({"method": method, "params": params, "val": v})
-            if best is None or v > best[1] + 1e-12:
-                best = (params, v)
-        params = best[0]
-        merged = merge_with(tm, method, params)  # re-merged with the chosen settings; this is what is saved
-        result.merged[method] = merged
-        result.rows.append(row(method, params, ev.accs(merged, "val"), ev.accs(merged, "test")))
-        log(f"  [{tm.arch}] {method:16s} {_fmt_params(params):28s} val {best[1]:.3f}  "
-            f"test {result.rows[-1]['abs']:.3f}")
-    return result
+    individual = {split: np.array([Evaluator(tm.arch, tm.arch_kw, [t], [h]).accs(e, split)[0]
+                                   for t, h, e in zip(tm.tasks, tm.heads, tm.finetuned)]) for split in ("val", "test")}
+    fixed = {"pretrained": (ev_pre.accs(tm.pretrained, "val"), ev_pre.accs(tm.pretrained, "test")),
+             "individual": (individual["val"], individual["test"])}
+    return search_table(tm.arch, tm.task_names, tm.finetuned, tm.pretrained, ev.accs, fixed,
+                        method_configs(grid, svd, seed), log)
 
 
 def _fmt_params(params: dict) -> str:

@@ -12,7 +12,6 @@ import math
 
 import torch
 
-from ..errors import MergeConfigError
 from .base import MergeMethod, numel_of
 from .params import Param, use_base_param, weight_param
 from .per_model import check_model_count

@@ -1,0 +1,135 @@
+"""What the task-vector SVD merges (TSV-M, Iso-C, Iso-CTS) share: the top-k SVD in exact or randomized mode,
+the polar factor (nearest matrix with orthonormal columns), the parameter checks, and the per-tensor frame
+"base + alpha * merged task vector" with the mean task vector for tensors that are not treated as matrices.
+
+The math of each method is a plain function of float32 matrices (tsv.py, iso.py) so it can be tested against a
+textbook reference and reused outside the method classes.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..linalg import SKETCH_DTYPES, exact_svd, randomized_svd, sketch_width
+from ..seeding import generator
+from ..selection import PRESETS, make_selector, matrix_shape
+from .base import MergeMethod, numel_of
+from .params import Param, seed_param
+
+SVD_MODES = ("randomized", "exact")
+
+
+def top_svd(a: torch.Tensor, k: int, svd: str = "exact", oversample=None, power_iters: int = 2,
+            seed: int = 0, name: str = "", sketch_dtype: str = "auto"):
+    """Top-k (U, S, Vh) of a float32 matrix: the exact thin SVD sliced, or linalg's randomized range finder
+    (which itself falls back to the exact SVD when its sketch would be as wide as the matrix is thin)."""
+    if svd == "randomized":
+        return randomized_svd(a, k, oversample, power_iters, generator=generator(int(seed), name),
+                              sketch_dtype=sketch_dtype)
+    return exact_svd(a, k)
+
+
+def polar(a: torch.Tensor) -> torch.Tensor:
+    """The orthonormal polar factor W Z^T of a = W S Z^T (the nearest matrix with orthonormal columns, or rows
+    when a is wide): what TSV-M and Iso-CTS use to decorrelate the concatenated singular vectors."""
+    w, _, zh = torch.linalg.svd(a, full_matrices=False)
+    return w @ zh
+
+
+def task_vectors_mean(inputs, base32: torch.Tensor) -> torch.Tensor:
+    """mean_t (theta_t - theta_0), summed task vector by task vector so small differences do not cancel."""
+    acc = torch.zeros_like(base32)
+    tau = torch.empty_like(base32)
+    for w in inputs:
+        acc.add_(ops.center_into(w, base32, tau))
+    return acc.div_(len(inputs))
+
+
+class TaskVectorSVDMethod(MergeMethod):
+    """Frame of the three methods: out = base + alpha * f(tau_1..tau_T) for selected matrices, and
+    out = base + alpha * mean_t tau_t for every other float tensor (as the papers' code does).
+
+    Subclasses set `name`, `parameters` (alpha_param, SELECT_PARAMS and, where used, randomized_params()) and implement `merge_matrix`
+    (float32 (m, n) task vectors -> merged task vector) and `matrix_plan`."""
+
+    needs_base = True
+
+    def validate(self):
+        p = self.params  # single values were checked by their declarations
+        self.selector = make_selector(p["select"], p["include"], p["exclude"])
+
+    def svd_kwargs(self, name: str) -> dict:
+        p = self.params
+        return {"svd": p.get("svd", "exact"), "oversample": p.get("oversample"),
+                "power_iters": p.get("power_iters", 2), "seed": p.get("seed", 0), "name": name,
+                "sketch_dtype": p.get("sketch_dtype", "auto")}
+
+    def is_matrix(self, name: str, shape, num_models: int) -> bool:
+        return self.selector(name, shape)
+
+    def merge_tensor(self, name, inputs, base):
+        base32 = base.to(torch.float32)
+        shape = tuple(base32.shape)
+        if not self.is_matrix(name, shape, len(inputs)):
+            return task_vectors_mean(inputs, base32).mul_(float(self.alpha)).add_(base32)
+        m, c = matrix_shape(shape)
+        b2 = base32.reshape(m, c)
+        buf = torch.empty_like(b2)
+
+        def tau(t: int) -> torch.Tensor:
+            # task t's vector in one reused buffer: the methods read the T task vectors one at a time and keep
+            # only their sum or their truncated factors, so memory does not grow with T
+            return ops.center_into(inputs[t].reshape(m, c), b2, buf)
+
+        merged = self.merge_matrix(tau, len(inputs), (m, c), name)
+        return merged.mul_(float(self.alpha)).add_(b2).reshape(shape)
+
+    def merge_matrix(self, tau, num_models: int, shape, name: str) -> torch.Tensor:
+        """The merged task vector (float32, shape = (m, n), a new tensor) from tau(t), t < num_models, each valid
+        only until the next call."""
+        raise NotImplementedError
+
+    def plan_tensor(self, name, shape, dtype, num_models):
+        n = numel_of(shape)
+        if not self.is_matrix(name, shape, num_models):
+            return {"lowrank": False, "k": None, "flops": 2 * n * num_models, "workspace_bytes": 8 * n}
+        m, c = matrix_shape(shape)
+        k, svd_flops = self.matrix_plan(m, c, num_models)
+        # base, one task-vector buffer, the result, and the gathered factors (at most (m + n) min(m, n) floats)
+        return {"lowrank": True, "k": k, "flops": int(num_models * n + svd_flops),
+                "workspace_bytes": 4 * (3 * n + (m + c) * min(m, c))}
+
+    def matrix_plan(self, m: int, n: int, num_models: int):
+        """(k, flops of the SVDs) for an (m, n) matrix."""
+        raise NotImplementedError
+
+
+def svd_flops(m: int, n: int, k: int, svd: str, oversample, power_iters: int) -> int:
+    """Rough flop count of one top-k SVD of an (m, n) matrix in the given mode."""
+    small, big = min(m, n), max(m, n)
+    if svd == "randomized" and sketch_width(k, oversample) < small:
+        w = sketch_width(k, oversample)
+        return (2 * power_iters + 2) * 2 * m * n * w + (power_iters + 1) * 4 * small * w * w + 2 * w * w * big
+    return 4 * big * small * small + 8 * small ** 3
+
+
+def alpha_param(default: float) -> Param:
+    return Param("alpha", "float", default, "scale of the merged task vector")
+
+
+SELECT_PARAMS = (
+    Param("select", "choice", "all2d", "which tensors are treated as matrices", choices=PRESETS),
+    Param("include", "patterns", None, "regexes of tensors treated as matrices as well (beat select)"),
+    Param("exclude", "patterns", None, "regexes of tensors never treated as matrices (beat include)"),
+)
+
+
+def randomized_params(svd: str = "randomized"):
+    return (
+        Param("svd", "choice", svd, "SVD flavour", choices=SVD_MODES),
+        Param("oversample", "int", None, "extra sketch columns of the randomized SVD", lo=0),
+        Param("power_iters", "int", 2, "power iterations of the randomized SVD", lo=0),
+        Param("sketch_dtype", "choice", "auto", "dtype of the randomized SVD's sketch GEMMs",
+              choices=tuple(SKETCH_DTYPES)),
+        seed_param("seed of the randomized SVD's test matrices (per tensor name)"),
+    )

@@ -1,0 +1,61 @@
+"""TSV-M — Task Singular Vectors: Merging (Gargiulo et al., CVPR 2025).
+
+For each matrix W (task vectors tau_t = W_t - W_0, t = 1..T, shape (m, n), k = floor(min(m, n) / T)):
+    U_t S_t V_t^T = SVD_k(tau_t)                      (each task's top-k singular triplets)
+    U = [U_1 .. U_T], S = diag(S_1 .. S_T), V = [V_1 .. V_T]     (T k <= min(m, n) columns)
+    out = W_0 + alpha * polar(U) S polar(V)^T        (polar: the nearest orthonormal-column matrix)
+Every other float tensor (biases, norms, and matrices thinner than T, where k would be 0):
+    out = W_0 + alpha * mean_t tau_t
+as in the authors' code and FusionBench's. Memory per matrix: the base, one task-vector buffer, and the gathered
+factors, (m + n) T k <= (m + n) min(m, n) floats, whatever T is.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..selection import matrix_shape
+from .registry import register
+from .svd_family import SELECT_PARAMS, alpha_param, randomized_params, TaskVectorSVDMethod, polar, svd_flops, top_svd
+
+
+def tsv_rank(m: int, n: int, num_models: int) -> int:
+    """Each task's share of the spectrum: floor(min(m, n) / T)."""
+    return min(m, n) // num_models
+
+
+def tsv_merge_matrix(tau, num_models: int, k: int, **svd_kw) -> torch.Tensor:
+    """The TSV-M merged task vector from tau(t) (float32 (m, n), read once each), keeping k triplets per task."""
+    us, ss, vhs = [], [], []
+    for t in range(num_models):
+        u, s, vh = top_svd(tau(t), k, **svd_kw)
+        us.append(u.clone())
+        ss.append(s.clone())
+        vhs.append(vh.clone())
+    u_cat = torch.cat(us, dim=1)
+    s_cat = torch.cat(ss)
+    vh_cat = torch.cat(vhs, dim=0)
+    del us, vhs
+    return (polar(u_cat) * s_cat) @ polar(vh_cat)
+
+
+@register
+class TSVMerge(TaskVectorSVDMethod):
+    name = "tsv"
+    # alpha 1.0: the authors' setting (TSV-M needs no scaling search) and FusionBench's default.
+    summary = "TSV-M: each task's top 1/T singular triplets, singular vectors decorrelated (polar), scaled by alpha"
+    parameters = (alpha_param(1.0),) + randomized_params() + SELECT_PARAMS
+
+    def is_matrix(self, name, shape, num_models):
+        if not self.selector(name, shape):
+            return False
+        return tsv_rank(*matrix_shape(shape), num_models) >= 1
+
+    def merge_matrix(self, tau, num_models, shape, name):
+        m, n = shape
+        return tsv_merge_matrix(tau, num_models, tsv_rank(m, n, num_models), **self.svd_kwargs(name))
+
+    def matrix_plan(self, m, n, num_models):
+        k = tsv_rank(m, n, num_models)
+        t = num_models * k
+        polar_flops = 4 * m * t * t + 4 * n * t * t
+        return k, num_models * svd_flops(m, n, k, self.svd, self.oversample, self.power_iters) + polar_flops
