@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # the package itself accepts torch>=2.1.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test demo build bench peer clean
+.PHONY: test demo build bench peer clean sanitize gpu-check
 
 $(VENV)/.deps: requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,16 @@ $(PEER_VENV)/.deps: bench/peer/requirements.txt
 
 peer: build $(PEER_VENV)/.deps
 	PYTHONPATH=$(CURDIR) $(PEER_VENV)/bin/python bench/peer/run_peer.py
+
+# The sanitizer job: the extension built with ASan + UBSan (out of tree, CPU kernels) runs the kernel and binding
+# tests (about 3 minutes here; .ci/run calls it after make test).
+sanitize: $(VENV)/.deps
+	PY=$(PY) .ci/sanitize.sh
+
+# On a machine with an NVIDIA GPU: build with the CUDA kernels, run every CUDA test, the kernel benchmark and a
+# CART merge benchmark on the device, one summary (bench/gpu_check.sh). Fails at once, saying so, without a GPU.
+gpu-check: $(VENV)/.deps
+	PY=$(PY) bench/gpu_check.sh
 
 clean:
 	rm -rf build $(VENV) *.egg-info centered_merge/*.so

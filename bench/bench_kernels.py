@@ -2,7 +2,12 @@
 measured in the same run.
 
     .venv/bin/python bench/bench_kernels.py [--repeats 7] [--quick] [--only mean_fp32,...] [--json out.json]
-                                            [--device cpu|cuda]
+                                            [--device cpu|cuda] [--via ops|kernels]
+
+--via kernels runs the native side through the public DLPack API (centered_merge.kernels) instead of the ops
+wrappers: numpy arrays on the CPU where numpy has the dtype (torch tensors for bfloat16), cupy arrays on CUDA
+when cupy is installed; the torch side stays the eager twin. The difference between the two runs is the cost
+of the DLPack exchange and the ops table's dispatch.
 
 Columns: kernel, case, shape, dtype, native ms, torch ms (median of --repeats runs each, interleaved), ratio
 (torch / native), GB/s achieved by the native kernel and its share of memcpy GB/s. "GB/s" counts the bytes a
@@ -110,6 +115,19 @@ def cases(quick, device):
             out.append(dict(kernel="dare", case="p=0.9", shape=shape, dtype=dtype, bytes=n * (2 + 4),
                             native=lambda t=xs[1]: N.dare(t, 0.9, 1234), torch=lambda t=xs[1]: R.dare(t, 0.9, 1234)))
         del xs
+    # fused linear kernels vs the twins' unfused passes: T = 4 bf16 inputs (+ base), bf16 output written directly
+    T = 4
+    lx = [rnd(big, torch.bfloat16) for _ in range(T)]
+    lbase = rnd(big, torch.bfloat16)
+    n = lx[0].numel()
+    w = [0.25] * T
+    out.append(dict(kernel="linear_merge", case=f"T={T} -> bf16", shape=big, dtype=torch.bfloat16,
+                    bytes=n * (T * 2 + 2),
+                    native=lambda: N.linear_merge(lx, w, torch.bfloat16), torch=lambda: R.linear_merge(lx, w, torch.bfloat16)))
+    out.append(dict(kernel="task_arithmetic_merge", case=f"T={T} lam=0.3 -> bf16", shape=big, dtype=torch.bfloat16,
+                    bytes=n * (T * 2 + 2 + 2),
+                    native=lambda: N.task_arithmetic_merge(lx, lbase, [1.0] * T, 0.3, torch.bfloat16),
+                    torch=lambda: R.task_arithmetic_merge(lx, lbase, [1.0] * T, 0.3, torch.bfloat16)))
     # TIES on 16 Mi elements (64 MiB as float32), bf16 inputs, T = 4
     T = 4
     base = rnd(mid, torch.bfloat16)
@@ -121,6 +139,58 @@ def cases(quick, device):
     return out
 
 
+class ViaKernels:
+    """The ops wrappers' signatures, served by centered_merge.kernels on numpy (CPU) or cupy (CUDA) arrays."""
+
+    def __init__(self, device):
+        from centered_merge import kernels
+
+        self.k = kernels
+        self.lib = None
+        try:
+            if device == "cuda":
+                import cupy as lib  # noqa: PLC0415
+            else:
+                import numpy as lib  # noqa: PLC0415
+            self.lib = lib
+        except ImportError:
+            pass
+        self.cache = {}
+
+    def _a(self, t):
+        """t as the library's array (same memory), made once per tensor; torch itself where the library lacks
+        the dtype (numpy and bfloat16)."""
+        if self.lib is None or t.dtype == torch.bfloat16:
+            return t
+        key = id(t)
+        if key not in self.cache:
+            self.cache[key] = (t, self.lib.from_dlpack(t))
+        return self.cache[key][1]
+
+    def mean_fp32(self, xs, weights=None, out=None):
+        return self.k.mean([self._a(x) for x in xs], weights, None if out is None else self._a(out))
+
+    def center_into(self, w, m, out):
+        return self.k.center(self._a(w), self._a(m), self._a(out))
+
+    def finalize(self, x, dtype, add=None):
+        if dtype == torch.bfloat16 and self.lib is not None and self.lib.__name__ == "numpy":
+            return self.k.finalize(x, dtype, add)  # numpy cannot hold the bfloat16 result: torch in, torch out
+        return self.k.finalize(self._a(x), dtype, None if add is None else self._a(add))
+
+    def ties_merge(self, xs, base, density, lam):
+        return self.k.ties([self._a(x) for x in xs], self._a(base), density, lam)
+
+    def dare(self, tau, p, seed):
+        return self.k.dare(self._a(tau), p, seed)
+
+    def linear_merge(self, xs, w, out_dtype=None):
+        return self.k.linear([self._a(x) for x in xs], w, out_dtype)  # bf16 inputs stay torch (see _a)
+
+    def task_arithmetic_merge(self, xs, base, w, lam, out_dtype=None):
+        return self.k.task_arithmetic([self._a(x) for x in xs], self._a(base), w, lam, out_dtype)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -128,7 +198,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--only", default=None, help="comma-separated kernel names")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--via", default="ops", choices=["ops", "kernels"],
+                    help="native side through the ops wrappers (default) or the DLPack API centered_merge.kernels")
     args = ap.parse_args(argv)
+    global N
+    if args.via == "kernels":
+        N = ViaKernels(args.device)
     if _native.get() is None:
         sys.exit(f"native extension not available: {_native.error()}")
     if args.device == "cuda" and not _native.cuda_usable():
@@ -143,7 +218,8 @@ def main(argv=None):
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu}, {os.cpu_count()} CPUs"
     print(f"# device: {dev}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; repeats={args.repeats} (medians); "
-          f"load average before: {os.getloadavg()[0]:.1f}")
+          f"load average before: {os.getloadavg()[0]:.1f}; native via {args.via}; "
+          f"CPU ISA {_native.get().build_info()['cpu_isa']}")
     mc = Memcpy(args.device)
     print("| kernel | case | shape | dtype | native ms | torch ms | ratio | GB/s | memcpy GB/s | % of memcpy |")
     print("|" + "---|" * 10)

@@ -67,3 +67,17 @@ def test_ties_merge(benchmark, impl):
 def test_dare(benchmark, impl):
     tau = _inputs(1, torch.bfloat16)[0]
     _run(benchmark, "dare p=0.9 bf16", lambda: IMPLS[impl].dare(tau, 0.9, 1234))
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_linear_merge(benchmark, impl):
+    xs = _inputs(4, torch.bfloat16)
+    _run(benchmark, "linear_merge T=4 bf16 -> bf16",
+         lambda: IMPLS[impl].linear_merge(xs, [0.25] * 4, torch.bfloat16))
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_task_arithmetic_merge(benchmark, impl):
+    xs, base = _inputs(4, torch.bfloat16), _inputs(1, torch.bfloat16, seed=9)[0]
+    _run(benchmark, "task_arithmetic_merge T=4 bf16 -> bf16",
+         lambda: IMPLS[impl].task_arithmetic_merge(xs, base, [1.0] * 4, 0.3, torch.bfloat16))

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -54,6 +55,69 @@ TensorView arg(const py::handle& h, const char* fn, const std::string& name) {
   return cm::view_capsule(h.ptr(), fn, name);
 }
 
+[[noreturn]] void type_fail(const char* fn, const char* name, const std::string& expected, const py::handle& got) {
+  throw cm::ArgTypeError(std::string(fn) + ": argument '" + name + "': expected " + expected + ", got " +
+                         (got.is_none() ? std::string("None") : std::string("an object of type ") + Py_TYPE(got.ptr())->tp_name));
+}
+
+// Scalars arrive as Python objects and are converted here, so a wrong type names its argument (pybind11's own
+// conversion error would only print the signature).
+double num_arg(const py::handle& h, const char* fn, const char* name) {
+  if (PyBool_Check(h.ptr()) || !(PyFloat_Check(h.ptr()) || PyLong_Check(h.ptr()) || PyIndex_Check(h.ptr())))
+    type_fail(fn, name, "a number", h);
+  const double v = PyFloat_AsDouble(h.ptr());
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    type_fail(fn, name, "a number that fits a double", h);
+  }
+  return v;
+}
+
+double finite_arg(const py::handle& h, const char* fn, const char* name) {
+  const double v = num_arg(h, fn, name);
+  if (!std::isfinite(v)) throw cm::ArgError(std::string(fn) + ": argument '" + name + "': expected a finite number, got " + std::to_string(v));
+  return v;
+}
+
+int64_t int_arg(const py::handle& h, const char* fn, const char* name, int64_t lo, int64_t hi) {
+  if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr())) type_fail(fn, name, "an integer", h);
+  int overflow = 0;
+  py::object idx = py::reinterpret_steal<py::object>(PyNumber_Index(h.ptr()));
+  const long long v = idx ? PyLong_AsLongLongAndOverflow(idx.ptr(), &overflow) : -1;
+  if (!idx || overflow || (v == -1 && PyErr_Occurred()) || v < lo || v > hi) {
+    PyErr_Clear();
+    throw cm::ArgError(std::string(fn) + ": argument '" + name + "': expected an integer in [" + std::to_string(lo) + ", " +
+                       std::to_string(hi) + "], got " + std::string(py::str(h)));
+  }
+  return int64_t(v);
+}
+
+uint64_t u64_arg(const py::handle& h, const char* fn, const char* name) {
+  if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr())) type_fail(fn, name, "an integer", h);
+  py::object idx = py::reinterpret_steal<py::object>(PyNumber_Index(h.ptr()));
+  const unsigned long long v = idx ? PyLong_AsUnsignedLongLong(idx.ptr()) : 0;
+  if (!idx || (v == (unsigned long long)-1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    throw cm::ArgError(std::string(fn) + ": argument '" + name + "': expected an integer in [0, 2**64), got " +
+                       std::string(py::str(h)));
+  }
+  return uint64_t(v);
+}
+
+bool bool_arg(const py::handle& h, const char* fn, const char* name) {
+  if (!PyBool_Check(h.ptr())) type_fail(fn, name, "True or False", h);
+  return h.ptr() == Py_True;
+}
+
+uintptr_t stream_arg(const py::handle& h, const char* fn) {
+  return uintptr_t(u64_arg(h, fn, "stream"));
+}
+
+py::sequence seq_arg(const py::handle& h, const char* fn, const char* name) {
+  if (!(PyList_Check(h.ptr()) || PyTuple_Check(h.ptr()))) type_fail(fn, name, "a list or tuple", h);
+  return py::reinterpret_borrow<py::sequence>(h);
+}
+
 void check_device_supported(const TensorView& v) {
   v.expect_cpu_or_cuda();
 #ifndef CM_WITH_CUDA
@@ -61,18 +125,20 @@ void check_device_supported(const TensorView& v) {
 #endif
 }
 
-TensorView output_arg(const py::handle& h, const char* fn, const char* name) {
+TensorView output_arg(const py::handle& h, const char* fn, const char* name, bool f32_only = true) {
   TensorView v = arg(h, fn, name);
   check_device_supported(v);
-  v.expect_f32();
+  if (f32_only) v.expect_f32();
+  else v.expect_float();
   v.expect_contiguous();
   v.expect_writable();
   return v;
 }
 
-// Validates inputs[i] against `ref` (shape and device) and fills an InputList.
-cm::InputList input_list(const py::sequence& inputs, const py::object& weights, const TensorView& ref, const char* fn,
-                         int index_base, std::vector<TensorView>* keep) {
+// Validates inputs[i] against `ref` (shape and device), checks that `out` does not overlap any, fills an InputList.
+cm::InputList input_list(const py::handle& inputs_h, const py::handle& weights, const TensorView& ref,
+                         const TensorView* out, const char* fn, int64_t index_base, bool weights_required = false) {
+  py::sequence inputs = seq_arg(inputs_h, fn, "inputs");
   cm::InputList in{};
   const size_t T = py::len(inputs);
   if (T == 0) throw cm::ArgError(std::string(fn) + ": argument 'inputs': expected at least one tensor, got an empty list");
@@ -81,42 +147,51 @@ cm::InputList input_list(const py::sequence& inputs, const py::object& weights, 
                        " tensors per call, got " + std::to_string(T));
   in.count = int32_t(T);
   in.weighted = weights.is_none() ? 0 : 1;
-  std::vector<double> w;
+  if (weights_required && weights.is_none()) type_fail(fn, "weights", "a list of numbers", weights);
   if (!weights.is_none()) {
-    w = weights.cast<std::vector<double>>();
-    if (w.size() != T)
+    py::sequence w = seq_arg(weights, fn, "weights");
+    if (py::len(w) != T)
       throw cm::ArgError(std::string(fn) + ": argument 'weights': expected " + std::to_string(T) + " weights (one per input), got " +
-                         std::to_string(w.size()));
+                         std::to_string(py::len(w)));
+    for (size_t t = 0; t < T; ++t) in.weight[t] = float(finite_arg(w[t], fn, "weights"));
+  } else {
+    for (size_t t = 0; t < T; ++t) in.weight[t] = 1.0f;
   }
   for (size_t t = 0; t < T; ++t) {
-    TensorView v = arg(inputs[t], fn, "inputs[" + std::to_string(index_base + int(t)) + "]");
+    TensorView v = arg(inputs[t], fn, "inputs[" + std::to_string(index_base + int64_t(t)) + "]");
     v.expect_input_like(ref);
+    if (out) out->expect_no_overlap(v);
     in.ptr[t] = v.data;
     in.dtype[t] = v.dtype;
-    in.weight[t] = w.empty() ? 1.0f : float(w[t]);
-    if (keep) keep->push_back(std::move(v));
   }
   return in;
 }
 
-void mean_fp32(const py::sequence& inputs, const py::object& weights, const py::handle& out_c, bool accumulate, float scale,
-               bool apply_scale, uintptr_t stream, int index_base) {
+void mean_fp32(const py::handle& inputs, const py::handle& weights, const py::handle& out_c, const py::handle& accumulate_h,
+               const py::handle& scale_h, const py::handle& apply_scale_h, const py::handle& stream_h,
+               const py::handle& index_base_h) {
   const char* fn = "mean_fp32";
+  const bool accumulate = bool_arg(accumulate_h, fn, "accumulate"), apply_scale = bool_arg(apply_scale_h, fn, "apply_scale");
+  const float scale = float(finite_arg(scale_h, fn, "scale"));
+  const uintptr_t stream = stream_arg(stream_h, fn);
+  const int64_t index_base = int_arg(index_base_h, fn, "index_base", 0, int64_t(1) << 40);
   TensorView out = output_arg(out_c, fn, "out");
-  cm::InputList in = input_list(inputs, weights, out, fn, index_base, nullptr);
+  cm::InputList in = input_list(inputs, weights, out, &out, fn, index_base);
   if (!accumulate) hint_hugepages(out);
   py::gil_scoped_release nogil;
   if (out.is_cpu()) {
-    cm::cpu::mean_fp32(in, static_cast<float*>(out.data), out.numel, accumulate, scale, apply_scale);
+    cm::cpu::active().mean_fp32(in, static_cast<float*>(out.data), out.numel, accumulate, scale, apply_scale);
   } else {
 #ifdef CM_WITH_CUDA
     cm::cuda::mean_fp32(in, static_cast<float*>(out.data), out.numel, accumulate, scale, apply_scale, out.device_id, stream);
 #endif
   }
+  (void)stream;
 }
 
-void center_into(const py::handle& w_c, const py::handle& mean_c, const py::handle& out_c, uintptr_t stream) {
+void center_into(const py::handle& w_c, const py::handle& mean_c, const py::handle& out_c, const py::handle& stream_h) {
   const char* fn = "center_into";
+  const uintptr_t stream = stream_arg(stream_h, fn);
   TensorView out = output_arg(out_c, fn, "out");
   TensorView w = arg(w_c, fn, "w");
   w.expect_input_like(out);
@@ -125,29 +200,45 @@ void center_into(const py::handle& w_c, const py::handle& mean_c, const py::hand
   mean.expect_f32();
   mean.expect_contiguous();
   mean.expect_shape_of(out);
+  out.expect_no_overlap(w);
+  out.expect_no_overlap(mean);
   py::gil_scoped_release nogil;
   if (out.is_cpu()) {
-    cm::cpu::center(w.data, w.dtype, static_cast<const float*>(mean.data), static_cast<float*>(out.data), out.numel);
+    cm::cpu::active().center(w.data, w.dtype, static_cast<const float*>(mean.data), static_cast<float*>(out.data), out.numel);
   } else {
 #ifdef CM_WITH_CUDA
     cm::cuda::center(w.data, w.dtype, static_cast<const float*>(mean.data), static_cast<float*>(out.data), out.numel,
                      out.device_id, stream);
 #endif
   }
+  (void)stream;
 }
 
-// Returns the non-finite count on CPU; on CUDA adds it to `counter` (an int64 tensor of one element on the same
-// device) and returns None, so nothing synchronises here.
-py::object finalize(const py::handle& x_c, const py::object& add_c, const py::object& out_c, uintptr_t stream,
-                    const py::object& counter_c) {
+// CUDA calls add their non-finite count to `counter` (an int64 tensor of one element on the same device) and
+// return None, so nothing synchronises in the binding; CPU calls return the count.
+TensorView counter_arg(const py::handle& counter_c, const char* fn, const TensorView& like) {
+  if (counter_c.is_none()) type_fail(fn, "counter", "a one-element int64 tensor on " + like.device() + " for a CUDA call", counter_c);
+  TensorView c = arg(counter_c, fn, "counter");
+  c.expect_device_of(like);
+  c.expect_dtype_i64();
+  c.expect_numel(1);
+  c.expect_writable();
+  return c;
+}
+
+// out=None (only without add): counts the non-finite values of x, writes nothing.
+py::object finalize(const py::handle& x_c, const py::handle& add_c, const py::handle& out_c, const py::handle& stream_h,
+                    const py::handle& counter_c) {
   const char* fn = "finalize";
+  const uintptr_t stream = stream_arg(stream_h, fn);
   TensorView x = arg(x_c, fn, "x");
   check_device_supported(x);
   x.expect_f32();
   x.expect_contiguous();
   const float* add = nullptr;
+  TensorView a;
   if (!add_c.is_none()) {
-    TensorView a = arg(add_c, fn, "add");
+    a = arg(add_c, fn, "add");
     a.expect_device_of(x);
     a.expect_f32();
     a.expect_contiguous();
@@ -163,61 +254,67 @@ py::object finalize(const py::handle& x_c, const py::object& add_c, const py::ob
     o.expect_contiguous();
     o.expect_writable();
     o.expect_shape_of(x);
+    o.expect_no_overlap(x);
+    if (add) o.expect_no_overlap(a);
     out = o.data;
     od = o.dtype;
     hint_hugepages(o);
+  } else if (add) {
+    type_fail(fn, "out", "a tensor to write x + add into (out=None only counts the non-finite values of x)", out_c);
   }
   if (x.is_cpu()) {
     int64_t bad;
     {
       py::gil_scoped_release nogil;
-      bad = cm::cpu::finalize(static_cast<const float*>(x.data), add, out, od, x.numel);
+      bad = cm::cpu::active().finalize(static_cast<const float*>(x.data), add, out, od, x.numel);
     }
     return py::int_(bad);
   }
 #ifdef CM_WITH_CUDA
-  if (counter_c.is_none()) x.fail("a 'counter' tensor for a CUDA call", "counter=None");
-  TensorView c = arg(counter_c, fn, "counter");
-  c.expect_device_of(x);
-  c.expect_dtype_i64();
-  c.expect_numel(1);
-  c.expect_writable();
+  TensorView c = counter_arg(counter_c, fn, x);
   {
     py::gil_scoped_release nogil;
     cm::cuda::finalize(static_cast<const float*>(x.data), add, out, od, x.numel, static_cast<long long*>(c.data),
                        x.device_id, stream);
   }
 #endif
+  (void)stream;
+  (void)counter_c;
   return py::none();
 }
 
-// CPU: returns the per-task thresholds (a list of floats). CUDA: needs `workspace` (ties_workspace_bytes(T)
+// CPU: returns the per-task thresholds (a list of floats). CUDA: needs `workspace` (ties_workspace_bytes(T, n)
 // bytes on the device) and returns None.
-py::object ties_merge(const py::sequence& inputs, const py::handle& base_c, const py::handle& out_c, int64_t k, float lam,
-                      uintptr_t stream, const py::object& workspace_c) {
+py::object ties_merge(const py::handle& inputs, const py::handle& base_c, const py::handle& out_c, const py::handle& k_h,
+                      const py::handle& lam_h, const py::handle& stream_h, const py::handle& workspace_c) {
   const char* fn = "ties_merge";
+  const uintptr_t stream = stream_arg(stream_h, fn);
+  const float lam = float(finite_arg(lam_h, fn, "lam"));
   TensorView out = output_arg(out_c, fn, "out");
   TensorView base = arg(base_c, fn, "base");
   base.expect_input_like(out);
-  if (k < 0) throw cm::ArgError(std::string(fn) + ": argument 'k': expected k >= 0, got " + std::to_string(k));
-  cm::InputList in = input_list(inputs, py::none(), out, fn, 0, nullptr);
+  out.expect_no_overlap(base);
+  const int64_t k = int_arg(k_h, fn, "k", 0, out.numel);
+  cm::InputList in = input_list(inputs, py::none(), out, &out, fn, 0);
   hint_hugepages(out);
   if (out.is_cpu()) {
     std::vector<float> thr(in.count);
     {
       py::gil_scoped_release nogil;
-      cm::cpu::ties_merge(in, base.data, base.dtype, static_cast<float*>(out.data), out.numel, k, lam, thr.data());
+      cm::cpu::active().ties_merge(in, base.data, base.dtype, static_cast<float*>(out.data), out.numel, k, lam, thr.data());
     }
     return py::cast(std::vector<double>(thr.begin(), thr.end()));
   }
 #ifdef CM_WITH_CUDA
-  if (workspace_c.is_none()) out.fail("a 'workspace' tensor for a CUDA call", "workspace=None");
+  if (workspace_c.is_none()) type_fail(fn, "workspace", "a device buffer of ties_workspace_bytes(T, n) bytes for a CUDA call", workspace_c);
   TensorView ws = arg(workspace_c, fn, "workspace");
   ws.expect_device_of(out);
   ws.expect_contiguous();
   ws.expect_writable();
-  const int64_t need = int64_t(cm::cuda::ties_workspace_bytes(in.count));
-  const int64_t have = ws.numel * ((ws.dl_dtype.bits * ws.dl_dtype.lanes + 7) / 8);
+  ws.expect_no_overlap(out);
+  ws.expect_no_overlap(base);
+  const int64_t need = int64_t(cm::cuda::ties_workspace_bytes(in.count, out.numel));
+  const int64_t have = int64_t(ws.nbytes());
   if (have < need) ws.fail("at least " + std::to_string(need) + " bytes", std::to_string(have) + " bytes");
   if (reinterpret_cast<uintptr_t>(ws.data) % 16) ws.fail("a 16-byte aligned buffer", "a misaligned one");
   {
@@ -226,25 +323,72 @@ py::object ties_merge(const py::sequence& inputs, const py::handle& base_c, cons
                          out.device_id, stream);
   }
 #endif
+  (void)stream;
+  (void)workspace_c;
   return py::none();
 }
 
-void dare(const py::handle& tau_c, const py::handle& out_c, double p, double scale, uint64_t seed, uintptr_t stream) {
+void dare(const py::handle& tau_c, const py::handle& out_c, const py::handle& p_h, const py::handle& scale_h,
+          const py::handle& seed_h, const py::handle& stream_h) {
   const char* fn = "dare";
+  const uintptr_t stream = stream_arg(stream_h, fn);
+  const double p = num_arg(p_h, fn, "p");
+  if (!(p >= 0.0 && p <= 1.0)) throw cm::ArgError(std::string(fn) + ": argument 'p': expected 0 <= p <= 1, got " + std::to_string(p));
+  const float sf = float(finite_arg(scale_h, fn, "scale"));
+  const uint64_t seed = u64_arg(seed_h, fn, "seed");
   TensorView out = output_arg(out_c, fn, "out");
   TensorView tau = arg(tau_c, fn, "tau");
   tau.expect_input_like(out);
-  if (!(p >= 0.0 && p <= 1.0)) throw cm::ArgError(std::string(fn) + ": argument 'p': expected 0 <= p <= 1, got " + std::to_string(p));
-  const float pf = float(p), sf = float(scale);
+  out.expect_no_overlap(tau);
+  const float pf = float(p);
   hint_hugepages(out);
   py::gil_scoped_release nogil;
   if (out.is_cpu()) {
-    cm::cpu::dare(tau.data, tau.dtype, static_cast<float*>(out.data), out.numel, pf, sf, seed);
+    cm::cpu::active().dare(tau.data, tau.dtype, static_cast<float*>(out.data), out.numel, pf, sf, seed);
   } else {
 #ifdef CM_WITH_CUDA
     cm::cuda::dare(tau.data, tau.dtype, static_cast<float*>(out.data), out.numel, pf, sf, seed, out.device_id, stream);
 #endif
   }
+  (void)stream;
+}
+
+// Fused linear merge: out = dtype(sum_t w_t x_t) without base, dtype(base + lam * sum_t w_t (x_t - base)) with it.
+py::object linear_merge(const py::handle& inputs, const py::handle& weights, const py::handle& base_c, const py::handle& lam_h,
+                        const py::handle& out_c, const py::handle& stream_h, const py::handle& counter_c) {
+  const char* fn = "linear_merge";
+  const uintptr_t stream = stream_arg(stream_h, fn);
+  const float lam = float(finite_arg(lam_h, fn, "lam"));
+  TensorView out = output_arg(out_c, fn, "out", false);
+  const void* base = nullptr;
+  int32_t bd = cm::kF32;
+  if (!base_c.is_none()) {
+    TensorView b = arg(base_c, fn, "base");
+    b.expect_input_like(out);
+    out.expect_no_overlap(b);
+    base = b.data;
+    bd = b.dtype;
+  }
+  cm::InputList in = input_list(inputs, weights, out, &out, fn, 0, true);
+  hint_hugepages(out);
+  if (out.is_cpu()) {
+    int64_t bad;
+    {
+      py::gil_scoped_release nogil;
+      bad = cm::cpu::active().linear(in, base, bd, lam, out.data, out.dtype, out.numel);
+    }
+    return py::int_(bad);
+  }
+#ifdef CM_WITH_CUDA
+  TensorView c = counter_arg(counter_c, fn, out);
+  {
+    py::gil_scoped_release nogil;
+    cm::cuda::linear(in, base, bd, lam, out.data, out.dtype, out.numel, static_cast<long long*>(c.data), out.device_id, stream);
+  }
+#endif
+  (void)stream;
+  (void)counter_c;
+  return py::none();
 }
 
 std::vector<std::string> simd_flags() {
@@ -281,12 +425,18 @@ std::vector<std::string> simd_flags() {
 
 py::dict build_info() {
   py::dict d;
-  d["cpu_kernels"] = py::make_tuple("mean_fp32", "center_into", "finalize", "ties_merge", "dare");
+  d["cpu_kernels"] = py::make_tuple("mean_fp32", "center_into", "finalize", "ties_merge", "dare", "linear_merge");
   d["openmp"] = cm::cpu::has_openmp();
   d["omp_max_threads"] = cm::cpu::max_threads();
+  d["openmp_runtime"] = std::string(CM_OPENMP_RUNTIME);
+  d["cpu_isa"] = std::string(cm::cpu::active().isa);
+  d["cpu_isas_compiled"] = std::string(cm::cpu::compiled_isas());
+  d["cpu_isas_supported"] = std::string(cm::cpu::supported_isas());
   d["simd"] = simd_flags();
   d["arch_flags"] = std::string(CM_SIMD_FLAGS);
   d["compiler"] = std::string(CM_CXX_COMPILER);
+  d["build_type"] = std::string(CM_BUILD_TYPE);
+  d["sanitizers"] = std::string(CM_SANITIZERS);
   d["hugepage_hint"] = hugepages_enabled();
 #ifdef CM_WITH_CUDA
   d["cuda_compiled"] = true;
@@ -310,13 +460,21 @@ py::tuple cuda_device_count() {
 #endif
 }
 
-size_t ties_workspace_bytes(int num_inputs) {
+size_t ties_workspace_bytes(const py::handle& t_h, const py::handle& n_h) {
+  const int64_t T = int_arg(t_h, "ties_workspace_bytes", "num_inputs", 1, cm::kMaxInputs);
+  const int64_t n = int_arg(n_h, "ties_workspace_bytes", "numel", 0, std::numeric_limits<int64_t>::max());
 #ifdef CM_WITH_CUDA
-  return cm::cuda::ties_workspace_bytes(num_inputs);
+  return cm::cuda::ties_workspace_bytes(int(T), n);
 #else
-  (void)num_inputs;
+  (void)T;
+  (void)n;
   return 0;
 #endif
+}
+
+void select_cpu_isa(const std::string& name) {
+  std::string why;
+  if (!cm::cpu::select(name, &why)) throw cm::ArgError("select_cpu_isa: argument 'name': " + why);
 }
 
 }  // namespace
@@ -328,22 +486,39 @@ PYBIND11_MODULE(_C, m) {
       if (p) std::rethrow_exception(p);
     } catch (const cm::ArgError& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const cm::ArgTypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
     }
   });
+  // CENTERED_MERGE_CPU_ISA forces one compiled ISA path (tests run every one this CPU supports); a name that
+  // was not compiled or that this CPU cannot run makes the import fail with the reason, never a SIGILL later.
+  if (const char* want = std::getenv("CENTERED_MERGE_CPU_ISA")) {
+    std::string w(want);
+    if (!w.empty() && w != "auto") {
+      std::string why;
+      if (!cm::cpu::select(w, &why)) throw py::import_error("CENTERED_MERGE_CPU_ISA=" + w + ": " + why);
+    }
+  }
   m.attr("MAX_INPUTS") = cm::kMaxInputs;
+  const auto none = py::none();
   m.def("mean_fp32", &mean_fp32, py::arg("inputs"), py::arg("weights"), py::arg("out"), py::arg("accumulate") = false,
-        py::arg("scale") = 1.0f, py::arg("apply_scale") = false, py::arg("stream") = 0, py::arg("index_base") = 0,
+        py::arg("scale") = 1.0, py::arg("apply_scale") = false, py::arg("stream") = 0, py::arg("index_base") = 0,
         "out = (accumulate ? out : 0) + sum_t w_t * inputs[t], then *= scale when apply_scale (float32 out)");
   m.def("center_into", &center_into, py::arg("w"), py::arg("mean"), py::arg("out"), py::arg("stream") = 0,
         "out = float32(w) - mean");
   m.def("finalize", &finalize, py::arg("x"), py::arg("add"), py::arg("out"), py::arg("stream") = 0,
-        py::arg("counter") = py::none(), "out = dtype(x [+ add]); returns the non-finite count on CPU");
+        py::arg("counter") = none, "out = dtype(x [+ add]); returns the non-finite count on CPU");
   m.def("ties_merge", &ties_merge, py::arg("inputs"), py::arg("base"), py::arg("out"), py::arg("k"), py::arg("lam"),
-        py::arg("stream") = 0, py::arg("workspace") = py::none(),
-        "TIES: out = base + lam * disjoint mean of the trimmed task vectors with the elected sign");
+        py::arg("stream") = 0, py::arg("workspace") = none,
+        "TIES: out = base + lam * disjoint mean of the trimmed task vectors (exactly k kept per task) with the elected sign");
   m.def("dare", &dare, py::arg("tau"), py::arg("out"), py::arg("p"), py::arg("scale"), py::arg("seed"), py::arg("stream") = 0,
         "DARE: out = 0 where dare_uniform(seed, i) < p, else float32(tau) * scale");
-  m.def("ties_workspace_bytes", &ties_workspace_bytes, py::arg("num_inputs"));
+  m.def("linear_merge", &linear_merge, py::arg("inputs"), py::arg("weights"), py::arg("base"), py::arg("lam"), py::arg("out"),
+        py::arg("stream") = 0, py::arg("counter") = none,
+        "out = dtype(sum_t w_t x_t), or with base dtype(base + lam * sum_t w_t (x_t - base)); returns the non-finite count on CPU");
+  m.def("ties_workspace_bytes", &ties_workspace_bytes, py::arg("num_inputs"), py::arg("numel"));
+  m.def("select_cpu_isa", &select_cpu_isa, py::arg("name"),
+        "use the CPU kernels of one compiled ISA (native, avx512, avx2, baseline); ValueError when not possible");
   m.def("build_info", &build_info);
   m.def("cuda_device_count", &cuda_device_count, "(number of CUDA devices the extension's runtime sees, why not)");
 }

@@ -11,10 +11,21 @@
 #define CM_HD inline
 #endif
 
+// The CPU kernels are compiled once per instruction set (cpu_kernels.cpp with -DCM_ISA=avx2, ...). The inline
+// helpers below then exist in several copies compiled with different -m flags; each copy lives in its own
+// inline namespace (cm::isa_<name>), so the linker never merges an AVX-512 copy into the baseline path.
+#ifndef CM_ISA
+#define CM_ISA generic
+#endif
+#define CM_CAT2(a, b) a##b
+#define CM_CAT(a, b) CM_CAT2(a, b)
+#define CM_ISA_NS CM_CAT(isa_, CM_ISA)
+
 namespace cm {
 
 enum DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
+inline namespace CM_ISA_NS {
 inline const char* dtype_name(int32_t d) {
   switch (d) {
     case kF32: return "float32";
@@ -24,6 +35,7 @@ inline const char* dtype_name(int32_t d) {
   }
 }
 inline int dtype_size(int32_t d) { return d == kF32 ? 4 : 2; }
+}  // inline namespace CM_ISA_NS
 
 // Most inputs one kernel call takes; the Python wrappers split longer lists (mean) or fall back (TIES on CUDA).
 constexpr int kMaxInputs = 64;
@@ -35,6 +47,8 @@ struct InputList {
   int32_t count;
   int32_t weighted;  // 0: plain sum; 1: sum of weight[t] * x_t
 };
+
+inline namespace CM_ISA_NS {
 
 CM_HD uint32_t f32_bits(float f) {
 #if defined(__CUDA_ARCH__)
@@ -126,5 +140,7 @@ constexpr int kRadixPasses = 3;
 constexpr int kRadixBins = 2048;
 CM_HD int radix_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
 CM_HD uint32_t radix_mask(int pass) { return pass == 2 ? 0x3FFu : 0x7FFu; }
+
+}  // inline namespace CM_ISA_NS
 
 }  // namespace cm

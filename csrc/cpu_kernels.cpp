@@ -1,18 +1,22 @@
 // CPU kernels: OpenMP over blocks of kBlock elements, SIMD-friendly inner loops (the compiler vectorises them;
-// float16 conversions use F16C when the build enables it). Every kernel reads its inputs once per pass and keeps
+// float16 conversions use F16C when the ISA has it). This file is compiled once per instruction set, with
+// -DCM_ISA=<name> and that ISA's -m flags (CMakeLists.txt); each copy exports the table cm::cpu::kernels_<name>()
+// and cpu_dispatch.cpp picks one at run time. Everything here has internal linkage (anonymous namespace, or the
+// ISA's inline namespace of common.h), and no std:: container or algorithm is instantiated here, so no copy
+// compiled with wider instructions can be merged into another ISA's path by the linker. Every kernel reads its inputs once per pass and keeps
 // its per-block accumulators in L1, which is what makes it faster than the eager torch sequence of full sweeps.
 // Rounding: the build passes -ffp-contract=off, so a*b+c is never fused and the results round like torch's
 // eager ops (same operation order as the twins in centered_merge/ops/reference.py).
-#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <vector>
+#include <new>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__F16C__) || defined(__AVX2__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -38,12 +42,41 @@ constexpr bool kStreamStores = CM_STREAM_STORES != 0;
 constexpr int64_t kStreamMinBytes = int64_t(64) << 20;
 
 inline int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
+template <typename A>
+inline A imin(A a, A b) { return b < a ? b : a; }
+template <typename A>
+inline A imax(A a, A b) { return a < b ? b : a; }
+
+// A heap array (a stand-in for std::vector that stays internal to this ISA's object, see the top).
+template <typename E>
+struct Buf {
+  E* p = nullptr;
+  size_t n = 0;
+  Buf() = default;
+  explicit Buf(size_t count, E fill = E()) { reset(count, fill); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p); }
+  void reset(size_t count, E fill = E()) {
+    grow(count);
+    for (size_t i = 0; i < count; ++i) p[i] = fill;
+  }
+  void grow(size_t count) {
+    if (count <= n) return;
+    void* q = std::realloc(p, (count ? count : 1) * sizeof(E));
+    if (!q) throw std::bad_alloc();
+    p = static_cast<E*>(q);
+    n = count;
+  }
+  E& operator[](size_t i) { return p[i]; }
+  const E& operator[](size_t i) const { return p[i]; }
+  E* data() { return p; }
+};
 
 // Per-thread scratch of `count` float-sized arrays of kBlock elements (grown once per thread, reused).
 inline float* scratch(int count) {
-  static thread_local std::vector<float> buf;
-  const size_t need = size_t(count) * kBlock;
-  if (buf.size() < need) buf.resize(need);
+  static thread_local Buf<float> buf;
+  buf.grow(size_t(count) * kBlock);
   return buf.data();
 }
 
@@ -76,13 +109,9 @@ void f32_to_bf16_block(const float* __restrict s, uint16_t* __restrict d, int64_
   for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(s[i]);
 }
 
-inline float madd(float a, float b, float c) {
-#if defined(__FMA__) || defined(__aarch64__) || defined(__ARM_FEATURE_FMA)
-  return std::fma(a, b, c);
-#else
-  return c + a * b;
-#endif
-}
+// a * b + c rounded once, like torch's add_(x, alpha=w). Without an FMA instruction in this ISA (the x86-64
+// baseline) std::fma is libm's, which is exact everywhere and uses the FMA instruction where the CPU has one.
+inline float madd(float a, float b, float c) { return std::fma(a, b, c); }
 
 // d[0:len] = float32(src[off : off+len]); returns a pointer to the float32 values (src itself for float32).
 const float* as_f32(const void* src, int32_t dtype, int64_t off, int64_t len, float* d) {
@@ -116,26 +145,6 @@ void add_block(float* __restrict acc, const void* src, int32_t dtype, int64_t of
 
 inline bool is_nonfinite(float v) { return (f32_bits(v) & 0x7F800000u) == 0x7F800000u; }
 
-}  // namespace
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-bool has_openmp() {
-#ifdef _OPENMP
-  return true;
-#else
-  return false;
-#endif
-}
-
-namespace {
-
 #ifndef CM_MEAN_GROUP
 #define CM_MEAN_GROUP 2
 #endif
@@ -154,11 +163,11 @@ void mean_streams(const InputList& in, float* out, int64_t n, bool accumulate, f
   const bool stream_out = kStreamStores && n * 4 >= kStreamMinBytes && reinterpret_cast<uintptr_t>(out) % 64 == 0;
 #pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
-    const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+    const int64_t off = b * kBlock, len = imin(kBlock, n - off);
     float* o = out + off;
     float* acc = scratch(1);
     for (int g0 = 0; g0 < T; g0 += G) {
-      const int g1 = std::min(T, g0 + G);
+      const int g1 = imin(T, g0 + G);
       const bool first = g0 == 0, last = g1 == T;
       // src and dst may be the same buffer (no __restrict): each lane loads its sum before storing it
       const float* src = first ? o : acc;  // running sums so far (o only read when accumulating)
@@ -204,8 +213,6 @@ void mean_streams(const InputList& in, float* out, int64_t n, bool accumulate, f
   }
 }
 
-}  // namespace
-
 void mean_fp32(const InputList& in, float* out, int64_t n, bool accumulate, float scale, bool apply_scale) {
   if (!in.weighted) {
     bool all_bf16 = true, all_f32 = true;
@@ -221,9 +228,9 @@ void mean_fp32(const InputList& in, float* out, int64_t n, bool accumulate, floa
   for (int64_t b = 0; b < nb; ++b) {
     float* acc = scratch(2);
     float* tmp = acc + kBlock;
-    const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+    const int64_t off = b * kBlock, len = imin(kBlock, n - off);
     if (accumulate) std::memcpy(acc, out + off, len * sizeof(float));
-    else std::fill(acc, acc + len, 0.0f);
+    else for (int64_t i = 0; i < len; ++i) acc[i] = 0.0f;
     for (int t = 0; t < in.count; ++t) add_block(acc, in.ptr[t], in.dtype[t], off, len, in.weighted != 0, in.weight[t], tmp);
     if (apply_scale) {
 #pragma omp simd
@@ -238,7 +245,7 @@ void center(const void* w, int32_t w_dtype, const float* mean, float* out, int64
 #pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     float* tmp = scratch(1);
-    const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+    const int64_t off = b * kBlock, len = imin(kBlock, n - off);
     float* __restrict o = out + off;
     const float* __restrict m = mean + off;
     if (w_dtype == kBF16) {
@@ -259,7 +266,7 @@ int64_t finalize(const float* x, const float* add, void* out, int32_t out_dtype,
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     float* tmp = scratch(1);
-    const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+    const int64_t off = b * kBlock, len = imin(kBlock, n - off);
     const float* y = x + off;
     if (add) {
       const float* __restrict a = add + off;
@@ -289,8 +296,6 @@ int64_t finalize(const float* x, const float* add, void* out, int32_t out_dtype,
   return bad;
 }
 
-namespace {
-
 // |x - base| bit patterns of one block into bits[0:len].
 void abs_tau_bits(const void* x, int32_t xd, const float* bb, int64_t off, int64_t len, float* tmp, uint32_t* bits) {
   const float* xv = as_f32(x, xd, off, len, tmp);
@@ -298,37 +303,52 @@ void abs_tau_bits(const void* x, int32_t xd, const float* bb, int64_t off, int64
   for (int64_t i = 0; i < len; ++i) bits[i] = f32_bits(xv[i] - bb[i]) & 0x7FFFFFFFu;
 }
 
-// Per task, the k-th largest |x_t - base| (NaN counts as the largest, like torch.kthvalue), by a radix select
-// on the bit patterns: 3 digit passes (11, 11, 10 bits). Each pass is ONE parallel sweep that reads base once
-// and every task's input once, filling per-thread histograms for all tasks (T x 2048 counters); between passes
-// the digit holding the k-th largest value is picked per task and becomes the prefix of the next pass.
-// Keeping it to three parallel regions matters on busy machines, where every OpenMP barrier can cost a
-// scheduler time slice.
-void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_t n, int64_t k, float* thr) {
+// Which entries of task t TIES keeps: exactly k, by the bit pattern of |tau| (for non-negative floats, and for
+// NaN placed above +inf exactly as torch.kthvalue orders it, the unsigned pattern orders like the value):
+// every entry above `bits`, and of the entries equal to it the first `need` in flat order. Per block, that
+// rule becomes "equal entries at flat positions below cut[b]" (cut = len before the block that completes the
+// count, 0 after it), so the merge loop stays branch-free and vectorisable.
+struct KeepRule {
+  uint32_t bits = 0;  // threshold bit pattern; 0xFFFFFFFF keeps nothing
+  bool trim = false;  // whether some entries equal to `bits` are dropped (then cut[] is used)
+};
+
+// The per-task threshold (the k-th largest |x_t - base|), by a radix select on the bit patterns: 3 digit passes
+// (11, 11, 10 bits). Each pass is ONE parallel sweep that reads base once and every task's input once, filling
+// per-thread histograms for all tasks (T x 2048 counters); between passes the digit holding the k-th largest
+// value is picked per task and becomes the prefix of the next pass. Keeping it to three parallel regions matters
+// on busy machines, where every OpenMP barrier can cost a scheduler time slice. need[t] ends as the number of
+// entries equal to the threshold that are kept, equal[t] as the number of entries equal to it.
+void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_t n, int64_t k, KeepRule* rule,
+                       uint64_t* need) {
   const int T = in.count;
   if (k <= 0 || k >= n) {
-    for (int t = 0; t < T; ++t) thr[t] = k <= 0 ? std::numeric_limits<float>::infinity() : 0.0f;
+    for (int t = 0; t < T; ++t) {
+      rule[t].bits = k <= 0 ? 0xFFFFFFFFu : 0u;
+      rule[t].trim = false;
+      need[t] = 0;
+    }
     return;
   }
   const int64_t nb = num_blocks(n);
-  std::vector<uint32_t> prefix(T, 0);
-  std::vector<uint64_t> krem(T, uint64_t(k));
-  std::vector<uint64_t> hist(size_t(T) * kRadixBins);
+  Buf<uint32_t> prefix(T, 0);
+  Buf<uint64_t> hist(size_t(T) * kRadixBins);
+  for (int t = 0; t < T; ++t) need[t] = uint64_t(k);
   for (int pass = 0; pass < kRadixPasses; ++pass) {
     const int shift = radix_shift(pass);
     const uint32_t mask = radix_mask(pass);
     const int width = pass == 2 ? 10 : 11;
     const int hi = shift + width;
-    std::fill(hist.begin(), hist.end(), 0);
+    hist.reset(size_t(T) * kRadixBins, 0);
 #pragma omp parallel if (n >= kParallelMin)
     {
-      std::vector<uint64_t> local(size_t(T) * kRadixBins, 0);
+      Buf<uint64_t> local(size_t(T) * kRadixBins, 0);
 #pragma omp for schedule(dynamic, 1) nowait
       for (int64_t b = 0; b < nb; ++b) {
         float* tmp = scratch(3);
         float* tb = tmp + kBlock;
         uint32_t* bits = reinterpret_cast<uint32_t*>(tb + kBlock);
-        const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+        const int64_t off = b * kBlock, len = imin(kBlock, n - off);
         const float* bb = as_f32(base, bd, off, len, tb);
         for (int t = 0; t < T; ++t) {
           abs_tau_bits(in.ptr[t], in.dtype[t], bb, off, len, tmp, bits);
@@ -343,35 +363,91 @@ void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_
         }
       }
 #pragma omp critical(cm_ties_hist)
-      for (size_t i = 0; i < hist.size(); ++i) hist[i] += local[i];
+      for (size_t i = 0; i < size_t(T) * kRadixBins; ++i) hist[i] += local[i];
     }
     for (int t = 0; t < T; ++t) {
       const uint64_t* h = hist.data() + size_t(t) * kRadixBins;
       uint64_t above = 0;
       int chosen = 0;
       for (int bin = kRadixBins - 1; bin >= 0; --bin) {
-        if (above + h[bin] >= krem[t]) {
+        if (above + h[bin] >= need[t]) {
           chosen = bin;
           break;
         }
         above += h[bin];
       }
-      krem[t] -= above;
+      need[t] -= above;
       prefix[t] = (prefix[t] << width) | uint32_t(chosen);
+      if (pass == kRadixPasses - 1) rule[t].trim = need[t] < h[chosen];  // h[chosen]: entries equal to it
     }
   }
-  for (int t = 0; t < T; ++t) thr[t] = bits_f32(prefix[t]);
+  for (int t = 0; t < T; ++t) rule[t].bits = prefix[t];
 }
 
-}  // namespace
+// cut[t * nb + b] for the tasks whose rule trims: how many leading positions of block b may keep an entry equal
+// to the threshold. One parallel count of the equal entries per block, then a scan per task.
+void tie_cuts(const InputList& in, const void* base, int32_t bd, int64_t n, const KeepRule* rule, const uint64_t* need,
+              int64_t* cut) {
+  const int T = in.count;
+  const int64_t nb = num_blocks(n);
+#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
+  for (int64_t b = 0; b < nb; ++b) {
+    float* tmp = scratch(3);
+    float* tb = tmp + kBlock;
+    uint32_t* bits = reinterpret_cast<uint32_t*>(tb + kBlock);
+    const int64_t off = b * kBlock, len = imin(kBlock, n - off);
+    const float* bb = as_f32(base, bd, off, len, tb);
+    for (int t = 0; t < T; ++t) {
+      if (!rule[t].trim) continue;
+      abs_tau_bits(in.ptr[t], in.dtype[t], bb, off, len, tmp, bits);
+      int64_t c = 0;
+      const uint32_t th = rule[t].bits;
+#pragma omp simd reduction(+ : c)
+      for (int64_t i = 0; i < len; ++i) c += bits[i] == th ? 1 : 0;
+      cut[size_t(t) * nb + b] = c;  // the count for now; turned into a cut below
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    if (!rule[t].trim) continue;
+    uint64_t before = 0;
+    int64_t* ct = cut + size_t(t) * nb;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint64_t here = uint64_t(ct[b]);
+      const int64_t off = b * kBlock, len = imin(kBlock, n - off);
+      if (before + here <= need[t]) {
+        ct[b] = len;  // every equal entry of this block is kept
+      } else if (before >= need[t]) {
+        ct[b] = 0;  // none
+      } else {  // the block where the count completes: find the position after the last kept equal entry
+        float* tmp = scratch(3);
+        float* tb = tmp + kBlock;
+        uint32_t* bits = reinterpret_cast<uint32_t*>(tb + kBlock);
+        const float* bb = as_f32(base, bd, off, len, tb);
+        abs_tau_bits(in.ptr[t], in.dtype[t], bb, off, len, tmp, bits);
+        uint64_t seen = before;
+        int64_t i = 0;
+        for (; i < len && seen < need[t]; ++i) seen += bits[i] == rule[t].bits ? 1 : 0;
+        ct[b] = i;
+      }
+      before += here;
+    }
+  }
+}
 
 void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, int64_t n, int64_t k, float lam,
                 float* thresholds_out) {
   const int T = in.count;
-  std::vector<float> thr(T);
-  select_thresholds(in, base, bd, n, k, thr.data());
-  if (thresholds_out) std::copy(thr.begin(), thr.end(), thresholds_out);
+  Buf<KeepRule> rule(T);
+  Buf<uint64_t> need(T, 0);
+  select_thresholds(in, base, bd, n, k, rule.data(), need.data());
+  if (thresholds_out)
+    for (int t = 0; t < T; ++t)
+      thresholds_out[t] = rule[t].bits == 0xFFFFFFFFu ? std::numeric_limits<float>::infinity() : bits_f32(rule[t].bits);
   const int64_t nb = num_blocks(n);
+  bool any_trim = false;
+  for (int t = 0; t < T; ++t) any_trim = any_trim || rule[t].trim;
+  Buf<int64_t> cut(any_trim ? size_t(T) * nb : 0);
+  if (any_trim) tie_cuts(in, base, bd, n, rule.data(), need.data(), cut.data());
 #pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     float* tmp = scratch(5);
@@ -379,17 +455,20 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
     float* ss = tb + kBlock;
     float* num = ss + kBlock;
     float* cnt = num + kBlock;
-    const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+    const int64_t off = b * kBlock, len = imin(kBlock, n - off);
     const float* __restrict bb = as_f32(base, bd, off, len, tb);
-    std::fill(ss, ss + len, 0.0f);
-    // sign election: sum of the trimmed task vectors
+    for (int64_t i = 0; i < len; ++i) ss[i] = 0.0f;
+    // sign election: sum of the kept (trimmed) task vectors
     for (int t = 0; t < T; ++t) {
       const float* __restrict xv = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
-      const float th = thr[t];
+      const uint32_t th = rule[t].bits;
+      const int64_t c = rule[t].trim ? cut[size_t(t) * nb + b] : len;
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
         const float tau = xv[i] - bb[i];
-        ss[i] += std::fabs(tau) >= th ? tau : 0.0f;
+        const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
+        const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;  // NaN is ranked, never kept
+        ss[i] += kept ? tau : 0.0f;
       }
     }
 #pragma omp simd
@@ -401,11 +480,13 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
     // disjoint mean: kept entries that agree with the elected sign (the block is still in cache)
     for (int t = 0; t < T; ++t) {
       const float* __restrict xv = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
-      const float th = thr[t];
+      const uint32_t th = rule[t].bits;
+      const int64_t c = rule[t].trim ? cut[size_t(t) * nb + b] : len;
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
         const float tau = xv[i] - bb[i];
-        const bool keep = std::fabs(tau) >= th && sign_of(tau) == ss[i] && tau != 0.0f;
+        const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
+        const bool keep = (u > th || (u == th && i < c)) && u <= 0x7F800000u && sign_of(tau) == ss[i] && tau != 0.0f;
         num[i] += keep ? tau : 0.0f;
         cnt[i] += keep ? 1.0f : 0.0f;
       }
@@ -413,7 +494,7 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
     float* __restrict o = out + off;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-      const float q = num[i] / std::max(cnt[i], 1.0f);
+      const float q = num[i] / imax(cnt[i], 1.0f);
       const float s = q * lam;
       o[i] = s + bb[i];
     }
@@ -425,7 +506,7 @@ void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float 
 #pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     float* tmp = scratch(1);
-    const int64_t off = b * kBlock, len = std::min(kBlock, n - off);
+    const int64_t off = b * kBlock, len = imin(kBlock, n - off);
     const float* __restrict x = as_f32(tau, dtype, off, len, tmp);
     float* __restrict o = out + off;
 #pragma omp simd
@@ -434,6 +515,67 @@ void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float 
       o[i] = u < p ? 0.0f : x[i] * scale;
     }
   }
+}
+
+// Fused linear merge: per block, acc = sum_t w_t * (x_t [- base]) in float32 (one rounding per step, like
+// torch's add_(tau, alpha=w)), then [acc * lam + base], converted to the output dtype and counted, in one pass.
+int64_t linear(const InputList& in, const void* base, int32_t bd, float lam, void* out, int32_t od, int64_t n) {
+  const int64_t nb = num_blocks(n);
+  int64_t bad = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad) if (n >= kParallelMin)
+  for (int64_t b = 0; b < nb; ++b) {
+    float* acc = scratch(3);
+    float* tmp = acc + kBlock;
+    float* tb = tmp + kBlock;
+    const int64_t off = b * kBlock, len = imin(kBlock, n - off);
+    for (int64_t i = 0; i < len; ++i) acc[i] = 0.0f;
+    const float* __restrict bb = base ? as_f32(base, bd, off, len, tb) : nullptr;
+    for (int t = 0; t < in.count; ++t) {
+      const float* __restrict x = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
+      const float w = in.weight[t];
+      if (bb) {
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) acc[i] = madd(w, x[i] - bb[i], acc[i]);
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) acc[i] = madd(w, x[i], acc[i]);
+      }
+    }
+    if (bb) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const float s = acc[i] * lam;
+        acc[i] = s + bb[i];
+      }
+    }
+    int64_t c = 0;
+    if (od == kF32) {
+      float* __restrict o = static_cast<float*>(out) + off;
+#pragma omp simd reduction(+ : c)
+      for (int64_t i = 0; i < len; ++i) {
+        o[i] = acc[i];
+        c += is_nonfinite(acc[i]) ? 1 : 0;
+      }
+    } else {
+      uint16_t* __restrict o = static_cast<uint16_t*>(out) + off;
+      const uint16_t exp_mask = od == kBF16 ? 0x7F80u : 0x7C00u;
+      if (od == kBF16) f32_to_bf16_block(acc, o, len);
+      else f32_to_f16_block(acc, o, len);
+#pragma omp simd reduction(+ : c)
+      for (int64_t i = 0; i < len; ++i) c += (o[i] & exp_mask) == exp_mask ? 1 : 0;
+    }
+    bad += c;
+  }
+  return bad;
+}
+
+}  // namespace
+
+#define CM_ISA_STR2(x) #x
+#define CM_ISA_STR(x) CM_ISA_STR2(x)
+const Kernels* CM_CAT(kernels_, CM_ISA)() {
+  static const Kernels k{CM_ISA_STR(CM_ISA), mean_fp32, center, finalize, ties_merge, dare, linear};
+  return &k;
 }
 
 }  // namespace cpu

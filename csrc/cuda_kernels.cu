@@ -15,9 +15,12 @@
 //     dare        e read, 4 written; the mask is computed (splitmix64 of seed and index), never stored
 //     ties_merge  threshold: 3 radix-histogram passes per task, each reading e + base element (block-level
 //                 shared-memory histograms of 2048 bins, merged with one atomicAdd per non-empty bin), plus a
-//                 1-thread kernel that picks the digit; merge: one pass reading base and the T inputs twice
-//                 (second read mostly from L2) and writing 4. Workspace: 16 KiB histogram + thresholds,
-//                 allocated by the caller (ties_workspace_bytes).
+//                 1-thread kernel that picks the digit; exact k: one more pass per task counting, per tile of
+//                 256, the entries equal to the threshold, and a 1-block scan of those counts (both return at
+//                 once when no equal entry is dropped); merge: one pass over tiles of 256 reading base and the
+//                 T inputs twice (second read mostly from L2) and writing 4. Workspace (ties_workspace_bytes):
+//                 16 KiB histogram + per-task rules + 8 bytes per task per 256 elements.
+//     linear      T*e (+ base e) read, out element written; non-finite count as finalize
 //   rounding  built with --fmad=false, so a*b+c is never contracted: results round like the CPU kernels.
 #include <cuda_runtime.h>
 
@@ -120,15 +123,27 @@ __global__ void dare_kernel(const void* __restrict__ tau, int32_t dt, float* __r
 }
 
 // --- TIES ------------------------------------------------------------------------------------------------
+// Exactly k entries kept per task: those whose |tau| bit pattern is above the k-th largest, and of those equal
+// to it the first `need` in flat order (NaN is ranked as torch.kthvalue ranks it, above +inf, but never kept).
 struct SelectState {
   unsigned int prefix;
   unsigned int pad;
   unsigned long long krem;
 };
+struct TiesRule {
+  unsigned int bits;  // threshold bit pattern; 0xFFFFFFFF keeps nothing
+  unsigned int trim;  // 1 when some entries equal to `bits` are dropped (ranks needed)
+  unsigned long long need;  // how many entries equal to `bits` are kept
+};
 
 constexpr size_t kHistBytes = sizeof(unsigned long long) * kRadixBins;
 constexpr size_t kStateOffset = kHistBytes;
-constexpr size_t kThrOffset = kStateOffset + sizeof(SelectState);
+constexpr size_t kRuleOffset = kStateOffset + sizeof(SelectState);
+
+__host__ __device__ inline int64_t num_tiles(int64_t n) { return (n + kThreads - 1) / kThreads; }
+inline size_t before_offset(int T) { return kRuleOffset + sizeof(TiesRule) * size_t(T); }
+
+__device__ __forceinline__ uint32_t abs_bits(float tau) { return f32_bits(tau) & 0x7FFFFFFFu; }
 
 __global__ void ties_hist_kernel(const void* __restrict__ x, int32_t xd, const void* __restrict__ base, int32_t bd,
                                  int64_t n, int pass, const SelectState* __restrict__ state,
@@ -141,8 +156,7 @@ __global__ void ties_hist_kernel(const void* __restrict__ x, int32_t xd, const v
   const int hi = shift + (pass == 2 ? 10 : 11);
   const unsigned int prefix = pass == 0 ? 0u : state->prefix;
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
-    const float tau = load_as_f32(x, xd, i) - load_as_f32(base, bd, i);
-    const uint32_t bits = f32_bits(tau) & 0x7FFFFFFFu;
+    const uint32_t bits = abs_bits(load_as_f32(x, xd, i) - load_as_f32(base, bd, i));
     if (pass == 0 || (bits >> hi) == prefix) atomicAdd(&sh[(bits >> shift) & mask], 1u);
   }
   __syncthreads();
@@ -150,9 +164,9 @@ __global__ void ties_hist_kernel(const void* __restrict__ x, int32_t xd, const v
     if (sh[b]) atomicAdd(&hist[b], (unsigned long long)sh[b]);
 }
 
-// One thread: pick the digit holding the k-th largest value, narrow the prefix; the last pass writes thr.
+// One thread: pick the digit holding the k-th largest value, narrow the prefix; the last pass writes the rule.
 __global__ void ties_select_kernel(const unsigned long long* __restrict__ hist, int pass, unsigned long long k,
-                                   SelectState* state, float* thr) {
+                                   SelectState* state, TiesRule* rule) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   unsigned long long krem = pass == 0 ? k : state->krem;
   unsigned int prefix = pass == 0 ? 0u : state->prefix;
@@ -169,33 +183,140 @@ __global__ void ties_select_kernel(const unsigned long long* __restrict__ hist, 
   prefix = (prefix << (pass == 2 ? 10 : 11)) | unsigned(chosen);
   state->krem = krem;
   state->prefix = prefix;
-  if (pass == kRadixPasses - 1) *thr = bits_f32(prefix);
+  if (pass == kRadixPasses - 1) {
+    rule->bits = prefix;
+    rule->need = krem;
+    rule->trim = krem < hist[chosen] ? 1u : 0u;
+  }
 }
 
-__global__ void set_float_kernel(float* p, float v) {
-  if (blockIdx.x == 0 && threadIdx.x == 0) *p = v;
+__global__ void set_rule_kernel(TiesRule* rule, unsigned int bits) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    rule->bits = bits;
+    rule->trim = 0;
+    rule->need = 0;
+  }
 }
 
-__global__ void ties_merge_kernel(InputList in, const void* __restrict__ base, int32_t bd, const float* __restrict__ thr,
-                                  float* __restrict__ out, int64_t n, float lam) {
-  for (int64_t i = first_index(); i < n; i += grid_stride()) {
-    const float bb = load_as_f32(base, bd, i);
+// Per tile of kThreads consecutive elements: how many equal the threshold (only when the rule trims).
+__global__ void ties_tie_count_kernel(const void* __restrict__ x, int32_t xd, const void* __restrict__ base, int32_t bd,
+                                      int64_t n, const TiesRule* __restrict__ rule, unsigned long long* __restrict__ cnt) {
+  const TiesRule r = *rule;
+  if (!r.trim) return;  // the same for every thread of the grid
+  const int64_t tiles = num_tiles(n);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t i = tile * kThreads + threadIdx.x;
+    const bool eq = i < n && abs_bits(load_as_f32(x, xd, i) - load_as_f32(base, bd, i)) == r.bits;
+    const int c = __syncthreads_count(eq);
+    if (threadIdx.x == 0) cnt[tile] = (unsigned long long)c;
+  }
+}
+
+// One block of kScanThreads: exclusive prefix sum of the tile counts, in place.
+constexpr int kScanThreads = 1024;
+__global__ void ties_tie_scan_kernel(const TiesRule* __restrict__ rule, unsigned long long* __restrict__ cnt, int64_t tiles) {
+  __shared__ unsigned long long part[kScanThreads];
+  if (!rule->trim) return;
+  const int64_t per = (tiles + kScanThreads - 1) / kScanThreads;
+  const int64_t lo = int64_t(threadIdx.x) * per, hi = lo + per < tiles ? lo + per : tiles;
+  unsigned long long s = 0;
+  for (int64_t j = lo; j < hi; ++j) s += cnt[j];
+  part[threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long run = 0;
+    for (int j = 0; j < kScanThreads; ++j) {
+      const unsigned long long v = part[j];
+      part[j] = run;
+      run += v;
+    }
+  }
+  __syncthreads();
+  unsigned long long run = part[threadIdx.x];
+  for (int64_t j = lo; j < hi; ++j) {
+    const unsigned long long v = cnt[j];
+    cnt[j] = run;
+    run += v;
+  }
+}
+
+// One tile of kThreads elements per block iteration (every thread of a block runs the same iterations, so the
+// block-wide rank of the equal entries can be formed with warp ballots). Launched with kThreads threads.
+__global__ void ties_merge_kernel(InputList in, const void* __restrict__ base, int32_t bd, const TiesRule* __restrict__ rule,
+                                  const unsigned long long* __restrict__ before, float* __restrict__ out, int64_t n,
+                                  float lam) {
+  __shared__ unsigned int warp_cnt[kThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t tiles = num_tiles(n);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t i = tile * kThreads + threadIdx.x;
+    const bool valid = i < n;
+    const float bb = valid ? load_as_f32(base, bd, i) : 0.0f;
+    unsigned long long kept = 0;  // bit t: task t keeps this entry (before the sign test)
+    for (int t = 0; t < in.count; ++t) {
+      const TiesRule r = rule[t];
+      const uint32_t u = valid ? abs_bits(load_as_f32(in.ptr[t], in.dtype[t], i) - bb) : 0u;
+      bool keep = valid && u > r.bits;
+      const bool eq = valid && u == r.bits;
+      if (r.trim) {  // uniform across the block
+        const unsigned int m = __ballot_sync(0xFFFFFFFFu, eq);
+        if (lane == 0) warp_cnt[warp] = __popc(m);
+        __syncthreads();
+        unsigned long long rank = before[size_t(t) * tiles + tile] + __popc(m & ((1u << lane) - 1u));
+        for (int w = 0; w < warp; ++w) rank += warp_cnt[w];
+        __syncthreads();  // warp_cnt is reused for the next task
+        keep = keep || (eq && rank < r.need);
+      } else {
+        keep = keep || eq;
+      }
+      if (keep && u <= 0x7F800000u) kept |= 1ull << t;
+    }
+    if (!valid) continue;
     float ss = 0.0f;
     for (int t = 0; t < in.count; ++t) {
       const float tau = load_as_f32(in.ptr[t], in.dtype[t], i) - bb;
-      ss += fabsf(tau) >= thr[t] ? tau : 0.0f;
+      ss += (kept >> t) & 1ull ? tau : 0.0f;
     }
     const float el = sign_of(ss);
     float num = 0.0f, cnt = 0.0f;
     for (int t = 0; t < in.count; ++t) {
       const float tau = load_as_f32(in.ptr[t], in.dtype[t], i) - bb;
-      const bool keep = fabsf(tau) >= thr[t] && sign_of(tau) == el && tau != 0.0f;
+      const bool keep = ((kept >> t) & 1ull) && sign_of(tau) == el && tau != 0.0f;
       num += keep ? tau : 0.0f;
       cnt += keep ? 1.0f : 0.0f;
     }
     const float q = num / fmaxf(cnt, 1.0f);
     out[i] = q * lam + bb;  // --fmad=false: a rounded product, then a rounded sum
   }
+}
+
+// --- fused linear merge -------------------------------------------------------------------------------------
+__global__ void linear_kernel(InputList in, const void* __restrict__ base, int32_t bd, float lam, void* __restrict__ out,
+                              int32_t od, int64_t n, unsigned long long* counter) {
+  unsigned long long bad = 0;
+  for (int64_t i = first_index(); i < n; i += grid_stride()) {
+    const float bb = base ? load_as_f32(base, bd, i) : 0.0f;
+    float acc = 0.0f;
+    for (int t = 0; t < in.count; ++t) {
+      const float x = load_as_f32(in.ptr[t], in.dtype[t], i);
+      acc = __fmaf_rn(in.weight[t], base ? x - bb : x, acc);  // like torch's add_(tau, alpha=w): one rounding
+    }
+    if (base) acc = acc * lam + bb;  // --fmad=false: a rounded product, then a rounded sum
+    if (od == kBF16) {
+      const uint16_t h = f32_to_bf16(acc);
+      bad += (h & 0x7F80u) == 0x7F80u;
+      static_cast<uint16_t*>(out)[i] = h;
+    } else if (od == kF16) {
+      const uint16_t h = f32_to_f16(acc);
+      bad += (h & 0x7C00u) == 0x7C00u;
+      static_cast<uint16_t*>(out)[i] = h;
+    } else {
+      bad += (f32_bits(acc) & 0x7F800000u) == 0x7F800000u;
+      static_cast<float*>(out)[i] = acc;
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) bad += __shfl_down_sync(0xFFFFFFFFu, bad, off);
+  if ((threadIdx.x & 31) == 0 && bad) atomicAdd(counter, bad);
 }
 
 }  // namespace
@@ -258,7 +379,10 @@ void dare(const void* tau, int32_t dt, float* out, int64_t n, float p, float sca
   check_launch("dare kernel launch");
 }
 
-size_t ties_workspace_bytes(int num_inputs) { return kThrOffset + sizeof(float) * size_t(num_inputs > 0 ? num_inputs : 1); }
+size_t ties_workspace_bytes(int num_inputs, int64_t n) {
+  const int T = num_inputs > 0 ? num_inputs : 1;
+  return before_offset(T) + sizeof(unsigned long long) * size_t(T) * size_t(num_tiles(n > 0 ? n : 1));
+}
 
 void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, int64_t n, int64_t k, float lam,
                 void* workspace, int device, uintptr_t stream) {
@@ -268,11 +392,13 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
   char* ws = static_cast<char*>(workspace);
   auto* hist = reinterpret_cast<unsigned long long*>(ws);
   auto* state = reinterpret_cast<SelectState*>(ws + kStateOffset);
-  auto* thr = reinterpret_cast<float*>(ws + kThrOffset);
+  auto* rule = reinterpret_cast<TiesRule*>(ws + kRuleOffset);
+  auto* before = reinterpret_cast<unsigned long long*>(ws + before_offset(in.count));
+  const int64_t tiles = num_tiles(n);
   const int grid = grid_for(n, device);
   for (int t = 0; t < in.count; ++t) {
     if (k <= 0 || k >= n) {
-      set_float_kernel<<<1, 1, 0, s>>>(thr + t, k <= 0 ? bits_f32(0x7F800000u) : 0.0f);
+      set_rule_kernel<<<1, 1, 0, s>>>(rule + t, k <= 0 ? 0xFFFFFFFFu : 0u);
       check_launch("ties threshold kernel launch");
       continue;
     }
@@ -280,12 +406,26 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
       check(cudaMemsetAsync(hist, 0, kHistBytes, s), "cudaMemsetAsync (ties histogram)");
       ties_hist_kernel<<<grid, kThreads, 0, s>>>(in.ptr[t], in.dtype[t], base, bd, n, pass, state, hist);
       check_launch("ties histogram kernel launch");
-      ties_select_kernel<<<1, 1, 0, s>>>(hist, pass, (unsigned long long)k, state, thr + t);
+      ties_select_kernel<<<1, 1, 0, s>>>(hist, pass, (unsigned long long)k, state, rule + t);
       check_launch("ties select kernel launch");
     }
+    // ranks of the entries equal to the threshold (both kernels return at once when nothing is trimmed)
+    ties_tie_count_kernel<<<grid, kThreads, 0, s>>>(in.ptr[t], in.dtype[t], base, bd, n, rule + t, before + size_t(t) * tiles);
+    check_launch("ties tie-count kernel launch");
+    ties_tie_scan_kernel<<<1, kScanThreads, 0, s>>>(rule + t, before + size_t(t) * tiles, tiles);
+    check_launch("ties tie-scan kernel launch");
   }
-  ties_merge_kernel<<<grid, kThreads, 0, s>>>(in, base, bd, thr, out, n, lam);
+  ties_merge_kernel<<<grid, kThreads, 0, s>>>(in, base, bd, rule, before, out, n, lam);
   check_launch("ties merge kernel launch");
+}
+
+void linear(const InputList& in, const void* base, int32_t bd, float lam, void* out, int32_t od, int64_t n,
+            long long* counter, int device, uintptr_t stream) {
+  if (n == 0) return;
+  DeviceGuard g(device);
+  linear_kernel<<<grid_for(n, device), kThreads, 0, as_stream(stream)>>>(in, base, bd, lam, out, od, n,
+                                                                          reinterpret_cast<unsigned long long*>(counter));
+  check_launch("linear merge kernel launch");
 }
 
 }  // namespace cuda

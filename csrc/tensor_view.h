@@ -19,7 +19,11 @@
 
 namespace cm {
 
+// A wrong value (ValueError in Python) and a wrong type (TypeError).
 struct ArgError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+struct ArgTypeError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
@@ -119,6 +123,16 @@ struct TensorView {
   void expect_cpu_or_cuda() const {
     if (!is_cpu() && !is_cuda()) fail("a tensor on cpu or cuda", "a tensor on " + device());
   }
+  // Bytes this (contiguous) tensor occupies: [data, data + nbytes()).
+  size_t nbytes() const { return size_t(numel) * size_t((dl_dtype.bits * dl_dtype.lanes + 7) / 8); }
+  // An output must not share memory with an input: the kernels read inputs after writing parts of the output.
+  void expect_no_overlap(const TensorView& other) const {
+    if (numel == 0 || other.numel == 0 || device_type != other.device_type || device_id != other.device_id) return;
+    const char* a = static_cast<const char*>(data);
+    const char* b = static_cast<const char*>(other.data);
+    if (a < b + other.nbytes() && b < a + nbytes())
+      fail("memory of its own (a fresh tensor)", "a tensor that overlaps " + other.where.substr(other.where.find('\'')));
+  }
 };
 
 // Reads a capsule without consuming it. `fn` and `arg` only label the error messages.
@@ -151,8 +165,8 @@ inline TensorView view_capsule(PyObject* obj, const std::string& fn, const std::
       v.fail("a valid DLPack capsule", "a capsule holding a null pointer");
     }
   } else {
-    v.fail("a DLPack capsule (torch.utils.dlpack.to_dlpack(t) or t.__dlpack__())",
-           std::string("an object of type ") + (obj ? Py_TYPE(obj)->tp_name : "NULL"));
+    const std::string what = !obj ? "NULL" : (obj == Py_None ? "None" : std::string("an object of type ") + Py_TYPE(obj)->tp_name);
+    throw ArgTypeError(v.where + ": expected a DLPack capsule (torch.utils.dlpack.to_dlpack(t) or t.__dlpack__()), got " + what);
   }
   v.device_type = t->device.device_type;
   v.device_id = t->device.device_id;
@@ -162,9 +176,13 @@ inline TensorView view_capsule(PyObject* obj, const std::string& fn, const std::
     else if (t->dtype.code == kDLFloat && t->dtype.bits == 16) v.dtype = kF16;
     else if (t->dtype.code == kDLBfloat && t->dtype.bits == 16) v.dtype = kBF16;
   }
-  if (t->ndim < 0) v.fail("ndim >= 0", std::to_string(t->ndim));
+  if (t->ndim < 0 || t->ndim > 64) v.fail("0 <= ndim <= 64", "ndim " + std::to_string(t->ndim));
+  if (t->ndim > 0 && !t->shape) v.fail("a shape array", "a null shape pointer");
   v.shape.assign(t->shape, t->shape + t->ndim);
-  for (int64_t s : v.shape) v.numel *= s;
+  for (int64_t s : v.shape) {
+    if (s < 0) v.fail("non-negative extents", "shape " + shape_str(v.shape));
+    v.numel *= s;
+  }
   if (t->strides) {
     v.strides.assign(t->strides, t->strides + t->ndim);
     int64_t expect = 1;
@@ -182,6 +200,7 @@ inline TensorView view_capsule(PyObject* obj, const std::string& fn, const std::
       expect *= v.shape[i];
     }
   }
+  if (v.numel > 0 && !t->data) v.fail("a tensor with data", "a null data pointer");
   v.data = static_cast<char*>(t->data) + t->byte_offset;
   return v;
 }

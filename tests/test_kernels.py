@@ -110,8 +110,14 @@ def test_mean_noncontiguous_and_mixed_dtypes(dtype, how):
 
 
 def test_mean_rejects_bad_weights():
-    with pytest.raises(ValueError, match="weights"):
-        N.mean_fp32([torch.zeros(3)] * 2, [1.0])
+    from centered_merge import ops
+
+    for f in (N.mean_fp32, R.mean_fp32, ops.mean_fp32):
+        with pytest.raises(ValueError, match="mean_fp32: argument 'weights'"):
+            f([torch.zeros(3)] * 2, [1.0])
+    for f in (R.mean_fp32, ops.mean_fp32):
+        with pytest.raises(ValueError, match="mean_fp32: argument 'inputs'"):
+            f([])
 
 
 # --- centering ---------------------------------------------------------------------------------------------
@@ -222,11 +228,125 @@ def test_ties_thresholds_with_ties_and_signs(density):
     same(N.ties_merge(xs, base, density, 1.3), R.ties_merge(xs, base, density, 1.3))
 
 
+def _tied_task_vectors(shape, T, seed, zero_frac=0.0):
+    """bf16 task vectors over a zero base with only a few distinct magnitudes: thousands of exact ties."""
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for _ in range(T):
+        mag = torch.randint(1, 4, shape, generator=g).float() * 0.0625
+        sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
+        x = mag * sign
+        x[torch.rand(shape, generator=g) < zero_frac] = 0.0
+        xs.append(x.to(torch.bfloat16))
+    return xs
+
+
+MID = (64, 520)  # > 32768 elements: the multi-threaded path with several blocks
+
+
+@pytest.mark.parametrize("impl", ["native", "reference"])
+@pytest.mark.parametrize("density", [1e-3, 0.1, 0.37, 0.9])
+@pytest.mark.parametrize("shape", [(1, 7), (37, 129), MID], ids=str)
+def test_ties_keeps_exactly_k_lowest_index_first(impl, density, shape):
+    # one task, lam = 1, a zero base and no zero entries: the output is nonzero exactly where TIES kept an entry
+    (x,) = _tied_task_vectors(shape, 1, seed=3)
+    base = torch.zeros(shape, dtype=torch.bfloat16)
+    f = N.ties_merge if impl == "native" else R.ties_merge
+    out = f([x], base, density, 1.0)
+    kept = (out != 0).reshape(-1)
+    k = R.kept_count(x.numel(), density)
+    assert int(kept.sum()) == k
+    mag = x.float().abs().reshape(-1)
+    thr = mag[kept].min()
+    assert bool((mag[~kept] <= thr).all())  # the largest magnitudes are kept ...
+    eq = (mag == thr).nonzero().reshape(-1)
+    kept_eq = kept[eq]
+    # ... and among those equal to the smallest kept one, a prefix of the flat order
+    assert bool(kept_eq[: int(kept_eq.sum())].all()) and not bool(kept_eq[int(kept_eq.sum()):].any())
+
+
+@pytest.mark.parametrize("density", [1e-3, 0.2, 0.8])
+@pytest.mark.parametrize("shape", [(37, 129), MID], ids=str)
+def test_ties_many_ties_bit_exact(density, shape):
+    xs = _tied_task_vectors(shape, 5, seed=11, zero_frac=0.1)
+    base = torch.zeros(shape, dtype=torch.bfloat16)
+    same(N.ties_merge(xs, base, density, 0.9), R.ties_merge(xs, base, density, 0.9))
+    base32 = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    xs = [(base32 + x.float()).to(torch.bfloat16) for x in xs]
+    same(N.ties_merge(xs, base32, density, 0.9), R.ties_merge(xs, base32, density, 0.9))
+
+
 @pytest.mark.parametrize("how", ["transposed", "strided"])
 def test_ties_noncontiguous(how):
     base = noncontig(make((37, 129), torch.bfloat16, seed=9), how)
     xs = [noncontig(make((37, 129), torch.bfloat16, seed=t), how) for t in range(3)]
     same(N.ties_merge(xs, base, 0.3, 1.0), R.ties_merge(xs, base, 0.3, 1.0))
+
+
+# --- fused linear kernels ----------------------------------------------------------------------------------
+OUT_DTYPES = [None, torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES[:3], ids=["none", "bf16", "fp16"])
+@pytest.mark.parametrize("values", ["randn", "huge", "nonfinite"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_linear_merge(dtype, shape, values, out_dtype):
+    for T in TS:
+        xs = [make(shape, dtype, values, seed=t) for t in range(T)]
+        w = [0.5 / (t + 1) for t in range(T)]
+        y, n = N.linear_merge(xs, w, out_dtype)
+        y_ref, n_ref = R.linear_merge(xs, w, out_dtype)
+        same(y, y_ref, f"T={T}")
+        assert n == n_ref, (T, n, n_ref)
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES[:3], ids=["none", "bf16", "fp16"])
+@pytest.mark.parametrize("values", ["randn", "huge", "nonfinite"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_task_arithmetic_merge(dtype, shape, values, out_dtype):
+    base = make(shape, dtype, "randn", seed=50)
+    for T in TS:
+        xs = [make(shape, dtype, values, seed=t) for t in range(T)]
+        w = [1.0 + 0.25 * t for t in range(T)]
+        y, n = N.task_arithmetic_merge(xs, base, w, 0.3, out_dtype)
+        y_ref, n_ref = R.task_arithmetic_merge(xs, base, w, 0.3, out_dtype)
+        same(y, y_ref, f"T={T}")
+        assert n == n_ref, (T, n, n_ref)
+
+
+@pytest.mark.parametrize("values", ["randn", "nonfinite"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_linear_kernels_big(dtype, values, shape=BIG):
+    base = make(shape, dtype, "randn", seed=50)
+    xs = [make(shape, dtype, values, seed=t) for t in range(3)]
+    for f_n, f_r, args in [(N.linear_merge, R.linear_merge, (xs, [0.2, 0.3, 0.5], torch.bfloat16)),
+                           (N.task_arithmetic_merge, R.task_arithmetic_merge, (xs, base, [1.0, 0.5, 2.0], 0.4, None))]:
+        (y, n), (y_ref, n_ref) = f_n(*args), f_r(*args)
+        same(y, y_ref)
+        assert n == n_ref
+
+
+def test_task_arithmetic_twin_equals_the_method_formula():
+    # with unit weights the fused op computes what methods/task_arithmetic.py computes today, bit for bit
+    base = make((37, 129), torch.bfloat16, seed=1)
+    xs = [make((37, 129), torch.bfloat16, seed=t) for t in range(4)]
+    base32 = base.float()
+    acc = torch.zeros_like(base32)
+    for x in xs:
+        acc.add_(x.float() - base32)
+    expect = acc.mul_(0.3).add_(base32)
+    same(R.task_arithmetic_merge(xs, base, [1.0] * 4, 0.3)[0], expect)
+    same(N.task_arithmetic_merge(xs, base, [1.0] * 4, 0.3)[0], expect)
+
+
+@pytest.mark.parametrize("how", ["transposed", "strided"])
+def test_linear_noncontiguous_and_mixed(how):
+    base = noncontig(make((37, 129), torch.float32, seed=9), how)
+    xs = [noncontig(make((37, 129), dt, seed=t), how) for t, dt in enumerate(DTYPES)]
+    same(N.linear_merge(xs, [0.2, 0.3, 0.5], torch.bfloat16)[0], R.linear_merge(xs, [0.2, 0.3, 0.5], torch.bfloat16)[0])
+    same(N.task_arithmetic_merge(xs, base, [1, 2, 3], 0.5)[0], R.task_arithmetic_merge(xs, base, [1, 2, 3], 0.5)[0])
 
 
 # --- DARE --------------------------------------------------------------------------------------------------
@@ -320,6 +440,39 @@ def test_cuda_ties(dtype, shape, density, values):
         xs = [make(shape, dtype, values, seed=t, device="cuda") for t in range(T)]
         got = N.ties_merge(xs, base, density, 0.7)
         same(got, R.ties_merge([x.cpu() for x in xs], base.cpu(), density, 0.7), f"T={T}")
+
+
+@cuda
+@pytest.mark.parametrize("density", [1e-3, 0.2, 0.8])
+@pytest.mark.parametrize("shape", [(37, 129), MID, (1000, 1001)], ids=str)
+def test_cuda_ties_exactly_k_with_many_ties(density, shape):
+    # bf16 task vectors with thousands of equal magnitudes: the CUDA tie ranks (tile counts, scan, ballots)
+    # must pick the same lowest-index entries as the CPU kernel and the twin
+    xs = _tied_task_vectors(shape, 5, seed=11, zero_frac=0.1)
+    base = torch.zeros(shape, dtype=torch.bfloat16)
+    got = N.ties_merge([x.cuda() for x in xs], base.cuda(), density, 0.9)
+    same(got, R.ties_merge(xs, base, density, 0.9))
+    same(got, N.ties_merge(xs, base, density, 0.9))
+    (x,) = _tied_task_vectors(shape, 1, seed=3)
+    out = N.ties_merge([x.cuda()], base.cuda(), density, 1.0)
+    assert int((out != 0).sum()) == R.kept_count(x.numel(), density)
+
+
+@cuda
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["none", "bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_cuda_linear_kernels(dtype, shape, values, out_dtype):
+    base = make(shape, dtype, "randn", seed=50, device="cuda")
+    xs = [make(shape, dtype, values, seed=t, device="cuda") for t in range(3)]
+    for f_n, f_r, args in [(N.linear_merge, R.linear_merge, ([0.2, 0.3, 0.5], out_dtype)),
+                           (N.task_arithmetic_merge, R.task_arithmetic_merge, ([1.0, 0.5, 2.0], 0.4, out_dtype))]:
+        a_dev = (xs,) + ((base,) if f_n is N.task_arithmetic_merge else ()) + args
+        a_cpu = ([x.cpu() for x in xs],) + ((base.cpu(),) if f_n is N.task_arithmetic_merge else ()) + args
+        (y, n), (y_ref, n_ref) = f_n(*a_dev), f_r(*a_cpu)
+        same(y, y_ref)
+        assert n == n_ref
 
 
 @cuda

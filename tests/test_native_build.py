@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch.utils.dlpack import to_dlpack
 
-from centered_merge import _native, backend
+from centered_merge import _native, backend, ops
 from centered_merge.build import build_info
-from centered_merge.ops import native as native_ops
 from centered_merge.ops import reference
 
 C = _native.get(warn=False)
@@ -27,11 +26,16 @@ def test_extension_is_built_and_loads():
 @needs_ext
 def test_build_info_reports_the_build():
     info = build_info()
-    for key in ("version", "torch", "native_loaded", "cpu_kernels", "openmp", "omp_max_threads", "simd",
-                "cuda_compiled", "cuda_archs", "cuda_version", "gpu_available", "backend"):
+    for key in ("version", "torch", "native_loaded", "cpu_kernels", "cpu_isa", "openmp", "openmp_runtime",
+                "omp_max_threads", "cuda_compiled", "cuda_kernels", "cuda_archs", "cuda_version", "gpu_available",
+                "backend", "ops"):
         assert key in info, key
     assert info["native_loaded"] is True
-    assert set(info["cpu_kernels"]) == {"mean_fp32", "center_into", "finalize", "ties_merge", "dare"}
+    assert set(info["cpu_kernels"]) == {"mean_fp32", "center_into", "finalize", "ties_merge", "dare", "linear_merge"}
+    assert info["ops"] == list(ops.OPS)
+    assert info["cpu_isa"] in info["cpu_isas_supported"] and info["cpu_isa"] in info["cpu_isas_compiled"]
+    if info["cuda_compiled"] and not backend.CUDA_VALIDATED:
+        assert info["cuda_kernels"] == "compiled, not yet validated"
     assert info["omp_max_threads"] >= 1
     assert info["gpu_available"] == torch.cuda.is_available()
 
@@ -57,19 +61,50 @@ def test_importing_needs_no_gpu_driver():
 def test_backend_env_switch(monkeypatch):
     x = torch.zeros(3)
     monkeypatch.setenv("CENTERED_MERGE_BACKEND", "torch")
-    assert backend.choose("mean_fp32", x) == "torch"
-    assert backend.implementation("mean_fp32", x) is reference.mean_fp32
+    assert ops.choose("mean_fp32", [x]) == "torch"
+    assert not backend.native_allowed("cpu")
     monkeypatch.setenv("CENTERED_MERGE_BACKEND", "bogus")
     with pytest.raises(ValueError, match="CENTERED_MERGE_BACKEND"):
-        backend.choose("mean_fp32", x)
+        ops.choose("mean_fp32", [x])
     for m in ("auto", "native"):
         monkeypatch.setenv("CENTERED_MERGE_BACKEND", m)
         expect = "native-cpu" if C is not None else "torch"
-        assert backend.choose("ties_merge", x) == expect
-        assert backend.choose("ties_merge", x.double()) == "torch"  # no float64 kernel
-        assert backend.choose("dare", x.bfloat16()) == expect
+        assert ops.choose("ties_merge", [x], x, 0.5, 1.0) == expect
+        assert ops.choose("ties_merge", [x], x.double(), 0.5, 1.0) == "torch"  # no float64 kernel
+        assert ops.choose("dare", x.bfloat16(), 0.5, 0) == expect
+        assert ops.choose("dare", x.bfloat16(), 0.0, 0) == "torch"  # p = 0: nothing to drop, the twin copies
     with pytest.raises(ValueError, match="unknown op"):
-        backend.choose("nope", x)
+        ops.choose("nope", x)
+
+
+def test_ops_and_backend_import_no_cycle():
+    # backend decides per device and never imports ops; ops imports backend (one direction only)
+    import ast
+
+    for mod in (backend, _native):
+        tree = ast.parse(open(mod.__file__).read())
+        names = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in names if "ops" in m.split(".")], (mod.__name__, names)
+
+
+@needs_ext
+def test_cuda_gate(monkeypatch):
+    # until backend.CUDA_VALIDATED, `auto` never runs the CUDA kernels; `native` opts in where a GPU is seen
+    monkeypatch.setattr(_native, "cuda_usable", lambda: True)
+    monkeypatch.setattr(backend, "_said", {"cuda_gate": False})
+    monkeypatch.setenv("CENTERED_MERGE_BACKEND", "auto")
+    if not backend.CUDA_VALIDATED:
+        with pytest.warns(backend.CudaNotValidatedWarning, match="not yet validated"):
+            assert backend.native_allowed("cuda") is False
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once only
+            assert backend.native_allowed("cuda") is False
+        assert backend.describe()["cuda"] == "torch"
+    monkeypatch.setenv("CENTERED_MERGE_BACKEND", "native")
+    assert backend.native_allowed("cuda") is True
+    assert backend.describe()["cuda"] == "native"
 
 
 @needs_ext
@@ -94,7 +129,7 @@ def test_missing_extension_falls_back_with_one_warning():
             m = ops.mean_fp32(xs)
             ops.center_into(xs[0], m, torch.empty(5, 3))
             ops.finalize(m, torch.bfloat16)
-            assert backend.choose("mean_fp32", xs[0]) == "torch"
+            assert ops.choose("mean_fp32", xs) == "torch"
             info = build_info()
             assert info["native_loaded"] is False and "Error" in info["native_error"], info
         msgs = [str(r.message) for r in rec if r.category.__name__ == "NativeFallbackWarning"]
@@ -117,6 +152,7 @@ def _cap(t):
     ("dtype", r"mean_fp32: argument 'inputs\[0\]': expected a float32, float16 or bfloat16 tensor, got int64 tensor"),
     ("strides", r"mean_fp32: argument 'inputs\[0\]': expected a contiguous tensor, got strides \(1, 4\) for shape \(4, 3\)"),
     ("object", r"mean_fp32: argument 'inputs\[0\]': expected a DLPack capsule.*got an object of type list"),
+    ("none", r"mean_fp32: argument 'inputs\[0\]': expected a DLPack capsule.*got None"),
     ("out_dtype", r"mean_fp32: argument 'out': expected a float32 tensor, got bfloat16 tensor"),
     ("weights", r"mean_fp32: argument 'weights': expected 2 weights \(one per input\), got 3"),
     ("empty", r"mean_fp32: argument 'inputs': expected at least one tensor"),
@@ -133,13 +169,15 @@ def test_mean_argument_errors(case, pattern):
         inputs[0] = _cap(torch.randn(3, 4).t())
     elif case == "object":
         inputs[0] = [1, 2]
+    elif case == "none":
+        inputs[0] = None
     elif case == "out_dtype":
         out = torch.empty(4, 3, dtype=torch.bfloat16)
     elif case == "weights":
         weights = [1.0, 2.0, 3.0]
     elif case == "empty":
         inputs = []
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(TypeError if case in ("object", "none") else ValueError, match=pattern):
         C.mean_fp32(inputs, weights, _cap(out))
 
 
@@ -149,7 +187,9 @@ def test_other_argument_errors():
     with pytest.raises(ValueError, match=r"center_into: argument 'mean': expected a float32 tensor, got float16"):
         C.center_into(_cap(x), _cap(x.half()), _cap(torch.empty(6)))
     with pytest.raises(ValueError, match=r"finalize: argument 'add': expected shape \(6,\).*got shape \(5,\)"):
-        C.finalize(_cap(x), _cap(torch.randn(5)), None)
+        C.finalize(_cap(x), _cap(torch.randn(5)), _cap(torch.empty(6)))
+    with pytest.raises(TypeError, match=r"finalize: argument 'out': expected a tensor to write x \+ add into"):
+        C.finalize(_cap(x), _cap(x.clone()), None)  # used to write through a null pointer (SIGSEGV)
     with pytest.raises(ValueError, match=r"ties_merge: argument 'base': expected a float32, float16 or bfloat16 tensor, got float64"):
         C.ties_merge([_cap(x)], _cap(x.double()), _cap(torch.empty(6)), 1, 1.0)
     with pytest.raises(ValueError, match=r"dare: argument 'p': expected 0 <= p <= 1, got"):
@@ -184,10 +224,31 @@ def test_versioned_capsules_accepted():
 
 
 @needs_ext
-def test_wrappers_fall_back_for_what_kernels_do_not_cover():
+def test_table_falls_back_for_what_kernels_do_not_cover():
     a, m = torch.randn(4, 3), torch.randn(3)
     out = torch.empty(4, 3)
-    native_ops.center_into(a, m, out)  # broadcasting: torch rules
+    assert ops.choose("center_into", a, m, out) == "torch"  # broadcasting: torch rules
+    ops.center_into(a, m, out)
     assert torch.equal(out, a - m)
     xs = [torch.randn(5, dtype=torch.float64), torch.randn(5)]
-    assert torch.allclose(native_ops.mean_fp32(xs), reference.mean_fp32(xs))
+    assert ops.choose("mean_fp32", xs) == "torch"
+    assert torch.allclose(ops.mean_fp32(xs), reference.mean_fp32(xs))
+    # an out that aliases an input is the twin's job (the kernels refuse overlapping memory)
+    w, mean = torch.randn(6), torch.randn(6)
+    assert ops.choose("center_into", w, mean, mean) == "torch"
+    expect = w - mean
+    assert torch.equal(ops.center_into(w, mean, mean), expect)
+    assert ops.choose("center_into", w, mean, torch.empty(6)) == "native-cpu"
+
+
+@needs_ext
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
+def test_one_openmp_runtime_per_process():
+    # the extension links the OpenMP runtime torch bundles, so torch and the kernels share one thread pool
+    code = ("import torch, centered_merge\nfrom centered_merge import ops\n"
+            "ops.mean_fp32([torch.randn(1 << 16)] * 2); torch.randn(1 << 16).sum()\n"
+            "libs = sorted({l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l or 'iomp' in l or 'libomp' in l})\n"
+            "print(libs); assert len(libs) == 1, libs")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "openmp_runtime" in build_info()

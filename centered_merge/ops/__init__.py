@@ -1,26 +1,24 @@
-"""Element-wise passes of a merge, dispatched to the native extension or to the torch twins.
+"""Element-wise passes of a merge. Each public function here is derived from one row of the ops table
+(centered_merge/ops/table.py), which decides per call whether the native kernel or the torch twin runs.
 
-Methods call these functions; centered_merge.backend decides per call which implementation runs.
+    mean_fp32(inputs, weights=None, out=None)                   -> float32 tensor
+    center_into(w, mean, out)                                   -> out
+    finalize(x, dtype, add=None)                                -> (tensor of dtype, non-finite count)
+    ties_merge(inputs, base, density, lam)                      -> float32 tensor
+    dare(tau, p, seed)                                          -> float32 tensor
+    linear_merge(inputs, weights, out_dtype=None)               -> (tensor of out_dtype, non-finite count)
+    task_arithmetic_merge(inputs, base, weights, lam, out_dtype=None) -> (tensor of out_dtype, non-finite count)
 """
-from ..backend import implementation as _impl
 from .reference import kept_count, magnitude_threshold  # noqa: F401  (scalar helpers, no native twin needed)
+from .table import DISPATCH, OPS, choose  # noqa: F401
 
+mean_fp32 = DISPATCH["mean_fp32"]
+center_into = DISPATCH["center_into"]
+finalize = DISPATCH["finalize"]
+ties_merge = DISPATCH["ties_merge"]
+dare = DISPATCH["dare"]
+linear_merge = DISPATCH["linear_merge"]
+task_arithmetic_merge = DISPATCH["task_arithmetic_merge"]
 
-def mean_fp32(inputs, weights=None, out=None):
-    return _impl("mean_fp32", inputs[0])(inputs, weights, out)
-
-
-def center_into(w, mean, out):
-    return _impl("center_into", w)(w, mean, out)
-
-
-def finalize(x, dtype, add=None):
-    return _impl("finalize", x)(x, dtype, add)
-
-
-def ties_merge(inputs, base, density, lam):
-    return _impl("ties_merge", base)(inputs, base, density, lam)
-
-
-def dare(tau, p, seed):
-    return _impl("dare", tau)(tau, p, seed)
+assert set(DISPATCH) == {"mean_fp32", "center_into", "finalize", "ties_merge", "dare", "linear_merge",
+                         "task_arithmetic_merge"}, "a row of ops/table.py has no public name here"

@@ -1,10 +1,9 @@
 """Native implementations of the element-wise ops: torch tensors in, DLPack capsules to centered_merge._C.
 
 Same signatures and semantics as centered_merge/ops/reference.py (the spec). These wrappers make non-contiguous
-inputs contiguous, allocate outputs with torch (so CUDA memory comes from torch's caching allocator), pass the
-caller's current CUDA stream, and fall back to the torch twin for what the kernels do not cover (float64 or
-other dtypes, broadcasting, more than 64 TIES inputs). They are only called when centered_merge.backend chose
-native, i.e. when the extension loaded.
+inputs contiguous, allocate outputs with torch (so CUDA memory comes from torch's caching allocator) and pass
+the caller's current CUDA stream. They are called only for calls that the ops table
+(centered_merge/ops/table.py) found covered by the kernel; they never fall back to the twins themselves.
 """
 from __future__ import annotations
 
@@ -40,19 +39,20 @@ def _contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _counter(like: torch.Tensor):
+    """(capsule, tensor) of a one-element int64 non-finite counter on CUDA; (None, None) on the CPU."""
+    if like.device.type != "cuda":
+        return None, None
+    c = torch.zeros(1, dtype=torch.int64, device=like.device)
+    return _cap(c), c
+
+
 def mean_fp32(inputs: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None,
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     T = len(inputs)
-    if T == 0:
-        raise ValueError("mean_fp32: argument 'inputs': expected at least one tensor, got an empty sequence")
     if weights is not None:
         weights = [float(w) for w in weights]
-        if len(weights) != T:
-            raise ValueError(f"mean_fp32: argument 'weights': expected {T} weights (one per input), got {len(weights)}")
     first = inputs[0]
-    if out is not None and (out.dtype != F32 or out.shape != first.shape or out.device != first.device
-                            or not out.is_contiguous()):
-        return reference.mean_fp32(inputs, weights, out)  # torch's rules and messages for a mismatched out
     if out is None:
         out = torch.empty(first.shape, dtype=F32, device=first.device)
     C = _C()
@@ -69,9 +69,6 @@ def mean_fp32(inputs: Sequence[torch.Tensor], weights: Optional[Sequence[float]]
 
 
 def center_into(w: torch.Tensor, mean: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    if (mean.dtype != F32 or out.dtype != F32 or w.dtype not in NATIVE_DTYPES or w.shape != mean.shape
-            or out.shape != mean.shape or not (w.device == mean.device == out.device)):
-        return reference.center_into(w, mean, out)  # broadcasting, other dtypes, device errors: torch's rules
     dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=F32, device=out.device)
     _C().center_into(_cap(_contig(w)), _cap(_contig(mean)), _cap(dst), stream=_stream(out))
     if dst is not out:
@@ -80,18 +77,15 @@ def center_into(w: torch.Tensor, mean: torch.Tensor, out: torch.Tensor) -> torch
 
 
 def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = None):
-    if (x.dtype != F32 or dtype not in NATIVE_DTYPES
-            or (add is not None and (add.dtype != F32 or add.shape != x.shape or add.device != x.device))):
-        return reference.finalize(x, dtype, add)
     C = _C()
     xc = _contig(x)
     out = None
     if dtype != F32 or add is not None:
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
     args = (_cap(xc), None if add is None else _cap(_contig(add)), None if out is None else _cap(out))
-    if x.device.type == "cuda":
-        counter = torch.zeros(1, dtype=torch.int64, device=x.device)
-        C.finalize(*args, stream=_stream(x), counter=_cap(counter))
+    ccap, counter = _counter(x)
+    if counter is not None:
+        C.finalize(*args, stream=_stream(x), counter=ccap)
         count = int(counter.item())
     else:
         count = int(C.finalize(*args))
@@ -101,24 +95,41 @@ def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = 
 def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density: float, lam: float) -> torch.Tensor:
     C = _C()
     T = len(inputs)
-    if T == 0 or T > C.MAX_INPUTS or base.dtype not in NATIVE_DTYPES:
-        return reference.ties_merge(inputs, base, density, lam)
     k = reference.kept_count(base.numel(), density)
     xs = [_contig(inputs[t]) for t in range(T)]
     bc = _contig(base)
     out = torch.empty(base.shape, dtype=F32, device=base.device)
     ws = None
     if base.device.type == "cuda":
-        ws = _cap(torch.empty(C.ties_workspace_bytes(T), dtype=torch.uint8, device=base.device))
+        ws = _cap(torch.empty(C.ties_workspace_bytes(T, base.numel()), dtype=torch.uint8, device=base.device))
     C.ties_merge([_cap(x) for x in xs], _cap(bc), _cap(out), int(k), float(lam), stream=_stream(out), workspace=ws)
     return out
 
 
 def dare(tau: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     p = float(p)
-    if p <= 0.0 or tau.dtype not in NATIVE_DTYPES or p != p:
-        return reference.dare(tau, p, seed)
     scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
     out = torch.empty(tau.shape, dtype=F32, device=tau.device)
     _C().dare(_cap(_contig(tau)), _cap(out), min(p, 1.0), scale, int(seed) & _U64, stream=_stream(out))
     return out
+
+
+def _fused(inputs, base, weights, lam, out_dtype):
+    C = _C()
+    first = inputs[0] if base is None else base
+    out = torch.empty(first.shape, dtype=out_dtype or F32, device=first.device)
+    xs = [_contig(x) for x in inputs]
+    ccap, counter = _counter(out)
+    bad = C.linear_merge([_cap(x) for x in xs], [float(w) for w in weights],
+                         None if base is None else _cap(_contig(base)), float(lam), _cap(out),
+                         stream=_stream(out), counter=ccap)
+    return out, int(counter.item()) if counter is not None else int(bad)
+
+
+def linear_merge(inputs: Sequence[torch.Tensor], weights: Sequence[float], out_dtype: Optional[torch.dtype] = None):
+    return _fused(inputs, None, weights, 1.0, out_dtype)
+
+
+def task_arithmetic_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float], lam: float,
+                          out_dtype: Optional[torch.dtype] = None):
+    return _fused(inputs, base, weights, lam, out_dtype)

@@ -27,6 +27,10 @@ def mean_fp32(
     """sum_t weights[t] * inputs[t] in float32 (weights default to 1/T each), into `out` when given (a float32
     buffer of the inputs' shape, reused across calls to spare the allocation and first-touch page faults)."""
     T = len(inputs)
+    if T == 0:
+        raise ValueError("mean_fp32: argument 'inputs': expected at least one tensor, got an empty sequence")
+    if weights is not None and len(weights) != T:
+        raise ValueError(f"mean_fp32: argument 'weights': expected {T} weights (one per input), got {len(weights)}")
     if out is None:
         acc = torch.zeros(inputs[0].shape, dtype=F32, device=inputs[0].device)
     else:
@@ -57,6 +61,28 @@ def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = 
     return y, count_nonfinite(y)
 
 
+def linear_merge(inputs: Sequence[torch.Tensor], weights: Sequence[float], out_dtype: Optional[torch.dtype] = None):
+    """sum_t weights[t] * inputs[t], accumulated in float32 in input order, converted to `out_dtype` (float32 when
+    None); returns (result, number of NaN/Inf values in the result), like finalize."""
+    acc = torch.zeros(inputs[0].shape, dtype=F32, device=inputs[0].device)
+    for t in range(len(inputs)):
+        acc.add_(inputs[t], alpha=float(weights[t]))
+    return finalize(acc, out_dtype or F32)
+
+
+def task_arithmetic_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float], lam: float,
+                          out_dtype: Optional[torch.dtype] = None):
+    """base + lam * sum_t weights[t] * (float32(inputs[t]) - float32(base)), in float32 and in this order
+    (task vectors summed one by one, then scaled, then the base added), converted to `out_dtype` (float32 when
+    None); returns (result, number of NaN/Inf values in the result)."""
+    base32 = base.to(F32)
+    acc = torch.zeros_like(base32)
+    tau = torch.empty_like(base32)
+    for t in range(len(inputs)):
+        acc.add_(torch.sub(inputs[t], base32, out=tau), alpha=float(weights[t]))
+    return finalize(acc.mul_(float(lam)).add_(base32), out_dtype or F32)
+
+
 def kept_count(numel: int, density: float) -> int:
     """How many entries TIES keeps per task: ceil(density * numel), so any density > 0 keeps at least one."""
     if numel == 0 or density <= 0.0:
@@ -66,10 +92,8 @@ def kept_count(numel: int, density: float) -> int:
 
 
 def magnitude_threshold(tau: torch.Tensor, density: float) -> float:
-    """The k-th largest |tau| with k = kept_count(numel, density); +inf when nothing is kept.
-
-    Entries with |tau| >= threshold are kept, so ties at the threshold keep slightly more than k.
-    """
+    """The k-th largest |tau| with k = kept_count(numel, density) (NaN ranks above +inf, as in torch.kthvalue);
+    +inf when nothing is kept, 0 when everything is."""
     n = tau.numel()
     k = kept_count(n, density)
     if k == 0:
@@ -79,29 +103,64 @@ def magnitude_threshold(tau: torch.Tensor, density: float) -> float:
     return float(torch.kthvalue(tau.reshape(-1).abs(), n - k + 1).values)
 
 
+_ABS = 0x7FFFFFFF
+
+
+def _keep_rule(tau32: torch.Tensor, k: int):
+    """(threshold bit pattern, how many entries equal to it are kept) for keeping exactly k entries of tau32.
+
+    Entries are ranked by the bit pattern of |tau| (for non-negative floats it orders like the value, and it
+    puts NaN above +inf as torch.kthvalue does); among equal magnitudes the lowest flat indices come first.
+    """
+    n = tau32.numel()
+    if k <= 0:
+        return _ABS + 1, 0  # above every pattern: nothing kept
+    if k >= n:
+        return 0, n
+    bits = tau32.reshape(-1).view(torch.int32) & _ABS
+    thr = int(torch.kthvalue(bits, n - k + 1).values)
+    return thr, k - int((bits > thr).sum())
+
+
+def _kept(tau32: torch.Tensor, rule) -> torch.Tensor:
+    """The boolean mask of the entries a keep rule keeps (NaN entries are ranked but never kept)."""
+    thr, need = rule
+    if thr > _ABS:
+        return torch.zeros(tau32.shape, dtype=torch.bool, device=tau32.device)
+    flat = tau32.reshape(-1)
+    bits = flat.view(torch.int32) & _ABS
+    eq = bits == thr
+    rank_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
+    keep = (bits > thr) | (eq & (torch.cumsum(eq, 0, dtype=rank_dtype) <= need))
+    return (keep & (bits <= 0x7F800000)).reshape(tau32.shape)
+
+
 def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density: float, lam: float) -> torch.Tensor:
     """TIES-merging of one tensor: base + lam * disjoint_mean(trim(tau_t), elected sign).
 
-    Two passes over the inputs with O(1) float32 buffers in T: pass 1 trims each task vector at its own
-    magnitude threshold and sums the kept values (the sign election); pass 2 recomputes each task vector and
-    averages the kept entries that agree with the elected sign. Zero entries never count.
+    Trim keeps exactly k = kept_count(numel, density) entries of each task vector: the largest magnitudes,
+    and among entries whose magnitude equals the k-th largest, the lowest flat indices (deterministic, and the
+    same on every device and thread count). NaN entries take their place in that ranking but are never kept.
+    Two passes over the inputs with O(1) float32 buffers in T: pass 1 trims each task vector and sums the kept
+    values (the sign election); pass 2 recomputes each task vector and averages the kept entries that agree
+    with the elected sign. Zero entries never count.
     """
     base32 = base.to(F32)
     buf = torch.empty_like(base32)
     sign_sum = torch.zeros_like(base32)
-    thresholds = []
+    k = kept_count(base32.numel(), density)
+    rules = []
     for t in range(len(inputs)):
         center_into(inputs[t], base32, buf)
-        thr = magnitude_threshold(buf, density)
-        thresholds.append(thr)
-        sign_sum.add_(torch.where(buf.abs() >= thr, buf, 0.0))
+        rules.append(_keep_rule(buf, k))
+        sign_sum.add_(torch.where(_kept(buf, rules[t]), buf, 0.0))
     elected = torch.sign(sign_sum)
     del sign_sum
     num = torch.zeros_like(base32)
     cnt = torch.zeros_like(base32)
     for t in range(len(inputs)):
         center_into(inputs[t], base32, buf)
-        keep = (buf.abs() >= thresholds[t]) & (torch.sign(buf) == elected) & (buf != 0)
+        keep = _kept(buf, rules[t]) & (torch.sign(buf) == elected) & (buf != 0)
         num.add_(torch.where(keep, buf, 0.0))
         cnt.add_(keep.to(F32))
     return num.div_(cnt.clamp_(min=1.0)).mul_(lam).add_(base32)
