@@ -25,20 +25,12 @@ from .errors import MergeConfigError, MergeError
 PROG = "centered-merge"
 
 
-def _rank(text: str):
-    """'0.12' -> ratio 0.12 of min(m, n); '16' -> k = 16."""
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is neither a ratio (0.12) nor a rank (16)") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Merge fine-tuned checkpoints (CART, weight averaging, "
-                                "task arithmetic, TIES) tensor by tensor, in bounded memory.")
+    from .methods import available
+    from .methods.catalog import add_cli_options
+
+    p = argparse.ArgumentParser(prog=PROG, description="Merge fine-tuned checkpoints (CART and the usual "
+                                f"baselines: {', '.join(available())}) tensor by tensor, in bounded memory.")
     sub = p.add_subparsers(dest="command", metavar="{merge,info,lab}")
     sub.required = True
 
@@ -47,20 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("models", nargs="*", metavar="MODEL",
                    help="a .safetensors file, an HF model directory, or a torch .bin/.pt file")
     m.add_argument("--config", metavar="FILE.yaml", help="mergekit-style YAML config (instead of MODEL and --method)")
-    m.add_argument("--method", help="cart | weight_average | task_arithmetic | ties (default: cart)")
+    m.add_argument("--method", metavar="METHOD",
+                   help=" | ".join(available()) + " (default: cart)")
     m.add_argument("--base", metavar="B", help="base model (needed by task_arithmetic and ties; config and "
                    "tokenizer files are copied from it, else from the first model)")
     m.add_argument("--out", metavar="DIR", help="output directory (required unless --dry-run)")
-    g = m.add_argument_group("method parameters (each only where the method takes it)")
-    g.add_argument("--rank", type=_rank, metavar="R", help="cart: ratio of min(m, n) (0.12) or an absolute k (16)")
-    g.add_argument("--lambda", dest="lam", type=float, metavar="L", help="cart / task_arithmetic / ties: scale")
-    g.add_argument("--energy", type=float, metavar="E", help="cart: pick k by this fraction of sigma^2 instead of rank")
-    g.add_argument("--indices", metavar="LIST",
-                   help="cart: keep these singular indices (0-based, e.g. 0-7,16) instead of the top k; exact SVD")
-    g.add_argument("--svd", choices=["randomized", "exact"], help="cart: SVD flavour (default randomized)")
-    g.add_argument("--density", type=float, metavar="D", help="ties: fraction of each task vector kept")
-    g.add_argument("--weights", type=float, nargs="+", metavar="W", help="weight_average: one weight per model")
-    g.add_argument("--seed", type=int, metavar="S", help="seed of randomized steps (methods without any ignore it)")
+    g = m.add_argument_group("method parameters (derived from each method's declaration; a method refuses "
+                             "those it does not take, by name)")
+    add_cli_options(g)
     o = m.add_argument_group("output and execution")
     o.add_argument("--dtype", metavar="D", help="mergekit's compute dtype; accumulation is always float32 here, "
                    "so this only sets the default --out-dtype")
@@ -95,14 +81,35 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _check_side_files(req: dict) -> None:
+    """Refuse what the writer cannot do yet rather than do something else: tokenizer files are copied from the
+    base model, else the first model; a chat_template is not written in."""
+    from pathlib import Path
+
+    ts = req.get("tokenizer_source")
+    copied_from = req["base"] if req["base"] is not None else req["models"][0]
+    if ts not in (None, "base") and (not isinstance(copied_from, str) or Path(ts) != Path(copied_from)):
+        raise MergeConfigError(f"tokenizer_source {ts}: tokenizer files are copied from the base model (else the "
+                               f"first model), {copied_from}; another source is not supported yet")
+    if req.get("chat_template") is not None:
+        print(f"{PROG}: warning: chat_template is not applied: the output's tokenizer files are copied unchanged "
+              "from the base (else first) model", file=sys.stderr)
+
+
 def _merge_request(a) -> dict:
     from .config import load_config
-    from .methods import method_class
+    from .methods import get_method
+    from .methods.catalog import params_from_cli
 
     if a.config:
         if a.models or a.method:
             raise MergeConfigError("give either --config or MODEL... with --method, not both")
-        req = load_config(a.config)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            req = load_config(a.config)
+        for w in caught:  # parameters the method ignores, as mergekit does: one plain line
+            print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+        _check_side_files(req)
     else:
         if not a.models:
             raise MergeConfigError("no models given (MODEL... or --config FILE.yaml)")
@@ -114,15 +121,8 @@ def _merge_request(a) -> dict:
         req["dtype"] = a.dtype
     if a.out_dtype is not None:
         req["out_dtype"] = a.out_dtype
-    accepted = method_class(req["method"]).defaults
-    for flag, key in (("rank", "rank"), ("lam", "lam"), ("energy", "energy"), ("indices", "indices"), ("svd", "svd"),
-                      ("density", "density"), ("weights", "weights"), ("seed", "seed")):
-        v = getattr(a, flag)
-        if v is None:
-            continue
-        if key == "seed" and key not in accepted:
-            continue  # deterministic methods: nothing to seed
-        req["params"][key] = v  # the method refuses parameters it does not take, naming them
+    req["params"].update(params_from_cli(a, req["method"]))
+    get_method(req["method"], **req["params"])  # every value checked now, naming the parameter, before any read
     return req
 
 

@@ -1,54 +1,46 @@
-"""mergekit-shaped YAML configs -> a centered_merge merge (method name, models, base, parameters, dtypes).
+"""mergekit-shaped YAML configs -> a centered_merge merge request, with mergekit's meaning for each piece (facts
+read from mergekit's config.py and plan.py; see docs/mergekit.md for what is supported and what differs).
 
-Accepted shape (the part of mergekit's format that the methods we share can honour exactly):
-
-    merge_method: cart            # or weight_average / linear, task_arithmetic, ties
-    base_model: path/to/base      # needed by task_arithmetic and ties; config/tokenizer are copied from it
+    merge_method: ties            # any registered method (centered_merge.methods.available()), cart included
+    base_model: path/to/base      # the reference of the task-vector methods; config/tokenizer files come from it
     models:
       - model: path/to/ft1
-        parameters: {weight: 1.0, density: 0.2}
+        parameters: {weight: 0.7, density: [0.2, 0.5]}      # per-model values; a list = a gradient over layers
       - model: path/to/ft2
-    parameters:                   # global; lambda -> lam; CART's own: rank, energy, indices, svd, ...
-      lambda: 2.0
-      rank: 0.12
+        parameters:
+          weight: [{filter: self_attn, value: 0.3}, {value: 0.5}]   # chosen by tensor name
+    parameters: {lambda: 1.0, normalize: true}               # global values (and fallbacks of per-model ones)
     dtype: float32                # mergekit's compute dtype (we always accumulate in float32)
     out_dtype: bfloat16
 
-Defaults follow mergekit where they differ from ours: a TIES config without density keeps every entry
-(density 1.0), per-model weights default to 1.0, lambda to 1.0.
-
-Anything we cannot honour exactly (per-layer schedules, filters, differing per-model weights where our method
-has one global coefficient, normalize: false for TIES, slices, ...) is refused with a message saying so, rather
-than silently merged differently from what mergekit would do.
+Rules: a parameter's value is looked up per tensor, per model first, then globally, then the method's default as
+mergekit has it (`yaml_default` in the declaration: e.g. TIES's density 1.0, task arithmetic's lambda 1.0). Every
+value is checked by the method's declaration (methods/params.py) before any file is read. Parameters the method
+does not take are ignored with one warning naming them, as mergekit does. `slices` stack layers with passthrough
+(centered_merge/stacking.py).
 """
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import MergeConfigError
+from .methods import available, method_class
+from .methods.catalog import yaml_keys
+from .methods.schedule import Chain, Gradient, Schedule, from_yaml
 
-METHOD_ALIASES = {
-    "linear": "weight_average", "weight_average": "weight_average", "model_soup": "weight_average",
-    "task_arithmetic": "task_arithmetic", "ties": "ties", "cart": "cart",
-}
-# global parameter names (mergekit's or ours) -> our parameter name, per method
-_RENAME = {"lambda": "lam", "lam": "lam", "prior": "lam"}
-CART_PARAMS = ("rank", "energy", "indices", "svd", "oversample", "power_iters", "seed", "select", "include", "exclude")
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-             "name", "chat_template", "tokenizer"}
-
-
-def _scalar(value, where: str):
-    if isinstance(value, (list, dict)):
-        raise MergeConfigError(
-            f"{where}: per-layer schedules and filters (lists / [{{filter, value}}]) are not supported by "
-            "centered_merge; give one value"
-        )
-    return value
+METHOD_ALIASES = {name: name for name in available()}
+METHOD_ALIASES["model_soup"] = "weight_average"
+TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "tokenizer", "chat_template", "name")
+# keys mergekit takes that change nothing here: accepted with the ignored-parameter warning
+_MERGEKIT_NOOP = ("int8_mask",)
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-def _resolve_model(spec, cfg_dir: Path, where: str) -> str:
+def _model_path(spec, cfg_dir: Path, where: str) -> str:
     if isinstance(spec, dict):
         spec = spec.get("model", spec.get("path"))
     if not isinstance(spec, (str, Path)) or not str(spec):
@@ -62,124 +54,218 @@ def _resolve_model(spec, cfg_dir: Path, where: str) -> str:
     return str(p)
 
 
-def _all_equal(values: List[float], what: str, method: str) -> Optional[float]:
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
+def _mapping(value, where: str) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MergeConfigError(f"{where} must be a mapping; got {value!r}")
+    return value
+
+
+def read_num_layers(model: Optional[str]) -> Optional[int]:
+    """The layer count in a model directory's config.json (num_hidden_layers, n_layer or num_layers), else None."""
+    if model is None:
         return None
-    if max(vals) - min(vals) > 1e-12 * max(1.0, abs(max(vals))):
-        raise MergeConfigError(
-            f"{method}: per-model {what} differ ({', '.join(f'{v:g}' for v in vals)}); centered_merge's {method} "
-            f"takes one {what} for all models"
-        )
-    return vals[0]
+    p = Path(model)
+    cfg = (p if p.is_dir() else p.parent) / "config.json"
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return None
+    for k in LAYER_KEYS:
+        v = data.get(k) if isinstance(data, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+class _Values:
+    """Collects one method's parameter values from the levels of a config, and what was ignored."""
+
+    def __init__(self, method: str, num_layers: Optional[int], source: str):
+        self.method, self.num_layers, self.source = method, num_layers, source
+        self.keys = yaml_keys(method)
+        self.ignored: List[str] = []
+        self.global_: Dict[str, Any] = {}
+        self.per_model: List[Dict[str, Any]] = []
+
+    def _value(self, p, raw, where):
+        return from_yaml(raw, self.num_layers, where) if p.schedulable else raw
+
+    def read_global(self, params: Dict[str, Any]) -> None:
+        for key, raw in params.items():
+            p = self.keys.get(key)
+            if p is None:
+                self.ignored.append(f"parameters.{key}")
+                continue
+            if p.name in self.global_:
+                raise MergeConfigError(f"{self.source}: parameters: {key!r} and another name of {p.name} both given")
+            self.global_[p.name] = self._value(p, raw, f"{self.source}: parameters.{key}")
+
+    def read_model(self, i: int, params: Dict[str, Any]) -> None:
+        mine = {}
+        for key, raw in params.items():
+            p = self.keys.get(key)
+            if p is None or not p.per_model:  # mergekit reads only per-model ("tensor") parameters per model
+                self.ignored.append(f"models[{i}].parameters.{key}")
+                continue
+            if p.name in mine:
+                raise MergeConfigError(f"{self.source}: models[{i}].parameters: {key!r} and another name of "
+                                       f"{p.name} both given")
+            mine[p.name] = self._value(p, raw, f"{self.source}: models[{i}].parameters.{key}")
+        self.per_model.append(mine)
+
+    def params(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for p in method_class(self.method).parameters:
+            g = self.global_.get(p.name)
+            if p.per_model:
+                levels = [[m.get(p.name), g] for m in self.per_model]
+                if p.yaml_default is not None:
+                    for lv in levels:
+                        lv.append(p.yaml_default)
+                if all(v is None for lv in levels for v in lv):
+                    continue
+                vals = [_collapse(lv) for lv in levels]
+                vals = [p.default if v is None else v for v in vals]
+                out[p.name] = vals[0] if all(v == vals[0] for v in vals) and not isinstance(vals[0], list) else vals
+            else:
+                if p.yaml_default is not None:
+                    g = _collapse([g, p.yaml_default])
+                if g is not None:
+                    out[p.name] = g
+        return out
+
+
+def _collapse(levels: List[Any]):
+    """A precedence list as a plain value when its first set level cannot fall through (a plain value or a
+    gradient), else as a Chain."""
+    levels = [v for v in levels if v is not None]
+    if not levels:
+        return None
+    if not isinstance(levels[0], Schedule) or isinstance(levels[0], Gradient):
+        return levels[0]
+    return Chain(levels)
 
 
 def from_mapping(cfg: Dict[str, Any], cfg_dir: Path = Path("."), source: str = "config") -> Dict[str, Any]:
-    """Turn a parsed mergekit-style mapping into {method, models, base, params, dtype, out_dtype}."""
+    """A parsed mergekit-style mapping -> {method, models, base, params, dtype, out_dtype, tokenizer_source,
+    chat_template}. Warns once (warnings.warn) naming the parameters the method ignores."""
     if not isinstance(cfg, dict):
         raise MergeConfigError(f"{source}: expected a mapping at the top level")
-    unknown = sorted(set(cfg) - _TOP_KEYS)
-    if "slices" in cfg:
-        raise MergeConfigError(f"{source}: 'slices' (layer stacking) is not supported; list whole models under 'models'")
-    if unknown:
-        raise MergeConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(_TOP_KEYS))}")
-    raw_method = str(cfg.get("merge_method", "")).strip()
-    if not raw_method:
+    if "modules" in cfg:
+        raise MergeConfigError(f"{source}: 'modules' (multi-module architectures) is not supported; use models: "
+                               "or slices:")
+    unknown = sorted(set(cfg) - set(TOP_KEYS))
+    raw_method = cfg.get("merge_method")
+    if not isinstance(raw_method, str) or not raw_method.strip():
         raise MergeConfigError(f"{source}: 'merge_method' is required")
+    raw_method = raw_method.strip()
     if raw_method not in METHOD_ALIASES:
         raise MergeConfigError(f"{source}: merge_method {raw_method!r} is not supported; "
-                               f"supported: {', '.join(sorted(METHOD_ALIASES))}")
+                               f"supported: {', '.join(sorted(METHOD_ALIASES))} (docs/mergekit.md says why others "
+                               "are not)")
     method = METHOD_ALIASES[raw_method]
-    ts = cfg.get("tokenizer_source")
-    if ts not in (None, "base"):
-        raise MergeConfigError(f"{source}: tokenizer_source {ts!r} is not supported; tokenizer files are copied "
-                               "from the base model (or the first model)")
+    cls = method_class(method)
 
     base = cfg.get("base_model")
-    base = _resolve_model(base, cfg_dir, f"{source}: base_model") if base is not None else None
-    entries = cfg.get("models") or []
-    if not isinstance(entries, list) or not entries:
-        raise MergeConfigError(f"{source}: 'models' must be a non-empty list of {{model: PATH}} entries")
-    models, weights, densities = [], [], []
+    base = _model_path(base, cfg_dir, f"{source}: base_model") if base is not None else None
+    tokenizer_source = _tokenizer_source(cfg, cfg_dir, source)
+
+    if ("slices" in cfg) == ("models" in cfg):
+        raise MergeConfigError(f"{source}: give exactly one of 'models' and 'slices'")
+    stacked = None
+    if "slices" in cfg:
+        from .stacking import parse_slices
+
+        if method != "passthrough":
+            raise MergeConfigError(f"{source}: slices are supported with merge_method: passthrough (layer stacking); "
+                                   f"for {method}, list whole models under 'models'")
+        stacked, entries = parse_slices(cfg["slices"], cfg_dir, source), []
+    else:
+        entries = cfg.get("models")
+        if not isinstance(entries, list) or not entries:
+            raise MergeConfigError(f"{source}: 'models' must be a non-empty list of {{model: PATH}} entries")
+
+    # mergekit's geometric methods work relative to the base whenever a config names one: here, use_base
+    base_is_reference = cls.needs_base or (base is not None and "use_base" in cls.defaults)
+    models, model_params = [], []
     for i, e in enumerate(entries):
         where = f"{source}: models[{i}]"
-        path = _resolve_model(e, cfg_dir, where)
-        mp = (e.get("parameters") or {}) if isinstance(e, dict) else {}
-        if not isinstance(mp, dict):
-            raise MergeConfigError(f"{where}.parameters must be a mapping")
-        bad = sorted(set(mp) - {"weight", "density"})
-        if bad:
-            raise MergeConfigError(f"{where}.parameters: {', '.join(bad)} not supported per model (weight, density are)")
-        if base is not None and method != "weight_average" and Path(path) == Path(base):
+        path = _model_path(e, cfg_dir, where)
+        mp = _mapping(e.get("parameters") if isinstance(e, dict) else None, f"{where}.parameters")
+        if base is not None and base_is_reference and Path(path) == Path(base):
             continue  # mergekit lists the base among the models; it is the reference, not a task
         models.append(path)
-        weights.append(_scalar(mp.get("weight"), f"{where}.parameters.weight"))
-        densities.append(_scalar(mp.get("density"), f"{where}.parameters.density"))
+        model_params.append(mp)
+    if stacked is not None:
+        models = [stacked]
     if not models:
         raise MergeConfigError(f"{source}: no models to merge besides the base model")
 
-    gp = cfg.get("parameters") or {}
-    if not isinstance(gp, dict):
-        raise MergeConfigError(f"{source}: 'parameters' must be a mapping")
-    # CART's indices is a list by nature (not a per-layer schedule): it goes through as given
-    gp = {k: v if k == "indices" else _scalar(v, f"{source}: parameters.{k}") for k, v in gp.items()}
-    params: Dict[str, Any] = {}
-    normalize = gp.pop("normalize", None)
-    g_weight = gp.pop("weight", None)
-    g_density = gp.pop("density", None)
-    if g_weight is not None:
-        weights = [g_weight if w is None else w for w in weights]
-    if g_density is not None:
-        densities = [g_density if d is None else d for d in densities]
-    for k in list(gp):
-        if k in _RENAME:
-            params["lam"] = gp.pop(k)
-    allowed_extra = {"cart": CART_PARAMS, "ties": (), "task_arithmetic": (), "weight_average": ()}[method]
-    for k in list(gp):
-        if k in allowed_extra:
-            params[k] = gp.pop(k)
-    if gp:
-        raise MergeConfigError(f"{source}: parameters {', '.join(sorted(gp))} are not used by {method}")
+    num_layers = read_num_layers(base or (models[0] if isinstance(models[0], str) else None))
+    vals = _Values(method, num_layers, source)
+    vals.read_global(_mapping(cfg.get("parameters"), f"{source}: parameters"))
+    for i, mp in enumerate(model_params):
+        vals.read_model(i, mp)
+    if stacked is not None:
+        vals.per_model.append({})
+    params = vals.params()
+    if base is not None and "use_base" in cls.defaults:
+        params.setdefault("use_base", True)
+    ignored = vals.ignored + [f"{k} (top-level key)" for k in unknown]
+    if ignored:
+        warnings.warn(f"{source}: {method} ignores {', '.join(ignored)}", stacklevel=2)
+    req = {"method": method, "models": models, "base": base, "params": params,
+           "dtype": cfg.get("dtype"), "out_dtype": cfg.get("out_dtype"),
+           "tokenizer_source": tokenizer_source, "chat_template": _chat_template(cfg, source)}
+    return checked(req)
 
-    where = f"{source} ({raw_method})"
-    if method == "weight_average":
-        if "lam" in params:
-            raise MergeConfigError(f"{where}: 'lambda' is not a parameter of weight averaging")
-        if any(d is not None for d in densities):
-            raise MergeConfigError(f"{where}: 'density' is not a parameter of weight averaging")
-        if any(w is not None for w in weights):
-            ws = [1.0 if w is None else float(w) for w in weights]
-            if normalize is False and abs(sum(ws) - 1.0) > 1e-6:
-                raise MergeConfigError(f"{where}: normalize: false with weights not summing to 1 is not "
-                                       "supported (weights are always normalised)")
-            params["weights"] = ws
-    elif method == "task_arithmetic":
-        if any(d is not None for d in densities):
-            raise MergeConfigError(f"{where}: 'density' is not a parameter of task arithmetic (use ties)")
-        w = _all_equal([1.0 if x is None else x for x in weights], "weights", method)
-        lam = float(params.get("lam", 1.0)) * w  # mergekit: base + lambda * sum_t w_t tau_t
-        if normalize:
-            lam /= w * len(models)  # ... / sum_t w_t
-        params["lam"] = lam
-    elif method == "ties":
-        d = _all_equal(densities, "density", method)
-        # mergekit's density defaults to 1.0 (no trimming) when a config gives none; keep its meaning
-        params["density"] = 1.0 if d is None else d
-        _all_equal([1.0 if x is None else x for x in weights], "weights", method)
-        if normalize is False:
-            raise MergeConfigError(f"{where}: normalize: false is not supported (TIES here takes the disjoint mean)")
-    elif method == "cart":
-        if any(d is not None for d in densities):
-            raise MergeConfigError(f"{where}: 'density' is not a CART parameter (use rank or energy)")
-        _all_equal([1.0 if x is None else x for x in weights], "weights", method)
-        if normalize is False:
-            raise MergeConfigError(f"{where}: normalize: false is not supported for cart")
-    return {"method": method, "models": models, "base": base, "params": params,
-            "dtype": cfg.get("dtype"), "out_dtype": cfg.get("out_dtype")}
+
+def _tokenizer_source(cfg, cfg_dir: Path, source: str) -> Optional[str]:
+    """'base', a model path, or None. `union` (a merged vocabulary) is refused: it needs embedding surgery."""
+    ts = cfg.get("tokenizer_source")
+    tok = cfg.get("tokenizer")
+    if ts is not None and tok is not None:
+        raise MergeConfigError(f"{source}: give tokenizer_source or tokenizer, not both (as mergekit requires)")
+    if tok is not None:
+        tok = _mapping(tok, f"{source}: tokenizer")
+        extra = sorted(set(tok) - {"source"})
+        if extra:
+            raise MergeConfigError(f"{source}: tokenizer.{extra[0]} is not supported (it changes the embeddings); "
+                                   "only tokenizer.source is")
+        ts = tok.get("source", "union")  # mergekit's default for the tokenizer: block
+    if ts is None or ts == "base":
+        return ts
+    if ts == "union":
+        raise MergeConfigError(f"{source}: tokenizer source 'union' (a merged vocabulary, with embedding surgery) "
+                               "is not supported; use 'base' or a model path")
+    if not isinstance(ts, str):
+        raise MergeConfigError(f"{source}: tokenizer source must be 'base' or a model path; got {ts!r}")
+    return _model_path(ts, cfg_dir, f"{source}: tokenizer_source")
+
+
+def _chat_template(cfg, source: str) -> Optional[str]:
+    ct = cfg.get("chat_template")
+    if ct is not None and (not isinstance(ct, str) or not ct.strip()):
+        raise MergeConfigError(f"{source}: chat_template must be a template name or a Jinja template string")
+    return ct
+
+
+def checked(req: Dict[str, Any]) -> Dict[str, Any]:
+    """`req` after building its method once, so every value is checked by its declaration (naming it)."""
+    from .methods import get_method
+
+    m = get_method(req["method"], **req["params"])
+    for p in m.parameters:
+        v = m.params[p.name]
+        if p.per_model and isinstance(v, list) and len(v) != len(req["models"]):
+            raise MergeConfigError(f"{req['method']}: {len(v)} values of {p.name} for {len(req['models'])} models")
+    return req
 
 
 def load_config(path) -> Dict[str, Any]:
-    """Read a YAML config file (see the module docstring) into {method, models, base, params, dtype, out_dtype}."""
+    """Read a YAML config file (see the module docstring) into a merge request."""
     import yaml
 
     p = Path(path)

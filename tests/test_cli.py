@@ -85,15 +85,17 @@ def test_yaml_cart_params_and_relative_paths(tmp_path, ckpts):
 
 def test_config_mapping_rules():
     m = lambda **kw: {"models": [{"model": "a"}, {"model": "b"}], **kw}  # noqa: E731
-    assert from_mapping(m(merge_method="linear"))["method"] == "weight_average"
+    assert from_mapping(m(merge_method="linear"))["method"] == "linear"
+    assert from_mapping(m(merge_method="model_soup"))["method"] == "weight_average"
     r = from_mapping({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
                                                            {"model": "b", "parameters": {"weight": 3}}]})
-    assert r["params"] == {"weights": [1.0, 3.0]}
-    # task arithmetic: base + lambda * sum_t w_t tau_t -> one lam
+    assert r["params"] == {"weight": [1.0, 3.0]}
+    # per-model weights that differ reach task arithmetic as they are; mergekit's lambda default is 1.0
     r = from_mapping({**m(merge_method="task_arithmetic", base_model="base", parameters={"lambda": 0.5}),
-                      "models": [{"model": "a", "parameters": {"weight": 0.6}},
-                                 {"model": "b", "parameters": {"weight": 0.6}}]})
-    assert r["params"] == {"lam": pytest.approx(0.3)} and r["base"] == "base"
+                      "models": [{"model": "a", "parameters": {"weight": 0.7}},
+                                 {"model": "b", "parameters": {"weight": 0.3}}]})
+    assert r["params"] == {"lam": 0.5, "weight": [0.7, 0.3]} and r["base"] == "base"
+    assert from_mapping(m(merge_method="task_arithmetic", base_model="x"))["params"] == {"lam": 1.0}
     r = from_mapping(m(merge_method="ties", base_model="x"))
     assert r["params"] == {"density": 1.0}  # mergekit's default density
     r = from_mapping(m(merge_method="ties", base_model="x", parameters={"density": 0.2, "lambda": 2}))
@@ -101,22 +103,36 @@ def test_config_mapping_rules():
     r = from_mapping(m(merge_method="cart", parameters={"lambda": 2.0, "rank": 16, "seed": 5}, dtype="bfloat16"))
     assert r["params"] == {"lam": 2.0, "rank": 16, "seed": 5} and r["dtype"] == "bfloat16"
     bad = [
-        (m(merge_method="slerp"), "slerp.*not supported"),
-        (m(merge_method="ties", base_model="x", parameters={"density": [0.1, 0.5]}), "per-layer"),
-        ({"merge_method": "ties", "base_model": "x", "models": [{"model": "a", "parameters": {"density": 0.1}},
-                                                               {"model": "b", "parameters": {"density": 0.5}}]},
-         "per-model density differ"),
-        (m(merge_method="ties", base_model="x", parameters={"normalize": False}), "normalize"),
-        (m(merge_method="cart", parameters={"density": 0.2}), "density"),
-        (m(merge_method="cart", parameters={"frobnicate": 1}), "frobnicate"),
-        ({"merge_method": "linear", "slices": []}, "slices"),
-        (m(merge_method="linear", tokenizer_source="union"), "tokenizer_source"),
+        (m(merge_method="frankenmerge"), "frankenmerge.*not supported"),
+        (m(merge_method="ties", base_model="x", parameters={"density": [0.1, "x"]}), "density .gradient entry 1."),
+        (m(merge_method="cart", parameters={"rank": [0.1, 0.2]}), "rank must be"),
+        ({"merge_method": "linear", "slices": []}, "slices are supported with merge_method: passthrough"),
+        (m(merge_method="linear", tokenizer_source="union"), "union"),
+        (m(merge_method="linear", tokenizer={"source": "base", "tokens": {}}), "tokenizer.tokens"),
+        (m(merge_method="linear", tokenizer_source="base", tokenizer={"source": "base"}), "not both"),
         (m(), "merge_method"),
         ({"merge_method": "linear", "models": []}, "models"),
+        ({"merge_method": "linear", "models": [{"model": "a"}], "slices": [{}]}, "exactly one of"),
     ]
     for cfg, pattern in bad:
         with pytest.raises(MergeConfigError, match=pattern):
             from_mapping(cfg)
+
+
+def test_ignored_parameters_warn_once_naming_them(tmp_path, ckpts, capsys):
+    """mergekit ignores parameters a method does not take (task arithmetic's density); so do we, with one warning."""
+    with pytest.warns(UserWarning, match=r"task_arithmetic ignores parameters\.frobnicate, "
+                                         r"models\[0\]\.parameters\.density") as rec:
+        r = from_mapping({"merge_method": "task_arithmetic", "base_model": "x", "parameters": {"frobnicate": 1},
+                          "models": [{"model": "a", "parameters": {"density": 0.5, "weight": 1}}, {"model": "b"}]})
+    assert len(rec) == 1 and r["params"] == {"lam": 1.0, "weight": 1}
+    base, models = ckpts
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": base, "models": [
+        {"model": mp, "parameters": {"weight": 0.5, "density": 0.3}} for mp in models]}))
+    assert main(["merge", "--config", str(cfg), "--out", str(tmp_path / "o"), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "models[0].parameters.density" in err
 
 
 def test_usage_errors(tmp_path, ckpts, capsys):

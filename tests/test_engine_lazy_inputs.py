@@ -35,7 +35,7 @@ class Probe(LazyDeviceInputs):
 
 
 PARAMS = {"cart": {"rank": 0.5, "svd": "exact"}, "ties": {"density": 0.5}, "dare": {"p": 0.3}, "slerp": {"t": 0.3}}
-MODEL_COUNT = {"slerp": 1, "nuslerp": 2}  # methods that take a fixed number of models (slerp: + the base)
+MODEL_COUNT = {"slerp": 1, "nuslerp": 2, "passthrough": 1}  # methods that take a fixed number of models (slerp: + the base)
 
 
 from centered_merge.backend import describe as backend_describe
@@ -44,7 +44,7 @@ NATIVE = backend_describe().get("cpu") == "native"
 # Known gap, outside the engine: the native element-wise ops read several inputs at once (mean_fp32 a group of
 # them, ties_merge all T), so with the native backend these methods hold more than two. Routing a
 # LazyDeviceInputs to the streaming torch twin is a dispatch change in centered_merge/ops.
-NATIVE_HOLDS_MORE = {"cart", "ties", "weight_average"}
+NATIVE_HOLDS_MORE = {"cart", "weight_average", "linear"}  # ties trims with torch ops in the method
 # Known gaps in methods: karcher's fixed-point iterations keep every input; cart's low-rank path gathers all T
 # inputs into a list sorted by content (order invariance) before it merges them.
 HOLDS_ALL = {"karcher", "cart"}

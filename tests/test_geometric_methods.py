@@ -181,7 +181,7 @@ def test_nuslerp_checks():
         cm.merge([one([1.0])] * 2, "nuslerp", weights=[1, 2, 3])
     with pytest.raises(MergeConfigError, match="nuslerp_flatten must be true or false"):
         cm.merge([one([1.0])] * 2, "nuslerp", nuslerp_flatten="no")
-    with pytest.raises(MergeConfigError, match="weights must be finite numbers"):
+    with pytest.raises(MergeConfigError, match="weights must be a number"):
         cm.merge([one([1.0])] * 2, "nuslerp", weights=[1, float("nan")])
 
 
@@ -335,7 +335,7 @@ def test_karcher_base_and_zero_tensors():
 
 def test_karcher_checks():
     for bad in (-1, 2.5, True, "10"):
-        with pytest.raises(MergeConfigError, match="max_iter must be a whole number"):
+        with pytest.raises(MergeConfigError, match="max_iter must be (an integer|>= 0)"):
             cm.merge([one([1.0])] * 2, "karcher", max_iter=bad)
     with pytest.raises(MergeConfigError, match="tol must be >= 0"):
         cm.merge([one([1.0])] * 2, "karcher", tol=-1e-3)

@@ -1,33 +1,68 @@
 """The per-tensor interface every merge method implements, and the parameter checking they share."""
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Optional, Sequence
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from ..errors import MergeConfigError
+from .params import Param
+from .schedule import describe_value, value_at
 
 
 class MergeMethod:
     """One merge method with its parameters resolved.
 
-    Subclasses set `name`, `needs_base`, `defaults` (every accepted parameter with its default) and implement
-    `merge_tensor`. Inputs arrive tensor by tensor so the same object drives in-memory merges and the
-    streaming engine.
+    Subclasses set `name`, `needs_base`, `parameters` (a tuple of Param: every accepted parameter, declared once)
+    and implement `merge_tensor`; `defaults` is derived from `parameters`. Every value passes through its
+    Param.check when the method is built, whatever front end (Python, CLI, YAML) it came from; `validate` adds the
+    checks that involve several parameters. Inputs arrive tensor by tensor so the same object drives in-memory
+    merges and the streaming engine.
     """
 
     name: ClassVar[str] = ""
     needs_base: ClassVar[bool] = False
+    summary: ClassVar[str] = ""  # one line for the README's method table
+    parameters: ClassVar[Tuple[Param, ...]] = ()
     defaults: ClassVar[Dict[str, Any]] = {}
 
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "parameters" not in cls.__dict__ and "defaults" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}: declare `parameters` (a tuple of Param), not `defaults`")
+        names = [p.name for p in cls.parameters]
+        if len(set(names)) != len(names):
+            raise TypeError(f"{cls.__name__}: a parameter is declared twice in {names}")
+        cls.defaults = {p.name: p.default for p in cls.parameters}
+
+    @classmethod
+    def param(cls, key: str) -> Param:
+        for p in cls.parameters:
+            if p.name == key:
+                return p
+        raise KeyError(key)
+
     def __init__(self, **params):
+        aliases = {a: p.name for p in self.parameters for a in p.yaml_keys}
+        named, spelled = {}, {}
+        for key, value in params.items():
+            canon = aliases.get(key, key)
+            if canon in named:
+                raise MergeConfigError(f"method {self.name!r}: {key} and another name of {canon} both given")
+            named[canon], spelled[canon] = value, key
+        params = named
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             allowed = ", ".join(sorted(self.defaults)) or "none"
             raise MergeConfigError(
                 f"method {self.name!r} does not take parameter(s) {', '.join(unknown)}; it takes: {allowed}"
             )
-        self.params = {**self.defaults, **params}
+        missing = [p.name for p in self.parameters if p.required and params.get(p.name) is None]
+        if missing:
+            p = self.param(missing[0])
+            raise MergeConfigError(f"{self.name}: parameter {p.name} is required ({p.help})")
+        checked = {k: self.param(k).check(self.name, v, spelled[k]) for k, v in params.items()}
+        self.params = {**self.defaults, **checked}
         self.validate()
 
     def __getattr__(self, key):
@@ -35,6 +70,25 @@ class MergeMethod:
         if key in params:
             return params[key]
         raise AttributeError(key)
+
+    def values(self, name: str, num_models: int) -> "TensorValues":
+        """The parameter values for tensor `name`: schedules (gradients, filter lists, precedence chains) resolved
+        for it, per-model parameters as a list of `num_models` values, unset values replaced by the defaults."""
+        out = {}
+        for p in self.parameters:
+            v = self.params[p.name]
+            if p.per_model:
+                vs = v if isinstance(v, list) else [v] * num_models
+                if len(vs) != num_models:
+                    raise MergeConfigError(f"{self.name}: {len(vs)} {plural(p.name)} given for {num_models} models")
+                got = [value_at(x, name) for x in vs]
+                if any(g is None for g in got) and p.default is None and not p.nullable:
+                    raise MergeConfigError(f"{self.name}: no {p.name} for tensor {name!r}")
+                out[p.name] = [p.default if g is None else g for g in got]
+            else:
+                g = value_at(v, name)
+                out[p.name] = p.default if g is None else g
+        return TensorValues(out)
 
     def validate(self) -> None:
         """Raise MergeConfigError for an invalid parameter value."""
@@ -51,7 +105,21 @@ class MergeMethod:
         return {"lowrank": False, "k": None, "flops": numel * (num_models + 1), "workspace_bytes": 4 * numel}
 
     def describe(self) -> dict:
-        return {"method": self.name, **self.params}
+        return {"method": self.name, **{k: describe_value(v) for k, v in self.params.items()}}
+
+
+def plural(word: str) -> str:
+    return word[:-1] + "ies" if word.endswith("y") else word + ("es" if word.endswith("s") else "s")
+
+
+class TensorValues(dict):
+    """Resolved parameter values of one tensor; read as attributes (v.lam) or keys (v["lam"])."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
 
 
 def check_number(method: str, key: str, value, lo=None, hi=None, lo_open=False, hi_open=False):

@@ -15,7 +15,6 @@ formula's exact value, not an approximation.
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import torch
@@ -36,7 +35,8 @@ from ..linalg import (
 from ..seeding import content_order, generator
 from ..threads import compute_threads
 from ..selection import PRESETS, make_selector, matrix_shape
-from .base import MergeMethod, check_number, numel_of
+from .base import MergeMethod, numel_of
+from .params import Param, lam_param, seed_param
 from .registry import register
 
 SVD_MODES = ("randomized", "exact")
@@ -46,47 +46,39 @@ SVD_MODES = ("randomized", "exact")
 class Cart(MergeMethod):
     name = "cart"
     needs_base = False
+    summary = "CART: mean + lam * sum_t SVD_k(W_t - mean) on the selected matrices, the mean elsewhere"
     # Defaults: the authors' released ViT-B/32 8-task setting (prior 2.0, rank 0.12); randomized SVD with
     # max(10, k/4) oversamples, 2-4 power iterations by k/min(m, n) and a float32 refinement step, whose rank-k
     # error stays <= max(1.01 x optimal, optimal + 2e-4 ||C||) on every spectrum tested (tests/test_linalg.py).
-    defaults = {
-        "rank": 0.12,
-        "lam": 2.0,
-        "energy": None,
-        "indices": None,
-        "svd": "randomized",
-        "oversample": None,
-        "power_iters": None,
-        "sketch_dtype": "auto",
-        "seed": 0,
-        "select": "default",
-        "include": None,
-        "exclude": None,
-    }
+    parameters = (
+        Param("rank", "rank", 0.12, "float in (0, 1] = ratio of min(m, n), int = absolute k", lo=0, lo_open=True),
+        lam_param(2.0, "scale of the summed low-rank centered task vectors (the authors' prior)",
+                  aliases=("prior",)),
+        Param("energy", "float", None, "pick each task's k by this fraction of sigma^2 instead of rank",
+              lo=0.0, hi=1.0, lo_open=True),
+        Param("indices", "indices", None, "keep these 0-based singular triplets (list, or \"0-7,16\") instead of "
+              "the top k; exact SVD"),
+        Param("svd", "choice", "randomized", "SVD flavour", choices=SVD_MODES),
+        Param("oversample", "int", None, "extra sketch columns of the randomized SVD (default max(10, k/4))",
+              lo=0),
+        Param("power_iters", "int", None, "power iterations of the randomized SVD (default 2, 3 or 4 by "
+              "k/min(m, n))", lo=0),
+        Param("sketch_dtype", "choice", "auto", "dtype of the randomized SVD's sketch GEMMs",
+              choices=tuple(SKETCH_DTYPES)),
+        seed_param("seed of the randomized SVD's test matrices (per tensor name)"),
+        Param("select", "choice", "default", "which tensors get the low-rank step", choices=PRESETS),
+        Param("include", "patterns", None, "regexes of tensors to treat low rank as well (beat select)"),
+        Param("exclude", "patterns", None, "regexes of tensors never treated low rank (beat include)"),
+    )
 
     def validate(self):
+        # single values were checked by their declarations; here what involves the method's own rules
         p = self.params
         if p["energy"] is None:
-            resolve_rank(p["rank"], 1 << 20, 1 << 20)  # raises on a bad ratio / int
-        else:
-            check_number(self.name, "energy", p["energy"], lo=0.0, hi=1.0, lo_open=True)
+            resolve_rank(p["rank"], 1 << 20, 1 << 20)  # raises on a float ratio above 1
         self.kept_indices = None if p["indices"] is None else parse_indices(p["indices"])
         if self.kept_indices is not None and p["energy"] is not None:
             raise MergeConfigError("cart: give energy or indices, not both")
-        check_number(self.name, "lam", p["lam"])
-        if p["svd"] not in SVD_MODES:
-            raise MergeConfigError(f"cart: svd must be one of {', '.join(SVD_MODES)}; got {p['svd']!r}")
-        for key in ("oversample", "power_iters"):
-            if p[key] is None:  # picked from k (linalg.sketch_width, linalg.power_iterations)
-                continue
-            if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 0:
-                raise MergeConfigError(f"cart: {key} must be an int >= 0; got {p[key]!r}")
-        if p["sketch_dtype"] not in SKETCH_DTYPES:
-            raise MergeConfigError(
-                f"cart: sketch_dtype must be one of {', '.join(SKETCH_DTYPES)}; got {p['sketch_dtype']!r}"
-            )
-        if p["select"] not in PRESETS:
-            raise MergeConfigError(f"cart: select must be one of {', '.join(PRESETS)}; got {p['select']!r}")
         self.selector = make_selector(p["select"], p["include"], p["exclude"])
 
     def describe(self) -> dict:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import check_number
+from .params import Param
 from .registry import register
 from ..linalg import exact_svd
-from .svd_family import RANDOMIZED_PARAMS, SELECT_PARAMS, TaskVectorSVDMethod, polar, svd_flops, top_svd
+from .svd_family import SELECT_PARAMS, TaskVectorSVDMethod, alpha_param, randomized_params, polar, svd_flops, top_svd
 
 
 def summed(tau, num_models: int) -> torch.Tensor:
@@ -83,7 +83,8 @@ def iso_cts_matrix(tau, num_models: int, shape, common_fraction: float, **svd_kw
 class IsoC(TaskVectorSVDMethod):
     name = "iso_c"
     # alpha 1.5: FusionBench's published ViT-B/32 and ViT-L/14 eight-task commands for Iso-C.
-    defaults = {"alpha": 1.5, **SELECT_PARAMS}
+    summary = "Iso-C: SVD of the summed task matrix with an isotropic (mean) spectrum, scaled by alpha"
+    parameters = (alpha_param(1.5),) + SELECT_PARAMS
 
     def merge_matrix(self, tau, num_models, shape, name):
         return iso_c_matrix(tau, num_models)
@@ -101,11 +102,11 @@ class IsoCTS(TaskVectorSVDMethod):
     # top one, so the range finder's error in weak directions shows in full (on decaying test matrices the
     # randomized result differs from the exact one by 5% with 2 power iterations, 0.7% with 4:
     # tests/test_svd_family.py), whereas CART and TSV-M keep the singular values and with them Eckart-Young's bound.
-    defaults = {"alpha": 1.5, "common_fraction": 0.8, **RANDOMIZED_PARAMS, **SELECT_PARAMS, "svd": "exact"}
-
-    def validate(self):
-        super().validate()
-        check_number(self.name, "common_fraction", self.params["common_fraction"], lo=0.0, hi=1.0, lo_open=True)
+    summary = "Iso-CTS: Iso-C's common subspace plus task-specific directions orthogonal to it"
+    parameters = ((alpha_param(1.5),
+                   Param("common_fraction", "float", 0.8, "fraction of the spectrum given to the common subspace",
+                         lo=0.0, hi=1.0, lo_open=True))
+                  + randomized_params("exact") + SELECT_PARAMS)
 
     def merge_matrix(self, tau, num_models, shape, name):
         return iso_cts_matrix(tau, num_models, shape, float(self.common_fraction), **self.svd_kwargs(name))

@@ -17,9 +17,8 @@ from typing import Sequence
 
 import torch
 
-from ..errors import MergeConfigError
-from .base import MergeMethod, check_number, numel_of
-from .per_model import check_flag
+from .base import MergeMethod, numel_of
+from .params import Param, use_base_param
 from .registry import register
 
 
@@ -73,15 +72,14 @@ class Karcher(MergeMethod):
     the base_model's tensors with the others and karcher averages them all)."""
 
     name = "karcher"
-    defaults = {"max_iter": 10, "tol": 1e-5, "use_base": False}
+    summary = "karcher: equal-weight Riemannian (Karcher) mean of the models on the sphere, scaled by the mean norm"
+    parameters = (
+        Param("max_iter", "int", 10, "iterations of the fixed-point solve", lo=0),
+        Param("tol", "float", 1e-5, "stop when the tangent step's norm is below this", lo=0.0),
+        use_base_param("count the base model as one more point"),
+    )
 
     def validate(self):
-        it = self.params["max_iter"]
-        if isinstance(it, bool) or not isinstance(it, (int, float)) or it != int(it) or it < 0:
-            raise MergeConfigError(f"karcher: max_iter must be a whole number >= 0; got {it!r}")
-        self.params["max_iter"] = int(it)
-        check_number(self.name, "tol", self.params["tol"], lo=0.0)
-        check_flag(self.name, "use_base", self.params["use_base"])
         self.needs_base = self.params["use_base"]
 
     def merge_tensor(self, name, inputs, base):

@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 
 from .base import MergeMethod, numel_of
-from .per_model import check_flag, check_model_count
+from .params import Param
+from .per_model import check_model_count
 from .registry import register
 
 NORM_PRODUCT_FLOOR = 1e-6
@@ -61,10 +62,9 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], filter_wise
 class ModelStock(MergeMethod):
     name = "model_stock"
     needs_base = True
-    defaults = {"filter_wise": False}
+    summary = "model_stock: base + t (average - base), t from the models' mean pairwise cosine (Jang et al. 2024)"
+    parameters = (Param("filter_wise", "bool", False, "one ratio per row instead of per tensor"),)
 
-    def validate(self):
-        check_flag(self.name, "filter_wise", self.params["filter_wise"])
 
     def merge_tensor(self, name, inputs, base):
         check_model_count(self.name, len(inputs), 2, None, "the base model and at least two other models",

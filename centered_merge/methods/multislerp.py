@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import MergeConfigError, MergeInputError
-from .base import MergeMethod, check_number, numel_of
-from .per_model import check_flag, check_weights, weights_for
+from .base import MergeMethod, numel_of
+from .params import Param, use_base_param, weight_param
 from .registry import register
 
 MULTISLERP_EPS = 1e-8
@@ -66,21 +66,26 @@ def multislerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], base: 
 @register
 class MultiSlerp(MergeMethod):
     name = "multislerp"
-    defaults = {"weights": None, "normalize_weights": True, "eps": MULTISLERP_EPS, "use_base": False}
+    summary = "multislerp: weighted spherical average of several models (or task vectors)"
+    parameters = (
+        weight_param(),
+        Param("normalize_weights", "bool", True, "divide the weights by their sum"),
+        Param("eps", "float", MULTISLERP_EPS, "norms below this are not divided by", lo=0.0),
+        use_base_param("average the task vectors relative to the base, and add the base"),
+    )
 
     def validate(self):
-        self.params["weights"] = check_weights(self.name, self.params["weights"])
-        check_flag(self.name, "normalize_weights", self.params["normalize_weights"])
-        check_flag(self.name, "use_base", self.params["use_base"])
-        check_number(self.name, "eps", self.params["eps"], lo=0.0)
-        w = self.params["weights"]
-        if w is not None and self.params["normalize_weights"] and sum(w) == 0.0:
+        w = self.params["weight"]
+        if isinstance(w, list) and all(isinstance(x, float) for x in w) and self.params["normalize_weights"] \
+                and sum(w) == 0.0:
             raise MergeConfigError(f"multislerp: weights {w} sum to 0 and cannot be normalised")
         # mergekit works on task vectors when a config names base_model; here that is the use_base switch
         self.needs_base = self.params["use_base"]
 
     def merge_tensor(self, name, inputs, base):
-        w = weights_for(self.name, self.weights, len(inputs))
+        w = [float(x) for x in self.values(name, len(inputs)).weight]
+        if self.normalize_weights and sum(w) == 0.0:
+            raise MergeConfigError(f"multislerp: the weights of tensor {name!r} sum to 0 and cannot be normalised")
         return multislerp(inputs, w, base, self.normalize_weights, float(self.eps), name)
 
     def plan_tensor(self, name, shape, dtype, num_models):

@@ -12,9 +12,9 @@ import math
 
 import torch
 
-from ..errors import MergeConfigError
-from .base import MergeMethod, check_number, numel_of
-from .per_model import check_flag, check_model_count, check_weights, weights_for
+from .base import MergeMethod, numel_of
+from .params import Param, use_base_param, weight_param
+from .per_model import check_model_count
 from .registry import register
 
 # mergekit's slerp treats |cos theta| above this as colinear (and lerps)
@@ -86,17 +86,14 @@ class Slerp(MergeMethod):
 
     name = "slerp"
     needs_base = True
-    defaults = {"t": None}
-
-    def validate(self):
-        if self.params["t"] is None:
-            raise MergeConfigError("slerp: parameter t is required (0 gives the base model, 1 the other model)")
-        check_number(self.name, "t", self.params["t"])
+    summary = "slerp: spherical interpolation from the base (t = 0) to the other model (t = 1)"
+    parameters = (Param("t", "float", None, "0 gives the base model, 1 the other model", schedulable=True,
+                        required=True),)
 
     def merge_tensor(self, name, inputs, base):
         check_model_count(self.name, len(inputs), 1, 1,
                           "exactly two models: the base (t = 0) and one other (t = 1)", with_base=True)
-        return slerp(base, inputs[0], float(self.t))
+        return slerp(base, inputs[0], float(self.values(name, 1).t))
 
     def plan_tensor(self, name, shape, dtype, num_models):
         n = numel_of(shape)
@@ -108,19 +105,22 @@ class NuSlerp(MergeMethod):
     """nuslerp of two models with t = w1 / (w0 + w1); with use_base, of their task vectors, added to the base."""
 
     name = "nuslerp"
-    defaults = {"weights": None, "nuslerp_flatten": True, "nuslerp_row_wise": False, "use_base": False}
+    summary = "nuslerp: slerp of two models (or their task vectors) at t = w1 / (w0 + w1), whole or per row"
+    parameters = (
+        weight_param(),
+        Param("nuslerp_flatten", "bool", True, "slerp the whole tensors (false: each row)"),
+        Param("nuslerp_row_wise", "bool", False, "with nuslerp_flatten false: slerp columns instead of rows"),
+        use_base_param("slerp the task vectors relative to the base, and add the base"),
+    )
 
     def validate(self):
-        self.params["weights"] = check_weights(self.name, self.params["weights"])
-        for key in ("nuslerp_flatten", "nuslerp_row_wise", "use_base"):
-            check_flag(self.name, key, self.params[key])
         # mergekit subtracts the base when a config names base_model; here that is the use_base switch
         self.needs_base = self.params["use_base"]
 
     def merge_tensor(self, name, inputs, base):
         check_model_count(self.name, len(inputs), 2, 2,
                           "exactly two models (plus, with use_base, a base model distinct from both)")
-        w0, w1 = weights_for(self.name, self.weights, 2)
+        w0, w1 = self.values(name, 2).weight
         t = nuslerp_t(w0, w1)
         kw = {"flatten": self.nuslerp_flatten, "row_wise": self.nuslerp_row_wise}
         if base is None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..errors import MergeConfigError
 from ..linalg import SKETCH_DTYPES, exact_svd, randomized_svd, sketch_width
 from ..seeding import generator
 from ..selection import PRESETS, make_selector, matrix_shape
-from .base import MergeMethod, check_number, numel_of
+from .base import MergeMethod, numel_of
+from .params import Param, seed_param
 
 SVD_MODES = ("randomized", "exact")
 
@@ -49,26 +49,13 @@ class TaskVectorSVDMethod(MergeMethod):
     """Frame of the three methods: out = base + alpha * f(tau_1..tau_T) for selected matrices, and
     out = base + alpha * mean_t tau_t for every other float tensor (as the papers' code does).
 
-    Subclasses set `name`, `defaults` (which must hold the keys checked here) and implement `merge_matrix`
+    Subclasses set `name`, `parameters` (alpha_param, SELECT_PARAMS and, where used, randomized_params()) and implement `merge_matrix`
     (float32 (m, n) task vectors -> merged task vector) and `matrix_plan`."""
 
     needs_base = True
 
     def validate(self):
-        p = self.params
-        check_number(self.name, "alpha", p["alpha"])
-        if "svd" in p and p["svd"] not in SVD_MODES:
-            raise MergeConfigError(f"{self.name}: svd must be one of {', '.join(SVD_MODES)}; got {p['svd']!r}")
-        for key in ("oversample", "power_iters"):
-            if key not in p or (key == "oversample" and p[key] is None):
-                continue
-            if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 0:
-                raise MergeConfigError(f"{self.name}: {key} must be an int >= 0; got {p[key]!r}")
-        if "sketch_dtype" in p and p["sketch_dtype"] not in SKETCH_DTYPES:
-            raise MergeConfigError(
-                f"{self.name}: sketch_dtype must be one of {', '.join(SKETCH_DTYPES)}; got {p['sketch_dtype']!r}")
-        if p["select"] not in PRESETS:
-            raise MergeConfigError(f"{self.name}: select must be one of {', '.join(PRESETS)}; got {p['select']!r}")
+        p = self.params  # single values were checked by their declarations
         self.selector = make_selector(p["select"], p["include"], p["exclude"])
 
     def svd_kwargs(self, name: str) -> dict:
@@ -126,5 +113,23 @@ def svd_flops(m: int, n: int, k: int, svd: str, oversample, power_iters: int) ->
     return 4 * big * small * small + 8 * small ** 3
 
 
-SELECT_PARAMS = {"select": "all2d", "include": None, "exclude": None}
-RANDOMIZED_PARAMS = {"svd": "randomized", "oversample": None, "power_iters": 2, "sketch_dtype": "auto", "seed": 0}
+def alpha_param(default: float) -> Param:
+    return Param("alpha", "float", default, "scale of the merged task vector")
+
+
+SELECT_PARAMS = (
+    Param("select", "choice", "all2d", "which tensors are treated as matrices", choices=PRESETS),
+    Param("include", "patterns", None, "regexes of tensors treated as matrices as well (beat select)"),
+    Param("exclude", "patterns", None, "regexes of tensors never treated as matrices (beat include)"),
+)
+
+
+def randomized_params(svd: str = "randomized"):
+    return (
+        Param("svd", "choice", svd, "SVD flavour", choices=SVD_MODES),
+        Param("oversample", "int", None, "extra sketch columns of the randomized SVD", lo=0),
+        Param("power_iters", "int", 2, "power iterations of the randomized SVD", lo=0),
+        Param("sketch_dtype", "choice", "auto", "dtype of the randomized SVD's sketch GEMMs",
+              choices=tuple(SKETCH_DTYPES)),
+        seed_param("seed of the randomized SVD's test matrices (per tensor name)"),
+    )

@@ -1,32 +1,89 @@
-"""Task arithmetic: theta_0 + lam * sum_t (theta_t - theta_0)."""
+"""Task arithmetic and the family built on it (mergekit's "generalized task arithmetic"):
+
+    tau_t   = theta_t - theta_0                                  (task vectors; theta_0 = the base model)
+    s_t     = sparsify(tau_t)                                    (identity here; TIES, DARE, ... thin it)
+    mixed   = sum_t w_t s_t                                      (no consensus)
+            = sum_t w_t s_t m_t,  m_t = [sign(s_t) = elected]    (with a sign consensus: TIES-style)
+    mixed  /= sum_t w_t (m_t)  where normalize                   (a zero divisor counts as 1)
+    out     = theta_0 + lam * mixed
+
+Per-model `weight` and `density` (and the family's other per-model values) may differ between models and vary per
+tensor (a gradient over the layers, a filter list). Task vectors are formed one at a time (two passes over the
+inputs with a consensus; random masks are recomputed from their seed), so memory stays a few float32 copies of one
+tensor whatever T is.
+"""
 from __future__ import annotations
 
 import torch
 
 from .. import ops
-from .base import MergeMethod, check_number
+from .base import MergeMethod, numel_of
+from .params import lam_param, normalize_param, weight_param
 from .registry import register
+
+F32 = torch.float32
+
+
+class TaskVectorMerge(MergeMethod):
+    """The shared engine of the family. Subclasses set `consensus` and implement `sparsify`."""
+
+    needs_base = True
+    consensus = False  # elect a sign per entry (sum of the weighted thinned task vectors) and keep agreeing entries
+
+    def sparsify(self, tau: torch.Tensor, name: str, t: int, v) -> torch.Tensor:
+        """Task t's thinned task vector for tensor `name` (float32; may return tau itself); v: resolved values."""
+        return tau
+
+    def merge_tensor(self, name, inputs, base):
+        T = len(inputs)
+        v = self.values(name, T)
+        base32 = base.to(F32)
+        weights = [float(w) for w in v.weight]
+        normalize = bool(v.get("normalize", False))
+        tau = torch.empty_like(base32)
+
+        def task(t):
+            return self.sparsify(ops.center_into(inputs[t], base32, tau), name, t, v)
+
+        if not self.consensus:
+            mixed = torch.zeros_like(base32)
+            for t in range(T):
+                mixed.add_(task(t), alpha=weights[t])
+            if normalize:
+                total = sum(weights)
+                mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+            return mixed.mul_(float(v.lam)).add_(base32)
+        # pass 1: the elected sign of every entry; pass 2: the agreeing entries and their weights
+        votes = torch.zeros_like(base32)
+        for t in range(T):
+            votes.add_(task(t), alpha=weights[t])
+        elected = torch.sign(votes)
+        del votes
+        mixed = torch.zeros_like(base32)
+        divisor = torch.zeros_like(base32) if normalize else None
+        for t in range(T):
+            s = task(t)
+            agree = (torch.sign(s) == elected) & (s != 0)
+            mixed.add_(torch.where(agree, s, 0.0), alpha=weights[t])
+            if divisor is not None:
+                divisor.add_(agree.to(F32), alpha=weights[t])
+        if divisor is not None:
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        return mixed.mul_(float(v.lam)).add_(base32)
+
+    def plan_tensor(self, name, shape, dtype, num_models):
+        n = numel_of(shape)
+        passes = 2 if self.consensus else 1
+        return {"lowrank": False, "k": None, "flops": 4 * passes * n * num_models, "workspace_bytes": 4 * n * 5}
 
 
 @register
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(TaskVectorMerge):
     name = "task_arithmetic"
-    needs_base = True
-    defaults = {"lam": 0.3}
+    summary = "task arithmetic: theta_0 + lam * sum_t w_t (theta_t - theta_0)"
+    parameters = (
+        lam_param(0.3, schedulable=True, yaml_default=1.0),
+        weight_param(),
+        normalize_param(False),
+    )
 
-    def validate(self):
-        check_number(self.name, "lam", self.params["lam"])
-
-    def merge_tensor(self, name, inputs, base):
-        base32 = base.to(torch.float32)
-        # Sum the task vectors one by one (rather than sum(theta_t) - T * theta_0) so the small differences
-        # do not cancel against large weights in float32.
-        acc = torch.zeros_like(base32)
-        tau = torch.empty_like(base32)
-        for t in range(len(inputs)):
-            acc.add_(self.task_vector(ops.center_into(inputs[t], base32, tau), name, t))
-        return acc.mul_(float(self.lam)).add_(base32)
-
-    def task_vector(self, tau: torch.Tensor, name: str, t: int) -> torch.Tensor:
-        """What task t adds for tensor `name` (subclasses such as DARE transform it)."""
-        return tau

@@ -15,7 +15,7 @@ import torch
 
 from ..selection import matrix_shape
 from .registry import register
-from .svd_family import RANDOMIZED_PARAMS, SELECT_PARAMS, TaskVectorSVDMethod, polar, svd_flops, top_svd
+from .svd_family import SELECT_PARAMS, alpha_param, randomized_params, TaskVectorSVDMethod, polar, svd_flops, top_svd
 
 
 def tsv_rank(m: int, n: int, num_models: int) -> int:
@@ -42,7 +42,8 @@ def tsv_merge_matrix(tau, num_models: int, k: int, **svd_kw) -> torch.Tensor:
 class TSVMerge(TaskVectorSVDMethod):
     name = "tsv"
     # alpha 1.0: the authors' setting (TSV-M needs no scaling search) and FusionBench's default.
-    defaults = {"alpha": 1.0, **RANDOMIZED_PARAMS, **SELECT_PARAMS}
+    summary = "TSV-M: each task's top 1/T singular triplets, singular vectors decorrelated (polar), scaled by alpha"
+    parameters = (alpha_param(1.0),) + randomized_params() + SELECT_PARAMS
 
     def is_matrix(self, name, shape, num_models):
         if not self.selector(name, shape):

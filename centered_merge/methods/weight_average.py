@@ -1,33 +1,31 @@
-"""Weight averaging (a uniform or weighted model soup): sum_t w_t * theta_t with weights summing to one."""
+"""Weight averaging (a uniform or weighted model soup): sum_t w_t * theta_t / sum_t w_t."""
 from __future__ import annotations
 
 from .. import ops
 from ..errors import MergeConfigError
 from .base import MergeMethod
+from .params import Param
 from .registry import register
 
 
 @register
 class WeightAverage(MergeMethod):
     name = "weight_average"
-    defaults = {"weights": None}
+    summary = "weight averaging (model soup): sum_t w_t * theta_t / sum_t w_t"
+    parameters = (
+        Param("weight", "float", 1.0, "each model's weight (normalised to sum to one)", lo=0.0, per_model=True,
+              aliases=("weights",), flag="--weights"),
+    )
 
     def validate(self):
-        w = self.params["weights"]
-        if w is None:
-            return
-        try:
-            w = [float(x) for x in w]
-        except (TypeError, ValueError):
-            raise MergeConfigError(f"weight_average: weights must be a list of numbers; got {w!r}") from None
-        if any(x < 0 for x in w) or sum(w) <= 0:
-            raise MergeConfigError(f"weight_average: weights must be >= 0 with a positive sum; got {w}")
-        self.params["weights"] = w
+        w = self.params["weight"]
+        if isinstance(w, list) and sum(w) <= 0:
+            raise MergeConfigError(f"weight_average: weights must have a positive sum; got {w}")
 
     def normalized_weights(self, num_models: int):
-        w = self.params["weights"]
-        if w is None:
-            return None
+        w = self.params["weight"]
+        if not isinstance(w, list):
+            return None  # one weight for all: the plain mean
         if len(w) != num_models:
             raise MergeConfigError(f"weight_average: {len(w)} weights given for {num_models} models")
         total = sum(w)
