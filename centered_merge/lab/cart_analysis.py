@@ -22,8 +22,8 @@ from .table import Evaluator, TableResult, TaskModels, merge_with
 SPECTRUM_RATIOS = (0.02, 0.04, 0.08, 0.12, 0.16, 0.25, 0.35, 0.5, 0.75, 1.0)
 
 
-def rank_sweep(tm: TaskModels, res: TableResult) -> List[dict]:
-    ev = Evaluator(tm.arch, tm.arch_kw, tm.tasks, tm.heads)
+def best_cart_per_rank(res: TableResult) -> Dict[float, dict]:
+    """For each CART rank ratio searched, the search entry (params, val) whose lambda scored best on validation."""
     by_rank: Dict[float, dict] = {}
     for s in res.search:
         if s["method"] != "cart":
@@ -31,13 +31,21 @@ def rank_sweep(tm: TaskModels, res: TableResult) -> List[dict]:
         r = s["params"]["rank"]
         if r not in by_rank or s["val"] > by_rank[r]["val"] + 1e-12:
             by_rank[r] = s
+    return by_rank
+
+
+def rank_rows(res: TableResult, arch: str, test_acc) -> List[dict]:
+    """CART's accuracy-vs-rank rows: per rank, the best-on-validation lambda and `test_acc(params)` (mean test)."""
     rows = []
-    for r in sorted(by_rank):
-        params = by_rank[r]["params"]
-        test = ev.accs(merge_with(tm, "cart", params), "test")
-        rows.append({"arch": tm.arch, "rank": r, "lam": params["lam"], "val": by_rank[r]["val"],
-                     "test": float(test.mean())})
+    for r, s in sorted(best_cart_per_rank(res).items()):
+        params = s["params"]
+        rows.append({"arch": arch, "rank": r, "lam": params["lam"], "val": s["val"], "test": float(test_acc(params))})
     return rows
+
+
+def rank_sweep(tm: TaskModels, res: TableResult) -> List[dict]:
+    ev = Evaluator(tm.arch, tm.arch_kw, tm.tasks, tm.heads)
+    return rank_rows(res, tm.arch, lambda params: ev.accs(merge_with(tm, "cart", params), "test").mean())
 
 
 def interior_optimum(rows: Sequence[dict], key: str = "val") -> dict:

@@ -123,18 +123,8 @@ def run_seed(prof: TextProfile, seed: int, model, pre: StateDict, cache_dir: Opt
 
 def rank_curve(res: TableResult, fts, pre, ev) -> List[dict]:
     """CART's test accuracy per rank ratio, at the lambda that rank scores best on dev (WA is r = 1)."""
-    by_rank: Dict[float, dict] = {}
-    for s in res.search:
-        if s["method"] == "cart":
-            r = s["params"]["rank"]
-            if r not in by_rank or s["val"] > by_rank[r]["val"] + 1e-12:
-                by_rank[r] = s
-    rows = []
-    for r in sorted(by_rank):
-        params = by_rank[r]["params"]
-        test = ev.accs(table.merge_models(fts, pre, "cart", params), "test")
-        rows.append({"arch": ARCH, "rank": r, "lam": params["lam"], "val": by_rank[r]["val"],
-                     "test": float(test.mean())})
+    rows = cart_analysis.rank_rows(
+        res, ARCH, lambda params: ev.accs(table.merge_models(fts, pre, "cart", params), "test").mean())
     wa = next(row for row in res.rows if row["method"] == "weight_average")
     rows.append({"arch": ARCH, "rank": 1.0, "lam": 0.0, "val": wa["val"], "test": wa["abs"]})
     return rows

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .. import ops
 from ..seeding import derive_seed
 from . import sparsify
-from .params import Param, density_param, lam_param, normalize_param, rescale_param, seed_param, weight_param
+from .params import Param, lam_param, random_mask_params, seed_param, weight_param
 from .registry import register
 from .task_arithmetic import TaskVectorMerge
 
@@ -39,14 +39,7 @@ class _MergekitDare(TaskVectorMerge):
 
 
 def _dare_params(normalize: bool):
-    return (
-        density_param(1.0, lo_open=False),
-        weight_param(),
-        lam_param(1.0, schedulable=True),
-        normalize_param(normalize),
-        rescale_param(True),
-        seed_param(),
-    )
+    return random_mask_params(normalize)
 
 
 @register

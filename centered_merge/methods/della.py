@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..errors import MergeConfigError
 from ..seeding import derive_seed
 from . import sparsify
-from .params import Param, density_param, lam_param, normalize_param, rescale_param, seed_param, weight_param
+from .params import Param, random_mask_params
 from .registry import register
 from .task_arithmetic import TaskVectorMerge
 
@@ -22,15 +22,10 @@ class _Della(TaskVectorMerge):
 
 
 def _della_params(normalize: bool):
-    return (
-        density_param(1.0, lo_open=False),
+    return random_mask_params(
+        normalize,
         Param("epsilon", "float", 0.15, "half-width of the keep probabilities around density", lo=0.0, hi=1.0,
               per_model=True, schedulable=True),
-        weight_param(),
-        lam_param(1.0, schedulable=True),
-        normalize_param(normalize),
-        rescale_param(True),
-        seed_param(),
     )
 
 

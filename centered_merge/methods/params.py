@@ -190,3 +190,10 @@ def use_base_param(help_text: str) -> Param:
 
 def seed_param(help_text: str = "seed of the random steps; with the tensor name it fixes each tensor's draws") -> Param:
     return Param("seed", "int", 0, help_text, lo=0)
+
+
+def random_mask_params(normalize: bool, *extra: Param) -> tuple:
+    """The parameters of the random-mask task-vector merges (DARE, DELLA): density, the method's own `extra`,
+    per-model weight, lambda, normalize (default `normalize`), rescale and seed."""
+    return (density_param(1.0, lo_open=False), *extra, weight_param(), lam_param(1.0, schedulable=True),
+            normalize_param(normalize), rescale_param(True), seed_param())
