@@ -227,3 +227,21 @@ class TensorSource:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object (safetensors header, shard index) names one key twice; json.loads would keep the last."""
+
+    def __init__(self, key: str):
+        super().__init__(f"key {key!r} appears twice")
+        self.key = key
+
+
+def object_without_duplicates(pairs):
+    """json.loads' object_pairs_hook: the object as a dict, or DuplicateKeyError for a repeated key."""
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise DuplicateKeyError(k)
+        d[k] = v
+    return d

@@ -9,7 +9,7 @@ from typing import Dict, List
 import torch
 
 from ..errors import MergeInputError
-from .base import TensorInfo, TensorSource, check_regular_file
+from .base import TensorInfo, TensorSource, check_regular_file, object_without_duplicates
 from .safetensors_reader import SafetensorsFile
 from .torch_bin import TorchFile
 
@@ -17,21 +17,12 @@ ST_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
-def _no_duplicates(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"key {k!r} appears twice")
-        d[k] = v
-    return d
-
-
 def _read_index(path: Path) -> Dict[str, str]:
     """The index's weight_map {tensor: shard file name}, checked: a JSON object whose weight_map maps strings to
     plain file names inside the directory (no absolute paths, no '..')."""
     check_regular_file(path)
     try:
-        doc = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+        doc = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=object_without_duplicates)
     except OSError as e:
         raise MergeInputError(f"{path}: cannot read ({e.strerror or e})") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, duplicates

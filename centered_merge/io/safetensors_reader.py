@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..errors import MergeInputError
-from .base import FileGuard, TensorInfo, TensorSource
+from .base import DuplicateKeyError, FileGuard, TensorInfo, TensorSource, object_without_duplicates
 
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 MAX_DIM = 2**62  # torch sizes are int64; a 0-sized tensor could otherwise carry an absurd dimension
@@ -61,19 +61,6 @@ class _Entry:
         self.info, self.begin, self.end = info, begin, end
 
 
-def _no_duplicates(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise _Duplicate(k)
-        d[k] = v
-    return d
-
-
-class _Duplicate(Exception):
-    pass
-
-
 def _refuse_constant(name):
     raise ValueError(f"{name} is not JSON")
 
@@ -89,9 +76,9 @@ def parse_header(raw: bytes, data_len: int, where: str) -> Tuple[Dict[str, _Entr
     except UnicodeDecodeError as e:
         raise MergeInputError(f"{where}: corrupt safetensors header (not UTF-8 at byte {e.start})") from None
     try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
-    except _Duplicate as e:
-        raise MergeInputError(f"{where}: corrupt safetensors header (key {e.args[0]!r} appears twice)") from None
+        header = json.loads(text, object_pairs_hook=object_without_duplicates, parse_constant=_refuse_constant)
+    except DuplicateKeyError as e:
+        raise MergeInputError(f"{where}: corrupt safetensors header (key {e.key!r} appears twice)") from None
     except RecursionError:
         raise MergeInputError(f"{where}: corrupt safetensors header (JSON nested too deeply)") from None
     except ValueError as e:  # JSONDecodeError, and int strings longer than Python's limit
