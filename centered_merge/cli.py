@@ -81,19 +81,12 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _check_side_files(req: dict) -> None:
-    """Refuse what the writer cannot do yet rather than do something else: tokenizer files are copied from the
-    base model, else the first model; a chat_template is not written in."""
-    from pathlib import Path
+def _model_files(req: dict):
+    """Where the output's tokenizer, generation config and chat template come from, checked before any read."""
+    from .io.model_files import model_files_for
 
-    ts = req.get("tokenizer_source")
-    copied_from = req["base"] if req["base"] is not None else req["models"][0]
-    if ts not in (None, "base") and (not isinstance(copied_from, str) or Path(ts) != Path(copied_from)):
-        raise MergeConfigError(f"tokenizer_source {ts}: tokenizer files are copied from the base model (else the "
-                               f"first model), {copied_from}; another source is not supported yet")
-    if req.get("chat_template") is not None:
-        print(f"{PROG}: warning: chat_template is not applied: the output's tokenizer files are copied unchanged "
-              "from the base (else first) model", file=sys.stderr)
+    return model_files_for(req["models"], req["base"], req.get("tokenizer_source"), req.get("chat_template"),
+                           req.get("config_yaml"), req.get("references", ()))
 
 
 def _merge_request(a) -> dict:
@@ -109,7 +102,6 @@ def _merge_request(a) -> dict:
             req = load_config(a.config)
         for w in caught:  # parameters the method ignores, as mergekit does: one plain line
             print(f"{PROG}: warning: {w.message}", file=sys.stderr)
-        _check_side_files(req)
     else:
         if not a.models:
             raise MergeConfigError("no models given (MODEL... or --config FILE.yaml)")
@@ -123,6 +115,7 @@ def _merge_request(a) -> dict:
         req["out_dtype"] = a.out_dtype
     req["params"].update(params_from_cli(a, req["method"]))
     get_method(req["method"], **req["params"])  # every value checked now, naming the parameter, before any read
+    req["model_files"] = _model_files(req) if a.config else None
     return req
 
 
@@ -171,6 +164,7 @@ def cmd_merge(a) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rep = merge_checkpoints(req["models"], a.out, shard_size=a.shard_size, overwrite=a.overwrite,
+                                    model_files=req["model_files"],
                                     progress=not a.quiet, allow_nonfinite=a.allow_nonfinite, resume=not a.no_resume,
                                     distributed=ctx is not None, **common)
     finally:

@@ -218,8 +218,29 @@ def from_mapping(cfg: Dict[str, Any], cfg_dir: Path = Path("."), source: str = "
         warnings.warn(f"{source}: {method} ignores {', '.join(ignored)}", stacklevel=2)
     req = {"method": method, "models": models, "base": base, "params": params,
            "dtype": cfg.get("dtype"), "out_dtype": cfg.get("out_dtype"),
-           "tokenizer_source": tokenizer_source, "chat_template": _chat_template(cfg, source)}
+           "tokenizer_source": tokenizer_source, "chat_template": _chat_template(cfg, source),
+           "references": _references(cfg)}
     return checked(req)
+
+
+def _references(cfg: Dict[str, Any]) -> List[str]:
+    """The models as the config names them (base first), for the card's base_model list: mergekit lists the
+    hub-style ones among them."""
+    out: List[str] = []
+
+    def add(spec):
+        if isinstance(spec, dict):
+            spec = spec.get("model", spec.get("path"))
+        if isinstance(spec, str) and spec not in out:
+            out.append(spec)
+
+    add(cfg.get("base_model"))
+    for e in cfg.get("models") or []:
+        add(e)
+    for s in cfg.get("slices") or []:
+        for e in (s.get("sources") or []) if isinstance(s, dict) else []:
+            add(e)
+    return out
 
 
 def _tokenizer_source(cfg, cfg_dir: Path, source: str) -> Optional[str]:
@@ -279,4 +300,6 @@ def load_config(path) -> Dict[str, Any]:
         cfg = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise MergeConfigError(f"{p}: not valid YAML ({e})") from None
-    return from_mapping(cfg, p.absolute().parent, str(p))
+    req = from_mapping(cfg, p.absolute().parent, str(p))
+    req["config_yaml"] = text  # quoted in the model card and kept as mergekit_config.yml, as mergekit does
+    return req

@@ -69,7 +69,9 @@ def test_yaml_config_mergekit_shape(tmp_path, ckpts):
     assert main(["merge", "--config", str(tmp_path / "merge.yaml"), "--out", str(tmp_path / "a"), "-q"]) == 0
     assert main(["merge", *models, "--method", "ties", "--base", base, "--density", "0.4", "--lambda", "0.8",
                  "--out", str(tmp_path / "b"), "-q"]) == 0
-    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    a = tree_bytes(tmp_path / "a")
+    assert a.pop("mergekit_config.yml") == (tmp_path / "merge.yaml").read_bytes()  # the config as given
+    assert a == tree_bytes(tmp_path / "b")
 
 
 def test_yaml_cart_params_and_relative_paths(tmp_path, ckpts):

@@ -28,6 +28,7 @@ import torch
 
 from ..distributed import RankContext, assign
 from ..errors import MergeConfigError, MergeOutputError
+from ..io.model_files import ModelFiles
 from ..io.writer import ShardedWriter, check_output_path
 from . import card
 from .core import merge_tensor
@@ -129,7 +130,7 @@ def merge_checkpoints(models, out_dir, method="cart", base=None, *, out_dtype=No
                       device="auto", shard_size=5 * 10**9, overwrite: bool = False, progress: bool = True,
                       read_ahead: int = 2, allow_nonfinite: bool = False, trust_pickle: bool = False,
                       write_queue: int = 1, distributed: bool = False, resume: bool = True,
-                      fsync: bool = True, **params) -> MergeReport:
+                      fsync: bool = True, model_files: Optional[ModelFiles] = None, **params) -> MergeReport:
     """Merge checkpoints tensor by tensor into an HF-style directory `out_dir`.
 
     models: paths (.safetensors file, HF directory, torch .bin/.pt), state dicts or nn.Modules, same keys and
@@ -142,7 +143,9 @@ def merge_checkpoints(models, out_dir, method="cart", base=None, *, out_dtype=No
 
     resume: if an earlier run of this same request was killed (SIGKILL, OOM, power loss), continue from what it
     wrote (its journal), else start over saying why; resume=False (CLI --no-resume) always starts over.
-    Only merges of files resume (in-memory inputs cannot be fingerprinted). A lock next to the output keeps a
+    model_files: where the tokenizer, generation config and chat template come from, and the YAML config for
+    the card (io/model_files.py; the CLI builds it from a config); default: all from the base, else the first
+    model. Only merges of files resume (in-memory inputs cannot be fingerprinted). A lock next to the output keeps a
     second merge out of the same path while this one runs.
 
     distributed=True: call it on every rank of an initialised torch.distributed group, with the same arguments;
@@ -197,13 +200,15 @@ def merge_checkpoints(models, out_dir, method="cart", base=None, *, out_dtype=No
             warnings.warn(msg + " (merged anyway: allow_nonfinite)", stacklevel=2)
         float_dts = {i.dtype for k, i in req.items if req.kinds[k] == "float"}
         merged = sum(1 for k in req.kinds.values() if k == "float")
+        files = model_files or ModelFiles()
         text = card.model_card(req.method.describe(), [s.label for s in req.inputs.sources],
                                req.inputs.base.label if req.inputs.base is not None else None,
                                sorted(str(d).replace("torch.", "") for d in float_dts), merged,
-                               len(req.items) - merged)
+                               len(req.items) - merged, config_yaml=files.config_yaml, references=files.references)
         tf = time.perf_counter()
-        writer.commit(config_dir=req.inputs.reference_config_dir(), card=text,
-                      out_dtype=next(iter(float_dts)) if len(float_dts) == 1 else None)
+        writer.commit(config_dir=files.with_config_dir(req.inputs.reference_config_dir()), card=text,
+                      out_dtype=next(iter(float_dts)) if len(float_dts) == 1 else None,
+                      extra_files=files.extra_files())
         stats["waits"]["finish"] = time.perf_counter() - tf
         return MergeReport(out_dir=Path(out_dir), method=req.method.describe(), tensors=len(req.items),
                            merged=merged, passthrough=len(req.items) - merged, bytes_read=read,

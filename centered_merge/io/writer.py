@@ -41,13 +41,8 @@ from ..distributed import RankContext
 from ..errors import MergeConfigError, MergeError, MergeOutputError
 from .base import TensorInfo
 from .layout import INDEX_NAME, ST_DTYPE, ShardLayout, plan_shards  # noqa: F401  (re-exported)
+from .model_files import COPY_FILES, copy_model_files  # noqa: F401  (the side files: io/model_files.py)
 
-# copied from the reference model's directory when present
-COPY_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt", "vocab.json",
-    "merges.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
-)
 
 REQUEST_FILE = ".centered_merge-request.json"  # in the partial directory only; removed before publishing
 JOURNAL_PREFIX = ".centered_merge-journal"
@@ -504,7 +499,7 @@ class ShardedWriter:
             if len(self.shards) > 1:
                 _write_text(tmp / INDEX_NAME, json.dumps(self.layout.index(), indent=2) + "\n", self.fsync)
             if config_dir is not None:
-                for name in copy_model_files(Path(config_dir), tmp, out_dtype):
+                for name in copy_model_files(config_dir, tmp, out_dtype):
                     if self.fsync:
                         fsync_path(tmp / name)
             for fname, text in (extra_files or {}).items():
@@ -627,29 +622,3 @@ def _publish(tmp: Path, out: Path, overwrite: bool, protect: Sequence[Union[str,
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink()
-
-
-def copy_model_files(src: Path, dst: Path, out_dtype: Optional[torch.dtype] = None) -> List[str]:
-    """Copy config, generation and tokenizer files; set config.json's dtype to the output dtype."""
-    copied = []
-    names = list(COPY_FILES) + sorted(p.name for p in src.glob("tokenizer*") if p.name not in COPY_FILES)
-    for name in names:
-        p = src / name
-        if not p.is_file():
-            continue
-        if name == "config.json" and out_dtype is not None:
-            try:
-                cfg = json.loads(p.read_text())
-            except ValueError:
-                cfg = None
-            if isinstance(cfg, dict):
-                dt = str(out_dtype).replace("torch.", "")
-                for key in ("torch_dtype", "dtype"):
-                    if key in cfg:
-                        cfg[key] = dt
-                (dst / name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-                copied.append(name)
-                continue
-        shutil.copyfile(p, dst / name)
-        copied.append(name)
-    return copied

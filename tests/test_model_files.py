@@ -1,0 +1,208 @@
+"""The output beside the tensors, as mergekit users expect it: the card's front matter and config, shard metadata,
+config.json's dtype, tokenizer / generation config / chat template copying (tiny HF-style dirs built here)."""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from centered_merge.cli import main
+from centered_merge.engine.card import hub_ids, looks_like_hub_id
+from centered_merge.io.chat_templates import TEMPLATES
+
+from _engine_util import make_state_dicts
+
+
+def _tokenizer(vocab):
+    return {"version": "1.0", "model": {"type": "BPE", "vocab": vocab, "merges": []},
+            "added_tokens": [{"id": len(vocab), "content": "<pad>"}]}
+
+
+def hf_dir(path, sd, *, vocab=None, tok_extra="", template=None, config=None):
+    """A tiny HF-style model directory: weights, config.json and (unless vocab is False) tokenizer files."""
+    path.mkdir(parents=True)
+    save_file(sd, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config or {"model_type": "llama", "num_hidden_layers": 1,
+                                                            "torch_dtype": "float32"}))
+    if vocab is not False:
+        (path / "tokenizer.json").write_text(json.dumps(_tokenizer(vocab or {"a": 0, "b": 1})))
+        tc = {"model_max_length": 8, "note": tok_extra}
+        if template is not None:
+            tc["chat_template"] = template
+        (path / "tokenizer_config.json").write_text(json.dumps(tc))
+        (path / "special_tokens_map.json").write_text('{"pad_token": "<pad>"}')
+        (path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3, "note": tok_extra}))
+    return path
+
+
+@pytest.fixture
+def trio(tmp_path):
+    base, models = make_state_dicts(T=2, with_int=False)
+    root = tmp_path / "m"
+    b = hf_dir(root / "base", base, tok_extra="base")
+    ms = [hf_dir(root / f"ft{i}", m, tok_extra=f"ft{i}") for i, m in enumerate(models)]
+    return tmp_path, b, ms
+
+
+def run_config(tmp_path, cfg, out="o", extra=()):
+    p = tmp_path / "merge.yaml"
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rc = main(["merge", "--config", str(p), "--out", str(tmp_path / out), "-q", *extra])
+    return rc, tmp_path / out, p
+
+
+def ta(base, models, **top):
+    return {"merge_method": "task_arithmetic", "base_model": str(base),
+            "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in models], "out_dtype": "bfloat16",
+            **top}
+
+
+def front_matter(card):
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_hub_id_rule(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local").mkdir()
+    (tmp_path / "org" / "clone").mkdir(parents=True)
+    assert looks_like_hub_id("meta-llama/Llama-3.1-8B") and looks_like_hub_id("gpt2")  # not here: the hub
+    assert looks_like_hub_id("org/clone")  # a local clone named like its repository
+    assert not looks_like_hub_id("local") and not looks_like_hub_id("/abs/org/x") and not looks_like_hub_id("~/m")
+    assert not looks_like_hub_id("a/b/c") and not looks_like_hub_id("./org") and not looks_like_hub_id("m.safetensors")
+    assert hub_ids(["gpt2", "local", "gpt2", "org/clone"]) == ["gpt2", "org/clone"]
+
+
+def test_card_front_matter_and_config(trio, monkeypatch):
+    tmp, b, ms = trio
+    monkeypatch.chdir(tmp)
+    os.rename(tmp / "m", tmp / "org")  # relative names of the org/name shape: hub ids on the card
+    cfg = ta("org/base", ["org/ft0", "org/ft1"])
+    rc, out, cfg_path = run_config(tmp, cfg)
+    assert rc == 0
+    card = (out / "README.md").read_text()
+    fm = front_matter(card)
+    assert fm["base_model"] == ["org/base", "org/ft0", "org/ft1"]
+    assert fm["library_name"] == "transformers" and "merge" in fm["tags"] and "mergekit" not in fm["tags"]
+    text = cfg_path.read_text()
+    assert f"```yaml\n{text.rstrip()}\n```" in card  # the configuration as given
+    assert (out / "mergekit_config.yml").read_text() == text
+
+
+def test_card_without_config_lists_no_local_paths(trio):
+    tmp, b, ms = trio
+    assert main(["merge", *map(str, ms), "--method", "task_arithmetic", "--base", str(b), "--out",
+                 str(tmp / "o"), "-q"]) == 0
+    card = (tmp / "o" / "README.md").read_text()
+    assert front_matter(card)["base_model"] == []  # absolute paths are not hub ids
+    body = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert body["merge_method"] == "task_arithmetic" and body["base_model"] == str(b)
+    assert [m["model"] for m in body["models"]] == list(map(str, ms))
+    assert not (tmp / "o" / "mergekit_config.yml").exists()
+
+
+def test_shards_carry_format_pt_and_config_dtype(trio):
+    tmp, b, ms = trio
+    rc, out, _ = run_config(tmp, ta(b, ms), extra=("--shard-size", "2KB"))
+    assert rc == 0
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    for s in shards:
+        with safe_open(str(s), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16" and cfg["num_hidden_layers"] == 1
+
+
+def test_config_dtype_set_even_when_absent(tmp_path):
+    base, models = make_state_dicts(T=2, with_int=False)
+    b = hf_dir(tmp_path / "b", base, config={"model_type": "llama", "dtype": "float32"})
+    ms = [hf_dir(tmp_path / f"f{i}", m) for i, m in enumerate(models)]
+    rc, out, _ = run_config(tmp_path, ta(b, ms, out_dtype="float16"))
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == "float16" and cfg["dtype"] == "float16"
+
+
+def test_tokenizer_files_come_from_the_base_by_default(trio):
+    tmp, b, ms = trio
+    rc, out, _ = run_config(tmp, ta(b, ms))
+    assert rc == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (b / name).read_bytes(), name
+    assert not (out / "chat_template.jinja").exists()
+
+
+def test_tokenizer_source_another_model_with_the_same_vocabulary(trio):
+    tmp, b, ms = trio
+    for top in ({"tokenizer_source": str(ms[1])}, {"tokenizer": {"source": str(ms[1])}}):
+        rc, out, _ = run_config(tmp, ta(b, ms, **top), out="o" + str(len(top)) + list(top)[0])
+        assert rc == 0
+        for name in ("tokenizer_config.json", "generation_config.json", "tokenizer.json"):
+            assert (out / name).read_bytes() == (ms[1] / name).read_bytes(), name
+        assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"  # config: the base's
+
+
+def test_tokenizer_source_with_another_vocabulary_is_refused(trio, capsys):
+    tmp, b, ms = trio
+    other = hf_dir(tmp / "other", make_state_dicts(T=1, with_int=False)[0], vocab={"a": 0, "c": 1})
+    rc, out, _ = run_config(tmp, ta(b, ms, tokenizer_source=str(other)))
+    err = capsys.readouterr().err
+    assert rc == 1 and not out.exists()
+    assert err.count("\n") == 1 and "vocabulary differs" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("ts", ["union", "base"])
+def test_tokenizer_block_sources(trio, capsys, ts):
+    tmp, b, ms = trio
+    rc, out, _ = run_config(tmp, ta(b, ms, tokenizer={"source": ts}))
+    if ts == "union":
+        err = capsys.readouterr().err
+        assert rc == 1 and "union" in err and err.count("\n") == 1 and not out.exists()
+    else:
+        assert rc == 0 and (out / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+
+
+def test_chat_template_by_name_written_where_transformers_reads_it(trio):
+    tmp, b, ms = trio
+    rc, out, _ = run_config(tmp, ta(b, ms, chat_template="chatml"))
+    assert rc == 0
+    assert (out / "chat_template.jinja").read_text() == TEMPLATES["chatml"]
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    assert tc["chat_template"] == TEMPLATES["chatml"] and tc["note"] == "base"  # the rest of the base's file kept
+
+
+def test_chat_template_literal_and_auto(tmp_path, capsys):
+    base, models = make_state_dicts(T=3, with_int=False)
+    t1, t2 = "{% for m in messages %}{{ m['content'] }}{% endfor %}", "{{ messages[0]['content'] }} only one"
+    b = hf_dir(tmp_path / "b", base, template=t1)
+    ms = [hf_dir(tmp_path / f"f{i}", m, template=t) for i, (m, t) in enumerate(zip(models, (t2, t2, t1)))]
+    (ms[2] / "chat_template.jinja").write_text(t2)  # read first, as transformers does
+    rc, out, _ = run_config(tmp_path, ta(b, ms, chat_template="auto"), out="auto")
+    assert rc == 0 and (out / "chat_template.jinja").read_text() == t2  # 3 of 4 carry t2
+    rc, out, _ = run_config(tmp_path, ta(b, ms, chat_template=t1), out="lit")
+    assert rc == 0 and json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == t1
+    rc, out, _ = run_config(tmp_path, ta(b, ms, chat_template="nosuchname"), out="bad")
+    err = capsys.readouterr().err
+    assert rc == 1 and not out.exists() and "neither a known template name" in err and err.count("\n") == 1
+
+
+def test_templates_render_the_formats():
+    jinja2 = pytest.importorskip("jinja2")
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+
+    def render(name, msgs, gen=True):
+        return env.from_string(TEMPLATES[name]).render(messages=msgs, add_generation_prompt=gen, bos_token="<s>",
+                                                       eos_token="</s>")
+
+    conv = [{"role": "system", "content": "S"}, {"role": "user", "content": " hi "}]
+    assert render("chatml", conv) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n hi <|im_end|>\n" \
+                                     "<|im_start|>assistant\n"
+    assert render("llama3", conv, gen=False) == "<s><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>\n" \
+                                                "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\n"
+    assert render("mistral", conv + [{"role": "assistant", "content": "A"}]) == "<s> [INST] S\n\n hi  [/INST] A</s>"
+    assert render("alpaca", conv) == "S\n\n### Instruction:\nhi### Response:\n"
+    assert render("exaone", conv[1:]) == "[|system|][|endofturn|]\n[|user|] hi \n[|assistant|]"
