@@ -87,6 +87,7 @@ class _Values:
         self.keys = yaml_keys(method)
         self.ignored: List[str] = []
         self.global_: Dict[str, Any] = {}
+        self.slice_: Dict[str, Any] = {}  # a slice's own parameters (between per-model and global)
         self.per_model: List[Dict[str, Any]] = []
 
     def _value(self, p, raw, where):
@@ -102,23 +103,35 @@ class _Values:
                 raise MergeConfigError(f"{self.source}: parameters: {key!r} and another name of {p.name} both given")
             self.global_[p.name] = self._value(p, raw, f"{self.source}: parameters.{key}")
 
-    def read_model(self, i: int, params: Dict[str, Any]) -> None:
+    def read_slice(self, i: int, params: Dict[str, Any]) -> None:
+        for key, raw in params.items():
+            p = self.keys.get(key)
+            if p is None:
+                self.ignored.append(f"slices[{i}].parameters.{key}")
+                continue
+            if p.name in self.slice_:
+                raise MergeConfigError(f"{self.source}: slices[{i}].parameters: {key!r} and another name of "
+                                       f"{p.name} both given")
+            self.slice_[p.name] = self._value(p, raw, f"{self.source}: slices[{i}].parameters.{key}")
+
+    def read_model(self, i: int, params: Dict[str, Any], where: Optional[str] = None) -> None:
+        where = where or f"models[{i}]"
         mine = {}
         for key, raw in params.items():
             p = self.keys.get(key)
             if p is None or not p.per_model:  # mergekit reads only per-model ("tensor") parameters per model
-                self.ignored.append(f"models[{i}].parameters.{key}")
+                self.ignored.append(f"{where}.parameters.{key}")
                 continue
             if p.name in mine:
-                raise MergeConfigError(f"{self.source}: models[{i}].parameters: {key!r} and another name of "
+                raise MergeConfigError(f"{self.source}: {where}.parameters: {key!r} and another name of "
                                        f"{p.name} both given")
-            mine[p.name] = self._value(p, raw, f"{self.source}: models[{i}].parameters.{key}")
+            mine[p.name] = self._value(p, raw, f"{self.source}: {where}.parameters.{key}")
         self.per_model.append(mine)
 
     def params(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         for p in method_class(self.method).parameters:
-            g = self.global_.get(p.name)
+            g = _collapse([self.slice_.get(p.name), self.global_.get(p.name)])
             if p.per_model:
                 levels = [[m.get(p.name), g] for m in self.per_model]
                 if p.yaml_default is not None:
@@ -174,21 +187,13 @@ def from_mapping(cfg: Dict[str, Any], cfg_dir: Path = Path("."), source: str = "
 
     if ("slices" in cfg) == ("models" in cfg):
         raise MergeConfigError(f"{source}: give exactly one of 'models' and 'slices'")
-    stacked = None
-    if "slices" in cfg:
-        from .stacking import parse_slices
-
-        if method != "passthrough":
-            raise MergeConfigError(f"{source}: slices are supported with merge_method: passthrough (layer stacking); "
-                                   f"for {method}, list whole models under 'models'")
-        stacked, entries = parse_slices(cfg["slices"], cfg_dir, source), []
-    else:
-        entries = cfg.get("models")
-        if not isinstance(entries, list) or not entries:
-            raise MergeConfigError(f"{source}: 'models' must be a non-empty list of {{model: PATH}} entries")
-
     # mergekit's geometric methods work relative to the base whenever a config names one: here, use_base
     base_is_reference = cls.needs_base or (base is not None and "use_base" in cls.defaults)
+    if "slices" in cfg:
+        return _from_slices(cfg, method, base, base_is_reference, tokenizer_source, unknown, cfg_dir, source)
+    entries = cfg.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise MergeConfigError(f"{source}: 'models' must be a non-empty list of {{model: PATH}} entries")
     models, model_params = [], []
     for i, e in enumerate(entries):
         where = f"{source}: models[{i}]"
@@ -198,8 +203,6 @@ def from_mapping(cfg: Dict[str, Any], cfg_dir: Path = Path("."), source: str = "
             continue  # mergekit lists the base among the models; it is the reference, not a task
         models.append(path)
         model_params.append(mp)
-    if stacked is not None:
-        models = [stacked]
     if not models:
         raise MergeConfigError(f"{source}: no models to merge besides the base model")
 
@@ -208,19 +211,37 @@ def from_mapping(cfg: Dict[str, Any], cfg_dir: Path = Path("."), source: str = "
     vals.read_global(_mapping(cfg.get("parameters"), f"{source}: parameters"))
     for i, mp in enumerate(model_params):
         vals.read_model(i, mp)
-    if stacked is not None:
-        vals.per_model.append({})
-    params = vals.params()
-    if base is not None and "use_base" in cls.defaults:
+    return _request(cfg, method, models, base, vals.params(), vals.ignored, tokenizer_source, unknown, source)
+
+
+def _request(cfg, method, models, base, params, ignored, tokenizer_source, unknown, source) -> Dict[str, Any]:
+    if base is not None and "use_base" in method_class(method).defaults:
         params.setdefault("use_base", True)
-    ignored = vals.ignored + [f"{k} (top-level key)" for k in unknown]
+    ignored = ignored + [f"{k} (top-level key)" for k in unknown]
     if ignored:
-        warnings.warn(f"{source}: {method} ignores {', '.join(ignored)}", stacklevel=2)
+        warnings.warn(f"{source}: {method} ignores {', '.join(ignored)}", stacklevel=3)
     req = {"method": method, "models": models, "base": base, "params": params,
            "dtype": cfg.get("dtype"), "out_dtype": cfg.get("out_dtype"),
            "tokenizer_source": tokenizer_source, "chat_template": _chat_template(cfg, source),
            "references": _references(cfg)}
     return checked(req)
+
+
+def _from_slices(cfg, method, base, base_is_reference, tokenizer_source, unknown, cfg_dir, source):
+    """`slices:` (layer stacking, or any method over layer ranges): centered_merge/stacking.py."""
+    from .stacking import from_slices
+
+    models, stacked_base, params, ignored = from_slices(
+        cfg["slices"], method, base, base_is_reference, _mapping(cfg.get("parameters"), f"{source}: parameters"),
+        cfg_dir, source)
+    try:
+        # a base the method does not work relative to is only mergekit's donor of config files: the stacked
+        # model's own (layer count updated) serve instead
+        return _request(cfg, method, models, stacked_base, params, ignored, tokenizer_source, unknown, source)
+    except BaseException:
+        for m in models + ([stacked_base] if stacked_base is not None else []):
+            m.close()
+        raise
 
 
 def _references(cfg: Dict[str, Any]) -> List[str]:

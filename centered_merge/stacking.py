@@ -18,12 +18,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import MergeConfigError
 from .io import open_model
 from .io.base import TensorInfo, TensorSource
-from .methods.schedule import layer_index
+from .methods import method_class
+from .methods.schedule import Schedule, layer_index, value_at
 
 _EMBED = re.compile(r"embed|wte|wpe")
 _LAYER_SEGMENT = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks)\.)(\d+)(\.)")
@@ -124,27 +125,144 @@ class StackedLayers(TensorSource):
             self._tmp = None
 
 
-def parse_slices(slices, cfg_dir: Path, source: str):
-    """The `slices:` list of a passthrough config -> a StackedLayers source."""
-    from .config import _model_path
+class SliceSchedule(Schedule):
+    """A parameter value set per slice (mergekit's precedence inside a slice: source > slice > global), each
+    evaluated with the slice's own layer numbering: a gradient in a slice runs over t = i / (n - 1) for the
+    slice's n layers, as mergekit's planner computes t. Tensors outside the layers take the first slice's value
+    (embeddings) or the last slice's (the rest), at t = 0, as mergekit plans them."""
+
+    def __init__(self, slices: Sequence[Tuple[int, int, Any]]):
+        self.slices = [(lo, hi, v) for lo, hi, v in slices]
+
+    def at(self, name: str):
+        li = layer_index(name)
+        if li is None:
+            return value_at(self.slices[0 if _EMBED.search(name) else -1][2], name)
+        for lo, hi, v in self.slices:
+            if lo <= li < hi:
+                local = _LAYER_SEGMENT.sub(lambda m: f"{m.group(1)}{li - lo}{m.group(3)}", name, count=1)
+                return value_at(v, local)
+        raise MergeConfigError(f"tensor {name!r} is in layer {li}, past the {self.slices[-1][1]} stacked layers")
+
+    def map_values(self, fn):
+        return SliceSchedule([(lo, hi, v.map_values(lambda x, w: fn(x, f"layers {lo}..{hi - 1}, {w}"))
+                               if isinstance(v, Schedule) else fn(v, f"layers {lo}..{hi - 1}"))
+                              for lo, hi, v in self.slices])
+
+    def describe(self):
+        return [{"layers": [lo, hi], "value": v.describe() if isinstance(v, Schedule) else v}
+                for lo, hi, v in self.slices]
+
+
+def _layer_range(e, where: str) -> Tuple[int, int]:
+    lr = e.get("layer_range")
+    if (not isinstance(lr, (list, tuple)) or len(lr) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr) or not 0 <= lr[0] < lr[1]):
+        raise MergeConfigError(f"{where}.layer_range must be [first, end) with 0 <= first < end; got {lr!r}")
+    return lr[0], lr[1]
+
+
+def _one_value(vs: List[Tuple[int, int, Any]]):
+    """One slice-wise value: plain when every slice has the same plain value, else a SliceSchedule."""
+    if all(v == vs[0][2] and not isinstance(v, Schedule) for _, _, v in vs):
+        return vs[0][2]
+    return SliceSchedule(vs)
+
+
+def _per_position(value, n: int) -> List[Any]:
+    return list(value) if isinstance(value, list) and len(value) == n and n > 1 else [value] * n
+
+
+def from_slices(slices, method: str, base: Optional[str], base_is_reference: bool, global_params: Dict[str, Any],
+                cfg_dir: Path, source: str):
+    """mergekit's `slices:` for any method -> (models, base, params, ignored).
+
+    Each slice lists sources with layer ranges of equal length; output layers are the slices' layers in order.
+    The k-th source of every slice forms one stacked input model (StackedLayers); when the method works relative
+    to a base, the source naming base_model in each slice forms the stacked base instead. Parameters follow
+    mergekit's precedence: the source's own > the slice's > the global ones, each evaluated per slice."""
+    from .config import _Values, _mapping, _model_path
 
     if not isinstance(slices, list) or not slices:
         raise MergeConfigError(f"{source}: 'slices' must be a non-empty list")
-    ranges = []
+    parsed = []  # per slice: (n layers, [(model, lo, hi, params)], slice params)
     for i, s in enumerate(slices):
         where = f"{source}: slices[{i}]"
         srcs = s.get("sources") if isinstance(s, dict) else None
-        if not isinstance(srcs, list) or len(srcs) != 1:
-            raise MergeConfigError(f"{where}: passthrough takes exactly one source per slice")
-        e = srcs[0]
-        if not isinstance(e, dict):
-            raise MergeConfigError(f"{where}.sources[0]: expected {{model, layer_range}}")
-        if e.get("parameters") or s.get("parameters"):
-            raise MergeConfigError(f"{where}: per-slice parameters are not supported with slices here")
-        lr = e.get("layer_range")
-        if (not isinstance(lr, (list, tuple)) or len(lr) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr) or not 0 <= lr[0] < lr[1]):
-            raise MergeConfigError(f"{where}.sources[0].layer_range must be [first, end) with 0 <= first < end; "
-                                   f"got {lr!r}")
-        ranges.append((_model_path(e, cfg_dir, f"{where}.sources[0]"), lr[0], lr[1]))
-    return StackedLayers(ranges, f"{source}: slices")
+        if not isinstance(srcs, list) or not srcs:
+            raise MergeConfigError(f"{where}: expected sources: [{{model, layer_range}}, ...]")
+        entries = []
+        for j, e in enumerate(srcs):
+            if not isinstance(e, dict):
+                raise MergeConfigError(f"{where}.sources[{j}]: expected {{model, layer_range}}")
+            lo, hi = _layer_range(e, f"{where}.sources[{j}]")
+            entries.append((_model_path(e, cfg_dir, f"{where}.sources[{j}]"), lo, hi,
+                            _mapping(e.get("parameters"), f"{where}.sources[{j}].parameters")))
+        lengths = {hi - lo for _, lo, hi, _ in entries}
+        if len(lengths) != 1:
+            raise MergeConfigError(f"{where}: all sources of a slice must span the same number of layers (as "
+                                   "mergekit requires)")
+        base_at = None
+        if base is not None and base_is_reference:
+            at = [j for j, (m, *_r) in enumerate(entries) if Path(m) == Path(base)]
+            if len(at) != 1:
+                raise MergeConfigError(f"{where}: {method} works relative to base_model {base}; each slice must "
+                                       "list it exactly once among its sources")
+            base_at = at[0]
+        parsed.append((lengths.pop(), entries, base_at, _mapping(s.get("parameters"), f"{where}.parameters")))
+    counts = {len(e) for _, e, _, _ in parsed}
+    if len(counts) != 1:
+        raise MergeConfigError(f"{source}: slices with different numbers of sources are not supported (each "
+                               "position across the slices is one stacked model)")
+
+    positions: List[List[Tuple[str, int, int]]] = []
+    base_ranges: List[Tuple[str, int, int]] = []
+    per_slice = []  # (first output layer, end, params dict of that slice)
+    ignored: List[str] = []
+    out = 0
+    for i, (n, entries, base_at, sparams) in enumerate(parsed):
+        tasks = [e for j, e in enumerate(entries) if j != base_at]
+        if base_at is not None:
+            m, lo, hi, _ = entries[base_at]
+            base_ranges.append((m, lo, hi))
+        for k, (m, lo, hi, _) in enumerate(tasks):
+            if len(positions) <= k:
+                positions.append([])
+            positions[k].append((m, lo, hi))
+        vals = _Values(method, n, source)
+        vals.read_global(global_params)
+        vals.read_slice(i, sparams)
+        for k, (_, _, _, mp) in enumerate(tasks):
+            vals.read_model(k, mp, where=f"slices[{i}].sources[{k}]")
+        per_slice.append((out, out + n, vals.params(), len(tasks)))
+        ignored += [x for x in vals.ignored if x not in ignored]
+        out += n
+    if not positions:
+        raise MergeConfigError(f"{source}: no models to merge besides the base model")
+
+    params: Dict[str, Any] = {}
+    for p in method_class(method).parameters:
+        if not any(p.name in sp for _, _, sp, _ in per_slice):
+            continue
+        if not p.per_model:
+            params[p.name] = _one_value([(lo, hi, sp.get(p.name)) for lo, hi, sp, _ in per_slice])
+            continue
+        cols = [_per_position(sp.get(p.name), t) for _, _, sp, t in per_slice]
+        per_pos = [_one_value([(lo, hi, c[k]) for (lo, hi, _, _), c in zip(per_slice, cols)])
+                   for k in range(len(positions))]
+        params[p.name] = per_pos[0] if all(v == per_pos[0] and not isinstance(v, list) for v in per_pos) \
+            else per_pos
+    built: List[StackedLayers] = []
+    try:
+        for k, r in enumerate(positions):
+            built.append(StackedLayers(r, f"{source}: slices, model {k + 1}"))
+        if base_ranges:
+            built.append(StackedLayers(base_ranges, f"{source}: slices, base"))
+    except BaseException:
+        for b in built:
+            b.close()
+        raise
+    stacked_base = built.pop() if base_ranges else None
+    return built, stacked_base, params, ignored
+
+

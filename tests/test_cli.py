@@ -108,7 +108,7 @@ def test_config_mapping_rules():
         (m(merge_method="frankenmerge"), "frankenmerge.*not supported"),
         (m(merge_method="ties", base_model="x", parameters={"density": [0.1, "x"]}), "density .gradient entry 1."),
         (m(merge_method="cart", parameters={"rank": [0.1, 0.2]}), "rank must be"),
-        ({"merge_method": "linear", "slices": []}, "slices are supported with merge_method: passthrough"),
+        ({"merge_method": "linear", "slices": []}, "'slices' must be a non-empty list"),
         (m(merge_method="linear", tokenizer_source="union"), "union"),
         (m(merge_method="linear", tokenizer={"source": "base", "tokens": {}}), "tokenizer.tokens"),
         (m(merge_method="linear", tokenizer_source="base", tokenizer={"source": "base"}), "not both"),
