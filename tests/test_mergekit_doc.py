@@ -64,3 +64,11 @@ def test_every_config_key_listed():
                 from_mapping({"merge_method": "linear", "models": ["a"], key: {}})
         else:
             assert key in TOP_KEYS, key
+
+
+def test_chat_template_names_listed_are_ours():
+    from centered_merge.io.chat_templates import TEMPLATES
+
+    row = next(cells for key, _, cells in _table("Config keys") if key == "chat_template")
+    named = set(re.findall(r"`([a-z0-9]+)`", row[0].split("(", 1)[1].split(")", 1)[0]))
+    assert named == set(TEMPLATES), "docs/mergekit.md's chat_template names differ from io/chat_templates.py"
