@@ -49,6 +49,29 @@ def build_models(root: Path, n_models: int, layers: int, seed: int, hidden: int 
     return paths[0], paths[1:]
 
 
+def slices_cfg(method: str, base, two, layers: int = 4):
+    """Two slices over the models' layers with a value at each precedence level: the sources' own weight in the
+    first slice, a slice-level gradient in the second, a global filter list under both (passthrough: `scale`,
+    one model per slice, stacking layers)."""
+    key = "scale" if method == "passthrough" else "weight"
+    half = layers // 2
+    if method == "passthrough":
+        first = [{"model": two[0], "layer_range": [0, half], "parameters": {key: 0.5}}]
+        second = [{"model": two[1], "layer_range": [half - 1, layers]}]
+    else:
+        first = [{"model": m, "layer_range": [0, half], "parameters": {key: w}} for m, w in zip(two, (0.7, 0.4))]
+        second = [{"model": m, "layer_range": [half, layers]} for m in two]
+        if base is not None:
+            first.append({"model": base, "layer_range": [0, half]})
+            second.append({"model": base, "layer_range": [half, layers]})
+    c = {"merge_method": method, "dtype": "float32", "out_dtype": "bfloat16",
+         "parameters": {key: [{"filter": "self_attn", "value": 0.9}, {"value": 0.6}]},
+         "slices": [{"sources": first}, {"sources": second, "parameters": {key: [{"filter": "mlp", "value": [0.2, 1.0]}]}}]}
+    if base is not None:
+        c["base_model"] = base
+    return c
+
+
 def variants(method: str, base: str, models):
     """(variant name, config) pairs for one method."""
     two = models[:2]
@@ -76,7 +99,11 @@ def variants(method: str, base: str, models):
         out.append((f"normalize {not default_norm}".lower(),
                     cfg([{"weight": 0.7, **extra}, {"weight": 0.5, **extra}], {"normalize": not default_norm},
                         with_base=with_base)))
+        if method in ("linear", "task_arithmetic"):
+            out.append(("slices precedence", slices_cfg(method, base if with_base else None, two)))
         return out
+    if method == "passthrough":
+        return [("slices scale", slices_cfg(method, None, models[:1] + models[1:2]))]
     if method == "sce":
         return [("select_topk 1", cfg([{}, {}])), ("select_topk 0.5", cfg([{}, {}], {"select_topk": 0.5}))]
     if method == "slerp":
@@ -139,7 +166,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="*", default=["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
                     "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "slerp", "nuslerp",
-                    "multislerp", "karcher", "model_stock"])
+                    "multislerp", "karcher", "model_stock", "passthrough"])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=64, help="hidden size (random-mask statistics need >= 256)")
     ap.add_argument("--workdir", default=None)
