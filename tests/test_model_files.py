@@ -206,3 +206,22 @@ def test_templates_render_the_formats():
     assert render("mistral", conv + [{"role": "assistant", "content": "A"}]) == "<s> [INST] S\n\n hi  [/INST] A</s>"
     assert render("alpaca", conv) == "S\n\n### Instruction:\nhi### Response:\n"
     assert render("exaone", conv[1:]) == "[|system|][|endofturn|]\n[|user|] hi \n[|assistant|]"
+
+
+def test_transformers_reads_the_template_and_dtype(trio):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    tmp, b, ms = trio
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    for d in [b] + ms:  # real tokenizer files in place of the stand-ins
+        for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (d / n).unlink()
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<unk>",
+                                             eos_token="<unk>").save_pretrained(str(d))
+    rc, out, _ = run_config(tmp, ta(b, ms, chat_template="chatml"))
+    assert rc == 0
+    loaded = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert transformers.AutoConfig.from_pretrained(str(out)).dtype == torch.bfloat16
