@@ -225,3 +225,20 @@ def test_transformers_reads_the_template_and_dtype(trio):
     text = loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert transformers.AutoConfig.from_pretrained(str(out)).dtype == torch.bfloat16
+
+
+def test_chat_template_without_tokenizer_files(tmp_path):
+    base, models = make_state_dicts(T=2, with_int=False)
+    b = hf_dir(tmp_path / "b", base, vocab=False)
+    ms = [hf_dir(tmp_path / f"f{i}", m, vocab=False) for i, m in enumerate(models)]
+    rc, out, _ = run_config(tmp_path, ta(b, ms, chat_template="llama3"))
+    assert rc == 0 and (out / "chat_template.jinja").read_text() == TEMPLATES["llama3"]
+    assert not (out / "tokenizer_config.json").exists()  # nothing to set it in: no half tokenizer
+
+
+def test_bad_tokenizer_config_refused_before_merging(trio, capsys):
+    tmp, b, ms = trio
+    (b / "tokenizer_config.json").write_text("[1, 2]")
+    rc, out, _ = run_config(tmp, ta(b, ms, chat_template="chatml"))
+    err = capsys.readouterr().err
+    assert rc == 1 and not out.exists() and "tokenizer_config.json: not a JSON object" in err

@@ -82,15 +82,13 @@ def _write_config(src: Path, dst: Path, out_dtype: Optional[torch.dtype]) -> Non
     dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _write_tokenizer_config(src: Optional[Path], dst: Path, template: str) -> None:
-    cfg = {}
-    if src is not None and src.is_file():
-        try:
-            cfg = json.loads(src.read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise MergeConfigError(f"{src}: not valid JSON; cannot set its chat_template") from None
-        if not isinstance(cfg, dict):
-            raise MergeConfigError(f"{src}: not a JSON object; cannot set its chat_template")
+def _write_tokenizer_config(src: Path, dst: Path, template: str) -> None:
+    try:
+        cfg = json.loads(src.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise MergeConfigError(f"{src}: not valid JSON; cannot set its chat_template") from None
+    if not isinstance(cfg, dict):
+        raise MergeConfigError(f"{src}: not a JSON object; cannot set its chat_template")
     cfg["chat_template"] = template
     dst.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
@@ -116,9 +114,10 @@ def copy_model_files(src: Union[ModelFiles, Path, str], dst: Path,
             written.append(name)
     if files.chat_template is not None:
         (dst / TEMPLATE_FILE).write_text(files.chat_template)
-        _write_tokenizer_config(tok / TOKENIZER_CONFIG if tok is not None else None, dst / TOKENIZER_CONFIG,
-                                files.chat_template)
-        written += [TEMPLATE_FILE, TOKENIZER_CONFIG]
+        written.append(TEMPLATE_FILE)
+        if tok is not None and (tok / TOKENIZER_CONFIG).is_file():  # no tokenizer there: the .jinja file only
+            _write_tokenizer_config(tok / TOKENIZER_CONFIG, dst / TOKENIZER_CONFIG, files.chat_template)
+            written.append(TOKENIZER_CONFIG)
     return written
 
 
@@ -231,4 +230,13 @@ def model_files_for(models: Sequence, base, tokenizer_source: Optional[str], cha
             raise MergeConfigError(f"tokenizer_source {tokenizer_source}: not a model directory")
         check_tokenizer_source(tok_dir, models, donor)
     everyone = ([base] if base is not None else []) + list(models)
-    return ModelFiles(None, tok_dir, resolve_chat_template(chat_template, everyone), config_yaml, tuple(references))
+    template = resolve_chat_template(chat_template, everyone)
+    tc = (tok_dir or _model_dir(donor) or Path("/nonexistent")) / TOKENIZER_CONFIG
+    if template is not None and tc.is_file():  # refused now rather than after the tensors are written
+        try:
+            ok = isinstance(json.loads(tc.read_text()), dict)
+        except (ValueError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise MergeConfigError(f"{tc}: not a JSON object; cannot set its chat_template")
+    return ModelFiles(None, tok_dir, template, config_yaml, tuple(references))
