@@ -518,7 +518,8 @@ void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float 
 }
 
 // Fused linear merge: per block, acc = sum_t w_t * (x_t [- base]) in float32 (one rounding per step, like
-// torch's add_(tau, alpha=w)), then [acc * lam + base], converted to the output dtype and counted, in one pass.
+// torch's add_(tau, alpha=w)), then acc * lam [+ base], converted to the output dtype and counted, in one pass.
+// (Without a base, lam is a final scale: lam = 1/T with unit weights rounds exactly like mean_fp32.)
 int64_t linear(const InputList& in, const void* base, int32_t bd, float lam, void* out, int32_t od, int64_t n) {
   const int64_t nb = num_blocks(n);
   int64_t bad = 0;
@@ -547,6 +548,9 @@ int64_t linear(const InputList& in, const void* base, int32_t bd, float lam, voi
         const float s = acc[i] * lam;
         acc[i] = s + bb[i];
       }
+    } else if (lam != 1.0f) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) acc[i] = acc[i] * lam;
     }
     int64_t c = 0;
     if (od == kF32) {
