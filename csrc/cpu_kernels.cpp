@@ -532,8 +532,19 @@ int64_t linear(const InputList& in, const void* base, int32_t bd, float lam, voi
     for (int64_t i = 0; i < len; ++i) acc[i] = 0.0f;
     const float* __restrict bb = base ? as_f32(base, bd, off, len, tb) : nullptr;
     for (int t = 0; t < in.count; ++t) {
-      const float* __restrict x = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
       const float w = in.weight[t];
+      if (in.dtype[t] == kBF16) {  // converted in registers: no float32 staging of the input (same arithmetic)
+        const uint16_t* __restrict s = static_cast<const uint16_t*>(in.ptr[t]) + off;
+        if (bb) {
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) acc[i] = madd(w, bf16_to_f32(s[i]) - bb[i], acc[i]);
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) acc[i] = madd(w, bf16_to_f32(s[i]), acc[i]);
+        }
+        continue;
+      }
+      const float* __restrict x = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
       if (bb) {
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) acc[i] = madd(w, x[i] - bb[i], acc[i]);
