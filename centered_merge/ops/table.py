@@ -10,7 +10,7 @@ Which implementation runs for a call is decided here, in `choose`, and nowhere e
      exist at once whatever T; the twins give the kernels' bits, so the result does not depend on the path;
   3. the op's `applies(*args)`: whether the kernel covers this call (dtypes, shapes, aliasing, input count).
      When it does not, the torch twin runs and applies torch's own rules and messages.
-The native functions (ops/native.py) assume both hold; they never fall back themselves.
+The native functions (ops/native.py) assume all three hold; they never fall back themselves.
 
 Adding a kernel: the C++ kernel and binding (csrc/), its twin in ops/reference.py, its wrapper in ops/native.py,
 one Op row below, and tests.
