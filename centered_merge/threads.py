@@ -21,7 +21,10 @@ ran at 194 GFLOP/s under PASSIVE against 399 with spinning, same session; a 768x
 about one thread's speed. Issue 12's GOMP_SPINCOUNT=300000 figure (1.45x slower when idle) came from the
 one-thread fallback below, which that setting turns on (see contended()). A short spin (1000 iterations, a few microseconds) keeps
 the quiet speed of torch's default and, under one busy process, stays within 1.8x of it; longer spins grow the
-busy time roughly linearly. So:
+busy time roughly linearly. Under heavy oversubscription the order changes: `bench_cart_speed.py --contend`
+at load average 6-10 from other jobs (13:55 UTC, one round) gave torch's default 25.6 s / 45.6 s with one more
+busy process, PASSIVE 4.05 / 2.86 s, GOMP_SPINCOUNT=1000 3.22 / 5.06 s. The short spin is chosen for the case
+issue 12 sets (an otherwise idle machine, one competing process), where it meets both aims. So:
 1. Importing centered_merge before torch (the CLI, and any script that does so) sets GOMP_SPINCOUNT=1000 unless the
    user chose a policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT already set) or opted out with
    CENTERED_MERGE_WAIT_POLICY=keep. libgomp reads it once, when torch loads it.
