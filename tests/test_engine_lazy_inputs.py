@@ -38,19 +38,15 @@ PARAMS = {"cart": {"rank": 0.5, "svd": "exact"}, "ties": {"density": 0.5}, "dare
 MODEL_COUNT = {"slerp": 1, "nuslerp": 2, "passthrough": 1}  # methods that take a fixed number of models (slerp: + the base)
 
 
-# Known gap in a method: cart's low-rank path gathers all T inputs into a list sorted by content (order
-# invariance) before it merges them. (The native element-wise ops that read every input at once take a lazy
-# sequence to their torch twins: the dispatch rule `reads_all` in centered_merge/ops/table.py.)
-HOLDS_ALL = {"cart"}
+# No method is exempt: the native element-wise ops that read every input at once hand a lazy sequence to their
+# torch twins (the `reads_all` rule of centered_merge/ops/table.py), karcher reads its inputs one at a time per
+# pass, and cart keys a lazy sequence by content one input at a time.
 
 
 def _cases():
     for backend in ("torch", "auto"):
         for method in available():
-            marks = []
-            if method in HOLDS_ALL:
-                marks = [pytest.mark.xfail(strict=True, reason="the method gathers every input before it merges")]
-            yield pytest.param(backend, method, marks=marks, id=f"{backend}-{method}")
+            yield pytest.param(backend, method, id=f"{backend}-{method}")
 
 
 @pytest.mark.parametrize("backend, method", list(_cases()))
