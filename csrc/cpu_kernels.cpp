@@ -319,21 +319,21 @@ struct KeepRule {
 // value is picked per task and becomes the prefix of the next pass. Keeping it to three parallel regions matters
 // on busy machines, where every OpenMP barrier can cost a scheduler time slice. need[t] ends as the number of
 // entries equal to the threshold that are kept, equal[t] as the number of entries equal to it.
-void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_t n, int64_t k, KeepRule* rule,
+void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_t n, const int64_t* k, KeepRule* rule,
                        uint64_t* need) {
   const int T = in.count;
-  if (k <= 0 || k >= n) {
-    for (int t = 0; t < T; ++t) {
-      rule[t].bits = k <= 0 ? 0xFFFFFFFFu : 0u;
-      rule[t].trim = false;
-      need[t] = 0;
-    }
-    return;
+  bool any = false;  // whether some task keeps a strict subset (only those are histogrammed)
+  for (int t = 0; t < T; ++t) {
+    rule[t].bits = k[t] <= 0 ? 0xFFFFFFFFu : 0u;
+    rule[t].trim = false;
+    need[t] = 0;
+    any = any || (k[t] > 0 && k[t] < n);
   }
+  if (!any) return;
   const int64_t nb = num_blocks(n);
   Buf<uint32_t> prefix(T, 0);
   Buf<uint64_t> hist(size_t(T) * kRadixBins);
-  for (int t = 0; t < T; ++t) need[t] = uint64_t(k);
+  for (int t = 0; t < T; ++t) need[t] = uint64_t(k[t]);
   for (int pass = 0; pass < kRadixPasses; ++pass) {
     const int shift = radix_shift(pass);
     const uint32_t mask = radix_mask(pass);
@@ -351,6 +351,7 @@ void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_
         const int64_t off = b * kBlock, len = imin(kBlock, n - off);
         const float* bb = as_f32(base, bd, off, len, tb);
         for (int t = 0; t < T; ++t) {
+          if (k[t] <= 0 || k[t] >= n) continue;
           abs_tau_bits(in.ptr[t], in.dtype[t], bb, off, len, tmp, bits);
           uint64_t* h = local.data() + size_t(t) * kRadixBins;
           if (pass == 0) {
@@ -366,6 +367,7 @@ void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_
       for (size_t i = 0; i < size_t(T) * kRadixBins; ++i) hist[i] += local[i];
     }
     for (int t = 0; t < T; ++t) {
+      if (k[t] <= 0 || k[t] >= n) continue;
       const uint64_t* h = hist.data() + size_t(t) * kRadixBins;
       uint64_t above = 0;
       int chosen = 0;
@@ -381,7 +383,8 @@ void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_
       if (pass == kRadixPasses - 1) rule[t].trim = need[t] < h[chosen];  // h[chosen]: entries equal to it
     }
   }
-  for (int t = 0; t < T; ++t) rule[t].bits = prefix[t];
+  for (int t = 0; t < T; ++t)
+    if (k[t] > 0 && k[t] < n) rule[t].bits = prefix[t];
 }
 
 // cut[t * nb + b] for the tasks whose rule trims: how many leading positions of block b may keep an entry equal
@@ -434,8 +437,11 @@ void tie_cuts(const InputList& in, const void* base, int32_t bd, int64_t n, cons
   }
 }
 
-void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, int64_t n, int64_t k, float lam,
-                float* thresholds_out) {
+// TIES in mergekit's order of operations (the twin, ops/reference.py ties_merge, is the spec): per element,
+// d_t = w_t * kept_t(tau_t); the elected sign is +1 where sum_t d_t >= 0 (summed in input order), else -1;
+// mixed = sum of the agreeing d_t, divisor = sum of their w_t; out = base + lam * mixed [/ divisor].
+void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, int64_t n, const int64_t* k, float lam,
+                bool normalize, float* thresholds_out) {
   const int T = in.count;
   Buf<KeepRule> rule(T);
   Buf<uint64_t> need(T, 0);
@@ -452,51 +458,63 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
   for (int64_t b = 0; b < nb; ++b) {
     float* tmp = scratch(5);
     float* tb = tmp + kBlock;
-    float* ss = tb + kBlock;
-    float* num = ss + kBlock;
-    float* cnt = num + kBlock;
+    float* el = tb + kBlock;
+    float* mixed = el + kBlock;
+    float* div = mixed + kBlock;
     const int64_t off = b * kBlock, len = imin(kBlock, n - off);
     const float* __restrict bb = as_f32(base, bd, off, len, tb);
-    for (int64_t i = 0; i < len; ++i) ss[i] = 0.0f;
-    // sign election: sum of the kept (trimmed) task vectors
+    for (int64_t i = 0; i < len; ++i) el[i] = 0.0f;
+    // sign election: the sum of the weighted kept (trimmed) task vectors
     for (int t = 0; t < T; ++t) {
       const float* __restrict xv = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
       const uint32_t th = rule[t].bits;
       const int64_t c = rule[t].trim ? cut[size_t(t) * nb + b] : len;
+      const float w = in.weight[t];
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
         const float tau = xv[i] - bb[i];
         const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
         const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;  // NaN is ranked, never kept
-        ss[i] += kept ? tau : 0.0f;
+        el[i] += (kept ? tau : 0.0f) * w;
       }
     }
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-      ss[i] = sign_of(ss[i]);  // now the elected sign
-      num[i] = 0.0f;
-      cnt[i] = 0.0f;
+      el[i] = el[i] >= 0.0f ? 1.0f : -1.0f;  // now the elected sign (a zero sum elects +1; NaN -1)
+      mixed[i] = 0.0f;
+      div[i] = 0.0f;
     }
-    // disjoint mean: kept entries that agree with the elected sign (the block is still in cache)
+    // the agreeing weighted entries and their weights (the block is still in cache)
     for (int t = 0; t < T; ++t) {
       const float* __restrict xv = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
       const uint32_t th = rule[t].bits;
       const int64_t c = rule[t].trim ? cut[size_t(t) * nb + b] : len;
+      const float w = in.weight[t];
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
         const float tau = xv[i] - bb[i];
         const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
-        const bool keep = (u > th || (u == th && i < c)) && u <= 0x7F800000u && sign_of(tau) == ss[i] && tau != 0.0f;
-        num[i] += keep ? tau : 0.0f;
-        cnt[i] += keep ? 1.0f : 0.0f;
+        const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;
+        const float d = (kept ? tau : 0.0f) * w;
+        const bool agree = sign_of(d) == el[i];
+        mixed[i] += agree ? d : 0.0f;
+        div[i] += agree ? w : 0.0f;
       }
     }
     float* __restrict o = out + off;
+    if (normalize) {
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float q = num[i] / imax(cnt[i], 1.0f);
-      const float s = q * lam;
-      o[i] = s + bb[i];
+      for (int64_t i = 0; i < len; ++i) {
+        const float q = mixed[i] / (div[i] == 0.0f ? 1.0f : div[i]);
+        const float s = q * lam;
+        o[i] = s + bb[i];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const float s = mixed[i] * lam;
+        o[i] = s + bb[i];
+      }
     }
   }
 }
