@@ -44,7 +44,7 @@ NATIVE = backend_describe().get("cpu") == "native"
 # Known gap, outside the engine: the native element-wise ops read several inputs at once (mean_fp32 a group of
 # them, ties_merge all T), so with the native backend these methods hold more than two. Routing a
 # LazyDeviceInputs to the streaming torch twin is a dispatch change in centered_merge/ops.
-NATIVE_HOLDS_MORE = {"cart", "weight_average", "linear"}  # ties trims with torch ops in the method
+NATIVE_HOLDS_MORE = {"cart", "weight_average", "linear"}  # ties: ops/table.py sends a lazy sequence to the twin
 # Known gaps in methods: karcher's fixed-point iterations keep every input; cart's low-rank path gathers all T
 # inputs into a list sorted by content (order invariance) before it merges them.
 HOLDS_ALL = {"karcher", "cart"}
