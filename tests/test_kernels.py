@@ -242,11 +242,12 @@ def _tied_task_vectors(shape, T, seed, zero_frac=0.0):
 
 
 MID = (64, 520)  # > 32768 elements: the multi-threaded path with several blocks
+WIDE = (1030, 1031)  # >= 2^20 elements: the CPU TIES kernel's two 16-bit radix digits, in several chunks
 
 
-@pytest.mark.parametrize("impl", ["native", "reference"])
-@pytest.mark.parametrize("density", [1e-3, 0.1, 0.37, 0.9])
-@pytest.mark.parametrize("shape", [(1, 7), (37, 129), MID], ids=str)
+@pytest.mark.parametrize("impl, density, shape",
+                         [(i, d, s) for i in ("native", "reference") for d in (1e-3, 0.1, 0.37, 0.9)
+                          for s in [(1, 7), (37, 129), MID]] + [("native", d, WIDE) for d in (1e-3, 0.37)])
 def test_ties_keeps_exactly_k_lowest_index_first(impl, density, shape):
     # one task, lam = 1, a zero base and no zero entries: the output is nonzero exactly where TIES kept an entry
     (x,) = _tied_task_vectors(shape, 1, seed=3)
@@ -323,6 +324,14 @@ def test_ties_weighted_many_ties_and_zero_votes(case, shape):
     ws, ds, norm = _ties_case(case, 4)
     same(N.ties_merge(xs, base, ds, 1.1, ws, norm), R.ties_merge(xs, base, ds, 1.1, ws, norm))
     same(N.ties_merge(xs, base, 0.5, 1.0, [-1.0, 2.0, 0.0, 0.0]), R.ties_merge(xs, base, 0.5, 1.0, [-1.0, 2.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("case", ["weights", "per-task density"])
+def test_ties_wide_digits_many_ties(case):
+    xs = _tied_task_vectors(WIDE, 3, seed=5, zero_frac=0.1)
+    base = torch.zeros(WIDE, dtype=torch.bfloat16)
+    ws, ds, norm = _ties_case(case, 3)
+    same(N.ties_merge(xs, base, ds, 1.1, ws, norm), R.ties_merge(xs, base, ds, 1.1, ws, norm))
 
 
 def test_ties_zero_vote_elects_plus_and_zero_entries_never_count():
