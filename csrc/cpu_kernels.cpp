@@ -446,14 +446,20 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
     for (int t = 0; t < T; ++t) seen[t] = rule[t].trim ? before[size_t(t) * ch.count + j] : 0;
     int64_t cut[kMaxInputs];
     for (int64_t b = ch.first(j); b < ch.first(j + 1); ++b) {
-      float* tmp = scratch(6);
-      float* tb = tmp + kBlock;
+      // per block: base, the elected sign, the sums, and every task's tau (formed once, read twice from cache)
+      float* tb = scratch(4 + T);
       float* el = tb + kBlock;
       float* mixed = el + kBlock;
       float* div = mixed + kBlock;
-      uint32_t* bits = reinterpret_cast<uint32_t*>(div + kBlock);
+      float* taus = div + kBlock;
       const int64_t off = b * kBlock, len = imin(kBlock, n - off);
       const float* __restrict bb = as_f32(base, bd, off, len, tb);
+      for (int t = 0; t < T; ++t) {
+        float* tau = taus + size_t(t) * kBlock;  // 16-bit inputs are converted into it, then made tau in place
+        const float* xv = as_f32(in.ptr[t], in.dtype[t], off, len, tau);
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) tau[i] = xv[i] - bb[i];
+      }
       // the equal entries kept in this block: those at positions below cut[t]
       for (int t = 0; t < T; ++t) {
         cut[t] = len;
@@ -464,14 +470,14 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
           cut[t] = 0;
           continue;
         }
-        abs_tau_bits(in.ptr[t], in.dtype[t], bb, off, len, tmp, bits);
+        const float* __restrict tau = taus + size_t(t) * kBlock;
         int64_t c = 0;
 #pragma omp simd reduction(+ : c)
-        for (int64_t i = 0; i < len; ++i) c += bits[i] == th ? 1 : 0;
+        for (int64_t i = 0; i < len; ++i) c += (f32_bits(tau[i]) & 0x7FFFFFFFu) == th ? 1 : 0;
         if (seen[t] + uint64_t(c) > need) {  // the block where the count completes
           uint64_t s2 = seen[t];
           int64_t i = 0;
-          for (; i < len && s2 < need; ++i) s2 += bits[i] == th ? 1 : 0;
+          for (; i < len && s2 < need; ++i) s2 += (f32_bits(tau[i]) & 0x7FFFFFFFu) == th ? 1 : 0;
           cut[t] = i;
         }
         seen[t] += uint64_t(c);
@@ -479,16 +485,15 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
       for (int64_t i = 0; i < len; ++i) el[i] = 0.0f;
       // sign election: the sum of the weighted kept (trimmed) task vectors
       for (int t = 0; t < T; ++t) {
-        const float* __restrict xv = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
+        const float* __restrict tau = taus + size_t(t) * kBlock;
         const uint32_t th = rule[t].bits;
         const int64_t c = cut[t];
         const float w = in.weight[t];
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
-          const float tau = xv[i] - bb[i];
-          const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
+          const uint32_t u = f32_bits(tau[i]) & 0x7FFFFFFFu;
           const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;  // NaN is ranked, never kept
-          el[i] += (kept ? tau : 0.0f) * w;
+          el[i] += (kept ? tau[i] : 0.0f) * w;
         }
       }
 #pragma omp simd
@@ -497,18 +502,17 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
         mixed[i] = 0.0f;
         div[i] = 0.0f;
       }
-      // the agreeing weighted entries and their weights (the block is still in cache)
+      // the agreeing weighted entries and their weights
       for (int t = 0; t < T; ++t) {
-        const float* __restrict xv = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
+        const float* __restrict tau = taus + size_t(t) * kBlock;
         const uint32_t th = rule[t].bits;
         const int64_t c = cut[t];
         const float w = in.weight[t];
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
-          const float tau = xv[i] - bb[i];
-          const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
+          const uint32_t u = f32_bits(tau[i]) & 0x7FFFFFFFu;
           const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;
-          const float d = (kept ? tau : 0.0f) * w;
+          const float d = (kept ? tau[i] : 0.0f) * w;
           const bool agree = sign_of(d) == el[i];
           mixed[i] += agree ? d : 0.0f;
           div[i] += agree ? w : 0.0f;
