@@ -17,8 +17,9 @@ measured at the start and at the end of the run; the higher reading is reported)
 
 --energy F also times energy mode (energy=F) against the fixed-rank default. --contend times cm.cart on the
 first block in child processes, quiet and with one competing single-threaded busy process, under torch's default
-thread policy (CENTERED_MERGE_WAIT_POLICY=keep: spinning threads, no one-thread fallback) and under
-centered_merge's (threads.py), interleaved.
+thread policy (CENTERED_MERGE_WAIT_POLICY=keep: spinning threads, no one-thread fallback), under
+OMP_WAIT_POLICY=PASSIVE (the policy threads.py chose before its measurement) and under centered_merge's
+(threads.py: a short spin), interleaved.
 
     python bench/bench_cart_speed.py [--blocks 12] [--tasks 8] [--rank 0.12] [--threads N] [--repeats R]
                                      [--energy 0.9] [--contend]
@@ -112,7 +113,9 @@ def contend_child(argv):
 def contend(args):
     """Quiet vs one busy competitor, torch's default thread policy vs centered_merge's, each in a fresh process
     (the OpenMP wait policy is read when torch loads), interleaved over --repeats rounds, best of each."""
-    policies = {"torch default (spinning)": {"CENTERED_MERGE_WAIT_POLICY": "keep"}, "centered_merge": {}}
+    policies = {"torch default (spinning)": {"CENTERED_MERGE_WAIT_POLICY": "keep"},
+                "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+                "centered_merge": {}}
     best = {}
     for _ in range(args.repeats):
         for busy in (False, True):

@@ -268,7 +268,7 @@ def child(spec) -> None:
     t0 = time.perf_counter()
     rep = cm.merge_checkpoints(models, out, method=method, base=base if method != "weight_average" else None,
                                progress=False, shard_size=spec["shard_size"], device=spec["device"],
-                               **METHODS[method])
+                               read_ahead=spec["read_ahead"], write_queue=spec["write_queue"], **METHODS[method])
     secs = time.perf_counter() - t0
     f1 = _faults()
     stop.set()
@@ -288,6 +288,8 @@ def main():
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--shard-size", type=int, default=5 * 10**9)
     ap.add_argument("--device", default="cpu", help="the merges' device (cpu, cuda)")
+    ap.add_argument("--read-ahead", type=int, default=2, help="the merges' read_ahead (tensors; default 2)")
+    ap.add_argument("--write-queue", type=int, default=1, help="the merges' write_queue (tensors; default 1)")
     ap.add_argument("--repeats", type=int, default=2, help="--compare-reads: best of this many runs")
     ap.add_argument("--compare-reads", action="store_true")
     ap.add_argument("--tmp", default="/tmp")
@@ -324,7 +326,8 @@ def main():
             rf = read_floor(inputs)
             wf = write_floor(root / "wfloor", size, args.shard_size)
             spec = {"models": models, "base": base, "out": str(root / "out"), "method": method,
-                    "cache": args.cache, "shard_size": args.shard_size, "device": args.device}
+                    "cache": args.cache, "shard_size": args.shard_size, "device": args.device,
+                    "read_ahead": args.read_ahead, "write_queue": args.write_queue}
             r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
             line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
             if r.returncode or not line:
@@ -338,6 +341,7 @@ def main():
         largest = VOCAB * HIDDEN * 2  # the embedding / head, bf16
         print(f"\n{args.T} models + base, {size / 1e9:.2f} GB each ({layers} layers, bf16), cache {args.cache}; "
               f"largest tensor {largest / 2**20:.0f} MiB; torch threads {next(iter(rows.values()))['threads']}; "
+              f"read_ahead {args.read_ahead}, write_queue {args.write_queue}; "
               f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
         print("\n| method | inputs read | merge s | read floor s | write floor s | merge ÷ (read + write) | "
               "peak RssAnon above baseline MiB | ÷ largest tensor | minor faults | main thread read/compute/write/finish s |")

@@ -6,6 +6,7 @@ of one tensor in an order that depends on their contents only, so a merge that s
 the same order however the caller listed them.
 """
 import hashlib
+from collections import abc
 from typing import List, Sequence
 
 import torch
@@ -45,7 +46,33 @@ def content_order(tensors: Sequence[torch.Tensor]) -> List[int]:
     ones are keyed by a hash of all their bytes (one extra read, only then)."""
     n = tensors[0].numel()
     step = max(1, n // SAMPLE)
-    keys = [_digest(t.reshape(-1)[::step]) for t in tensors]
+    keys = [_digest(t.reshape(-1)[::step]) for t in tensors]  # reads one tensor at a time
     if len(set(keys)) < len(keys):
         keys = [key + _digest(t) for key, t in zip(keys, tensors)]
     return sorted(range(len(tensors)), key=keys.__getitem__)
+
+
+class _Permuted(abc.Sequence):
+    """seq[order[i]] at index i, read from `seq` on each access (nothing is gathered)."""
+
+    def __init__(self, seq: Sequence, order: Sequence[int]):
+        self.seq, self.order = seq, list(order)
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return _Permuted(self.seq, self.order[i])
+        return self.seq[self.order[i]]
+
+
+def in_content_order(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """The tensors in content_order: a list for a list or tuple (already in memory), else a view that reads each
+    one from `tensors` when it is used, e.g. the engine's LazyDeviceInputs, which copies an input to the device
+    on every read and must never have more than two of them alive at once. The keys are computed one tensor at
+    a time either way."""
+    order = content_order(tensors)
+    if isinstance(tensors, (list, tuple)):
+        return [tensors[i] for i in order]
+    return _Permuted(tensors, order)

@@ -1,18 +1,36 @@
 """Thread policy for the compute-bound parts (CART's GEMMs and QRs) on machines shared with other work.
 
-torch's CPU ops run in a GNU OpenMP (libgomp) thread pool whose idle threads spin-wait at every barrier by
-default. When another process holds one of the cores, a spinning thread burns the time slice its partner needs:
-measured on this project's 2-core VM, cm.cart on one ViT-B/32 block x 8 tasks took 34.3 s with torch's default
-(2 threads, spinning) against 4.6 s with OMP_WAIT_POLICY=PASSIVE and 5.0 s with one thread, the machine
-loaded by other jobs (load average 5-11); issue 12 measured 20 s against 1.0 s under one busy process.
+torch's CPU ops run in a GNU OpenMP (libgomp) thread pool whose idle threads spin-wait at every barrier (libgomp
+spins 300,000 iterations before it sleeps). When another process holds one of the cores, a spinning thread burns
+the time slice its partner needs: issue 12 measured cm.cart on one ViT-B/32 block x 8 tasks at 20 s against 1.0 s
+under one busy process.
 
-libgomp reads OMP_WAIT_POLICY once, when it is loaded, i.e. when torch is first imported. So:
-1. Importing centered_merge before torch (the CLI, and any script that does so) sets OMP_WAIT_POLICY=PASSIVE
-   unless the user chose a policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT already set) or opted out with
-   CENTERED_MERGE_WAIT_POLICY=keep. Idle threads then sleep at once; the quiet-machine cost is measured by
-   `bench/bench_cart_speed.py --contend`.
-2. When torch was imported first and its threads spin, `compute_threads()` checks, per call, whether other
-   processes are running on the cores this process may use, and if so runs the block with one thread.
+The choice, measured 2026-12-01 on this project's 2-core VM (cm.cart, one ViT-B/32 block x 8 tasks, best of 2 in
+a fresh process per setting, load average 0.2-1.2 from other work, then with one `while True: pass` process):
+
+    setting                      quiet s        one busy s
+    torch default (spin 300k)    0.99 / 1.13    3.24
+    OMP_WAIT_POLICY=PASSIVE      1.31 / 1.34    1.55
+    GOMP_SPINCOUNT=1000          0.94 / 0.96    1.71
+    GOMP_SPINCOUNT=10000         0.88 / 0.91    3.42
+    GOMP_SPINCOUNT=30000         0.86 / 1.07    6.06
+    GOMP_SPINCOUNT=100000        0.90 / 0.91    9.85
+
+PASSIVE is not a per-barrier cost of small ops: it halves even a single large GEMM (a bf16 768x3072 @ 3072x115
+ran at 194 GFLOP/s under PASSIVE against 399 with spinning, same session; a 768x115 QR 1.21 vs 0.72 ms), i.e.
+about one thread's speed. Issue 12's GOMP_SPINCOUNT=300000 figure (1.45x slower when idle) came from the
+one-thread fallback below, which that setting turns on (see contended()). A short spin (1000 iterations, a few microseconds) keeps
+the quiet speed of torch's default and, under one busy process, stays within 1.8x of it; longer spins grow the
+busy time roughly linearly. Under heavy oversubscription the order changes: `bench_cart_speed.py --contend`
+at load average 6-10 from other jobs (13:55 UTC, one round) gave torch's default 25.6 s / 45.6 s with one more
+busy process, PASSIVE 4.05 / 2.86 s, GOMP_SPINCOUNT=1000 3.22 / 5.06 s. The short spin is chosen for the case
+issue 12 sets (an otherwise idle machine, one competing process), where it meets both aims. So:
+1. Importing centered_merge before torch (the CLI, and any script that does so) sets GOMP_SPINCOUNT=1000 unless the
+   user chose a policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT already set) or opted out with
+   CENTERED_MERGE_WAIT_POLICY=keep. libgomp reads it once, when torch loads it.
+2. When torch was imported first (its threads spin 300,000 iterations), `compute_threads()` checks, per call,
+   whether other processes are running on the cores this process may use, and if so runs the block with one
+   thread.
 CENTERED_MERGE_WAIT_POLICY=keep turns both off (torch's threads exactly as torch sets them).
 """
 from __future__ import annotations
@@ -23,10 +41,12 @@ import sys
 import time
 
 OPT_OUT = "CENTERED_MERGE_WAIT_POLICY"
+SPIN_COUNT = "1000"  # libgomp spin iterations before an idle thread sleeps: the measured choice above
 
 
 def _choose_wait_policy() -> bool:
-    """Set OMP_WAIT_POLICY=PASSIVE for the OpenMP runtime torch will load; returns whether idle threads sleep."""
+    """Set a short spin count for the OpenMP runtime torch will load; returns whether idle threads give their
+    core up quickly (our short spin, or the user's PASSIVE)."""
     env = os.environ
     if env.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
         return True
@@ -34,11 +54,11 @@ def _choose_wait_policy() -> bool:
         return False  # libgomp has read its policy already, or the user keeps torch's default
     if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
         return False  # the user's choice
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env["GOMP_SPINCOUNT"] = SPIN_COUNT
     return True
 
 
-THREADS_SLEEP = _choose_wait_policy()  # evaluated once, at import, before centered_merge imports torch
+THREADS_YIELD = _choose_wait_policy()  # evaluated once, at import, before centered_merge imports torch
 KEEP = os.environ.get(OPT_OUT, "").strip().lower() == "keep"
 
 import torch  # noqa: E402  (after the policy is in the environment)
@@ -87,7 +107,7 @@ def compute_threads():
     """Run a compute-bound block with torch's threads, or with one thread where they spin-wait and other
     processes hold cores (the case where spinning multiplies the time by 10-30x)."""
     n = torch.get_num_threads()
-    if KEEP or THREADS_SLEEP or n == 1 or not contended():
+    if KEEP or THREADS_YIELD or n == 1 or not contended():
         yield
         return
     torch.set_num_threads(1)

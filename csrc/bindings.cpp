@@ -367,7 +367,7 @@ void dare(const py::handle& tau_c, const py::handle& out_c, const py::handle& p_
   (void)stream;
 }
 
-// Fused linear merge: out = dtype(sum_t w_t x_t) without base, dtype(base + lam * sum_t w_t (x_t - base)) with it.
+// Fused linear merge: out = dtype(lam * sum_t w_t x_t) without base, dtype(base + lam * sum_t w_t (x_t - base)) with it.
 py::object linear_merge(const py::handle& inputs, const py::handle& weights, const py::handle& base_c, const py::handle& lam_h,
                         const py::handle& out_c, const py::handle& stream_h, const py::handle& counter_c) {
   const char* fn = "linear_merge";
@@ -530,7 +530,7 @@ PYBIND11_MODULE(_C, m) {
         "DARE: out = 0 where dare_uniform(seed, i) < p, else float32(tau) * scale");
   m.def("linear_merge", &linear_merge, py::arg("inputs"), py::arg("weights"), py::arg("base"), py::arg("lam"), py::arg("out"),
         py::arg("stream") = 0, py::arg("counter") = none,
-        "out = dtype(sum_t w_t x_t), or with base dtype(base + lam * sum_t w_t (x_t - base)); returns the non-finite count on CPU");
+        "out = dtype(lam * sum_t w_t x_t), or with base dtype(base + lam * sum_t w_t (x_t - base)); returns the non-finite count on CPU");
   m.def("ties_workspace_bytes", &ties_workspace_bytes, py::arg("num_inputs"), py::arg("numel"));
   m.def("select_cpu_isa", &select_cpu_isa, py::arg("name"),
         "use the CPU kernels of one compiled ISA (native, avx512, avx2, baseline); ValueError when not possible");

@@ -554,7 +554,8 @@ void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float 
 }
 
 // Fused linear merge: per block, acc = sum_t w_t * (x_t [- base]) in float32 (one rounding per step, like
-// torch's add_(tau, alpha=w)), then [acc * lam + base], converted to the output dtype and counted, in one pass.
+// torch's add_(tau, alpha=w)), then acc * lam [+ base], converted to the output dtype and counted, in one pass.
+// (Without a base, lam is a final scale: lam = 1/T with unit weights rounds exactly like mean_fp32.)
 int64_t linear(const InputList& in, const void* base, int32_t bd, float lam, void* out, int32_t od, int64_t n) {
   const int64_t nb = num_blocks(n);
   int64_t bad = 0;
@@ -567,8 +568,19 @@ int64_t linear(const InputList& in, const void* base, int32_t bd, float lam, voi
     for (int64_t i = 0; i < len; ++i) acc[i] = 0.0f;
     const float* __restrict bb = base ? as_f32(base, bd, off, len, tb) : nullptr;
     for (int t = 0; t < in.count; ++t) {
-      const float* __restrict x = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
       const float w = in.weight[t];
+      if (in.dtype[t] == kBF16) {  // converted in registers: no float32 staging of the input (same arithmetic)
+        const uint16_t* __restrict s = static_cast<const uint16_t*>(in.ptr[t]) + off;
+        if (bb) {
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) acc[i] = madd(w, bf16_to_f32(s[i]) - bb[i], acc[i]);
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) acc[i] = madd(w, bf16_to_f32(s[i]), acc[i]);
+        }
+        continue;
+      }
+      const float* __restrict x = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
       if (bb) {
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) acc[i] = madd(w, x[i] - bb[i], acc[i]);
@@ -583,6 +595,9 @@ int64_t linear(const InputList& in, const void* base, int32_t bd, float lam, voi
         const float s = acc[i] * lam;
         acc[i] = s + bb[i];
       }
+    } else if (lam != 1.0f) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) acc[i] = acc[i] * lam;
     }
     int64_t c = 0;
     if (od == kF32) {

@@ -305,6 +305,7 @@ __global__ void linear_kernel(InputList in, const void* __restrict__ base, int32
       acc = __fmaf_rn(in.weight[t], base ? x - bb : x, acc);  // like torch's add_(tau, alpha=w): one rounding
     }
     if (base) acc = acc * lam + bb;  // --fmad=false: a rounded product, then a rounded sum
+    else if (lam != 1.0f) acc = acc * lam;  // without a base lam is a final scale (1/T: the mean)
     if (od == kBF16) {
       const uint16_t h = f32_to_bf16(acc);
       bad += (h & 0x7F80u) == 0x7F80u;

@@ -137,3 +137,25 @@ def test_finite_inputs_whose_float32_sum_overflows(tmp_path, capsys):
     one_error(rc, err, "merged tensor 'w'", "inputs are finite", "float32 computation overflowed")
     assert "output dtype" not in err
     assert leftovers(tmp_path, "out") == []
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "weight_average", "linear"])
+def test_fused_methods_tell_overflow_from_conversion(tmp_path, capsys, method):
+    # the fused kernels write the output dtype directly; the core still says which step made the NaN/Inf
+    base = {"w": torch.zeros(4)}
+    for case, value, out_dtype, words in [("sum", 3e38, "bfloat16", "float32 computation overflowed"),
+                                          ("conv", 7e4, "float16", "after conversion to float16")]:
+        if method == "linear" and case == "sum":
+            continue  # linear's normalised weights scale each model before the sum: no float32 overflow here
+        m = [{"w": torch.full((4,), value)} for _ in range(2)]
+        if method == "weight_average" and case == "sum":
+            m[1]["w"] = torch.full((4,), 3.4e38)  # the plain mean sums first: 3e38 + 3.4e38 overflows
+        paths = []
+        for name, sd in [("base", base), ("m0", m[0]), ("m1", m[1])]:
+            paths.append(str(tmp_path / f"{case}{name}.safetensors"))
+            save_file(sd, paths[-1])
+        extra = ["--base", paths[0], "--lambda", "1"] if method == "task_arithmetic" else []
+        rc, err = run(["merge", *paths[1:], *extra, "--method", method, "--out-dtype", out_dtype,
+                       "--out", str(tmp_path / f"out{case}"), "-q"], capsys)
+        one_error(rc, err, "merged tensor 'w'", words)
+        assert leftovers(tmp_path, f"out{case}") == []

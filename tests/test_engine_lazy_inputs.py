@@ -38,27 +38,15 @@ PARAMS = {"cart": {"rank": 0.5, "svd": "exact"}, "ties": {"density": 0.5}, "dare
 MODEL_COUNT = {"slerp": 1, "nuslerp": 2, "passthrough": 1}  # methods that take a fixed number of models (slerp: + the base)
 
 
-from centered_merge.backend import describe as backend_describe
-
-NATIVE = backend_describe().get("cpu") == "native"
-# Known gap, outside the engine: the native element-wise ops read several inputs at once (mean_fp32 a group of
-# them, ties_merge all T), so with the native backend these methods hold more than two. Routing a
-# LazyDeviceInputs to the streaming torch twin is a dispatch change in centered_merge/ops.
-NATIVE_HOLDS_MORE = {"cart", "weight_average", "linear"}  # ties: ops/table.py sends a lazy sequence to the twin
-# Known gaps in methods: karcher's fixed-point iterations keep every input; cart's low-rank path gathers all T
-# inputs into a list sorted by content (order invariance) before it merges them.
-HOLDS_ALL = {"karcher", "cart"}
+# No method is exempt: the native element-wise ops that read every input at once hand a lazy sequence to their
+# torch twins (the `reads_all` rule of centered_merge/ops/table.py), karcher reads its inputs one at a time per
+# pass, and cart keys a lazy sequence by content one input at a time.
 
 
 def _cases():
     for backend in ("torch", "auto"):
         for method in available():
-            marks = []
-            if backend == "auto" and NATIVE and method in NATIVE_HOLDS_MORE:
-                marks = [pytest.mark.xfail(strict=True, reason="native ops read several inputs at once")]
-            if method in HOLDS_ALL:
-                marks = [pytest.mark.xfail(strict=True, reason="the method keeps every input for its iterations")]
-            yield pytest.param(backend, method, marks=marks, id=f"{backend}-{method}")
+            yield pytest.param(backend, method, id=f"{backend}-{method}")
 
 
 @pytest.mark.parametrize("backend, method", list(_cases()))
@@ -78,3 +66,20 @@ def test_at_most_two_inputs_resident(backend, method, T, monkeypatch):
             assert probe.peak[0] <= 2, (method, k, probe.peak[0])
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("method", ["weight_average", "linear", "task_arithmetic", "karcher"])
+def test_lazy_inputs_same_bytes_in_the_output_dtype(backend, method, monkeypatch):
+    # what the engine writes (merge_tensor_to: the fused kernels convert on the way) is the same from a lazy
+    # sequence (torch twins, one input at a time) as from a list (native kernels, all inputs at once)
+    monkeypatch.setenv("CENTERED_MERGE_BACKEND", backend)
+    base, models = make_state_dicts(T=5, dtype=torch.bfloat16, with_int=False)
+    m = get_method(method)
+    for k in base:
+        b = base[k] if m.needs_base else None
+        probe = Probe([sd[k] for sd in models])
+        got, bad = m.merge_tensor_to(k, probe, b, torch.bfloat16)
+        want, want_bad = m.merge_tensor_to(k, [sd[k] for sd in models], b, torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want) and bad == want_bad, k
+        assert probe.peak[0] <= 2, (method, k, probe.peak[0])

@@ -407,6 +407,23 @@ def test_linear_kernels_big(dtype, values, shape=BIG):
         assert n == n_ref
 
 
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES[:3], ids=["none", "bf16", "fp16"])
+@pytest.mark.parametrize("values", ["randn", "huge", "nonfinite"])
+@pytest.mark.parametrize("shape", SHAPES + [BIG], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_linear_merge_scale_is_the_mean(dtype, shape, values, out_dtype):
+    # unit weights and scale 1/T: the sum, then the scale, exactly as mean_fp32 rounds (weight_average's mean)
+    for T in (1, 3, 8, 17):
+        xs = [make(shape, dtype, values, seed=t) for t in range(T)]
+        y, n = N.linear_merge(xs, [1.0] * T, out_dtype, scale=1.0 / T)
+        y_ref, n_ref = R.linear_merge(xs, [1.0] * T, out_dtype, scale=1.0 / T)
+        same(y, y_ref, f"T={T}")
+        assert n == n_ref, (T, n, n_ref)
+        mean, _ = R.finalize(R.mean_fp32(xs), out_dtype or torch.float32)
+        same(y, mean, f"T={T}")
+        same(y, R.finalize(N.mean_fp32(xs), out_dtype or torch.float32)[0], f"T={T}")
+
+
 def test_task_arithmetic_twin_equals_the_method_formula():
     # with unit weights the fused op computes what methods/task_arithmetic.py computes today, bit for bit
     base = make((37, 129), torch.bfloat16, seed=1)
@@ -559,6 +576,7 @@ def test_cuda_linear_kernels(dtype, shape, values, out_dtype):
     base = make(shape, dtype, "randn", seed=50, device="cuda")
     xs = [make(shape, dtype, values, seed=t, device="cuda") for t in range(3)]
     for f_n, f_r, args in [(N.linear_merge, R.linear_merge, ([0.2, 0.3, 0.5], out_dtype)),
+                           (N.linear_merge, R.linear_merge, ([1.0, 1.0, 1.0], out_dtype, 1.0 / 3)),
                            (N.task_arithmetic_merge, R.task_arithmetic_merge, ([1.0, 0.5, 2.0], 0.4, out_dtype))]:
         a_dev = (xs,) + ((base,) if f_n is N.task_arithmetic_merge else ()) + args
         a_cpu = ([x.cpu() for x in xs],) + ((base.cpu(),) if f_n is N.task_arithmetic_merge else ()) + args

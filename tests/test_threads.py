@@ -15,16 +15,19 @@ def _policy_in_child(code, **env):
     return out.stdout.split()
 
 
-PRINT = "import os, centered_merge as cm; print(os.environ.get('OMP_WAIT_POLICY'), cm.threads.THREADS_SLEEP)"
+PRINT = ("import os, centered_merge as cm; "
+         "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), cm.threads.THREADS_YIELD)")
 
 
-def test_passive_policy_set_when_centered_merge_is_imported_before_torch():
-    assert _policy_in_child(PRINT) == ["PASSIVE", "True"]
+def test_short_spin_set_when_centered_merge_is_imported_before_torch():
+    assert _policy_in_child(PRINT) == ["None", threads.SPIN_COUNT, "True"]
+    assert _policy_in_child(PRINT, OMP_WAIT_POLICY="PASSIVE") == ["PASSIVE", "None", "True"]  # the user's
 
 
 def test_policy_left_alone_after_torch_or_when_the_user_chose():
-    assert _policy_in_child("import torch; " + PRINT) == ["None", "False"]
-    assert _policy_in_child(PRINT, **{threads.OPT_OUT: "keep"}) == ["None", "False"]
+    assert _policy_in_child("import torch; " + PRINT) == ["None", "None", "False"]
+    assert _policy_in_child(PRINT, **{threads.OPT_OUT: "keep"}) == ["None", "None", "False"]
+    assert _policy_in_child(PRINT, GOMP_SPINCOUNT="5") == ["None", "5", "False"]
 
 
 def test_compute_threads_uses_one_thread_only_when_spinning_threads_are_contended(monkeypatch):
@@ -32,7 +35,7 @@ def test_compute_threads_uses_one_thread_only_when_spinning_threads_are_contende
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     seen = []
     monkeypatch.setattr(torch, "set_num_threads", seen.append)
-    monkeypatch.setattr(threads, "THREADS_SLEEP", False)
+    monkeypatch.setattr(threads, "THREADS_YIELD", False)
     monkeypatch.setattr(threads, "KEEP", False)
     monkeypatch.setattr(threads, "contended", lambda: True)
     with threads.compute_threads():
@@ -42,11 +45,11 @@ def test_compute_threads_uses_one_thread_only_when_spinning_threads_are_contende
     monkeypatch.setattr(threads, "contended", lambda: False)
     with threads.compute_threads():
         pass
-    monkeypatch.setattr(threads, "THREADS_SLEEP", True)
+    monkeypatch.setattr(threads, "THREADS_YIELD", True)
     monkeypatch.setattr(threads, "contended", lambda: True)
     with threads.compute_threads():
         pass
-    monkeypatch.setattr(threads, "THREADS_SLEEP", False)
+    monkeypatch.setattr(threads, "THREADS_YIELD", False)
     monkeypatch.setattr(threads, "KEEP", True)  # CENTERED_MERGE_WAIT_POLICY=keep: torch's threads as they are
     with threads.compute_threads():
         pass

@@ -2,7 +2,8 @@
 
 For each tensor name: the group check (shapes, float-ness; equal values for tensors copied through) and the
 non-finite check of the inputs (`check_inputs`, run by the reader as it pages the data in), then the method's
-merge_tensor in float32, the conversion to the output dtype, and the checks of the result (`merge_tensor`).
+merge_tensor_to (the merge in float32 and the conversion to the output dtype, counting NaN/Inf: one fused pass
+for the linear merges) and the checks of the result (`merge_tensor`).
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import ops
 from ..errors import MergeError, MergeInputError
 from ..io import TensorInfo
 from ..validation import FLOAT, check_group, count_nonfinite
@@ -48,19 +48,18 @@ def merge_tensor(method, key: str, inputs: Sequence[torch.Tensor], base: Optiona
                                   "undefined for NaN/Inf values, so --allow-nonfinite cannot merge it with "
                                   f"{method.name}: repair the input or use a method without an SVD")
     try:
-        merged = method.merge_tensor(key, inputs, base)
+        out, bad = method.merge_tensor_to(key, inputs, base, want.dtype)
     except torch.cuda.OutOfMemoryError as e:
         raise MergeError(f"tensor {key!r} {want.shape}: out of GPU memory ({str(e).splitlines()[0]}); "
                          "try --device cpu") from None
     except torch.linalg.LinAlgError as e:
         raise MergeInputError(f"tensor {key!r}: {method.name}'s linear algebra failed on it "
                               f"({str(e).splitlines()[0]})") from None
-    out, bad = ops.finalize(merged, want.dtype)
     found = []
     if bad:
         if nonfinite_inputs:  # carried over from inputs already reported (allow_nonfinite)
             return out, found
-        if count_nonfinite(merged):  # already in the float32 result: the computation, not the conversion
+        if _overflowed_in_float32(method, key, inputs, base, out):  # the computation, not the conversion
             msg = (f"merged tensor {key!r} has {bad} NaN/Inf value(s): its inputs are finite, but the float32 "
                    "computation overflowed (values beyond float32's range, about 3.4e38)")
             hint = "; pass --allow-nonfinite to write it anyway"
@@ -71,5 +70,11 @@ def merge_tensor(method, key: str, inputs: Sequence[torch.Tensor], base: Optiona
         if not allow_nonfinite:
             raise MergeInputError(msg + hint)
         found.append(msg)
-    del merged
     return out, found
+
+
+def _overflowed_in_float32(method, key, inputs, base, out: torch.Tensor) -> bool:
+    """Whether the float32 result already holds the NaN/Inf that `out` holds (only asked once some are found, so
+    the fused methods, which convert on the way, merge the tensor again in float32 to tell)."""
+    merged = out if out.dtype == torch.float32 else method.merge_tensor(key, inputs, base)
+    return count_nonfinite(merged) > 0

@@ -5,6 +5,7 @@ from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .. import ops
 from ..errors import MergeConfigError
 from .params import Param
 from .schedule import describe_value, value_at
@@ -98,6 +99,14 @@ class MergeMethod:
     ) -> torch.Tensor:
         """Merge the T tensors called `name` (same shape, any float dtype). Returns float32."""
         raise NotImplementedError
+
+    def merge_tensor_to(
+        self, name: str, inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], dtype: torch.dtype
+    ) -> Tuple[torch.Tensor, int]:
+        """The merged tensor converted to `dtype`, and how many NaN/Inf values it holds: what the engine writes.
+        By default merge_tensor's float32 result through ops.finalize; methods with a fused kernel that writes
+        `dtype` directly (and counts on the way) override this instead, and derive merge_tensor from it."""
+        return ops.finalize(self.merge_tensor(name, inputs, base), dtype)
 
     def plan_tensor(self, name: str, shape, dtype: torch.dtype, num_models: int) -> dict:
         """What merge_tensor will do, without doing it: for --dry-run and memory estimates."""

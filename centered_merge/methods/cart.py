@@ -32,7 +32,7 @@ from ..linalg import (
     sketch,
     sketch_width,
 )
-from ..seeding import content_order, generator
+from ..seeding import generator, in_content_order
 from ..threads import compute_threads
 from ..selection import PRESETS, make_selector, matrix_shape
 from .base import MergeMethod, numel_of
@@ -145,8 +145,10 @@ class Cart(MergeMethod):
         # sum below add the same numbers in the same order whatever order the caller gave (bit-identical). A
         # float32 mean in the caller's order would round differently per order, ~6e-8 of |W|, i.e. ~1e-4 of
         # each centered matrix where fine-tunes differ by ~1e-3 of the weights.
+        # Inputs that are not a list (the engine's LazyDeviceInputs: each read is a fresh device copy) stay lazy: the
+        # content keys are computed one input at a time and each input is read again when it is used.
         with compute_threads():
-            return self._merge_lowrank(name, [inputs[t] for t in content_order(inputs)], shape)
+            return self._merge_lowrank(name, in_content_order(inputs), shape)
 
     def _merge_lowrank(self, name, inputs, shape):
         T = len(inputs)
@@ -167,7 +169,8 @@ class Cart(MergeMethod):
             sketch_dt = resolve_sketch_dtype(self.sketch_dtype, k, m, c, mean.device)
             omega = omega.to(sketch_dt)  # converted once for the T tasks
             q = power_iterations(k, m, c, self.power_iters)
-        if omega is not None and mean.device.type == "cuda" and terms.whole_batch(T, k):
+        in_memory = isinstance(inputs, list)  # else lazy: never more than one input read at a time
+        if omega is not None and mean.device.type == "cuda" and in_memory and terms.whole_batch(T, k):
             # On a GPU, one batched GEMM / QR / eigh per step for the T tasks instead of T launches of each;
             # costs T float32 copies of the matrix in device memory. (Not used on CPUs: there a batched bf16 GEMM
             # of 8 x 768x3072 @ 3072x115 ran at half the speed of 8 single ones, 181 vs 376 GFLOP/s.)

@@ -11,7 +11,8 @@
 Per-model `weight` and `density` (and the family's other per-model values) may differ between models and vary per
 tensor (a gradient over the layers, a filter list). Task vectors are formed one at a time (two passes over the
 inputs with a consensus; random masks are recomputed from their seed), so memory stays a few float32 copies of one
-tensor whatever T is.
+tensor whatever T is. Plain task arithmetic (no thinning, no consensus) is one pass of the fused
+ops.task_arithmetic_merge, which reads each input once and writes the output dtype directly.
 """
 from __future__ import annotations
 
@@ -91,4 +92,15 @@ class TaskArithmetic(TaskVectorMerge):
         weight_param(),
         normalize_param(False),
     )
+
+    def merge_tensor_to(self, name, inputs, base, dtype):
+        v = self.values(name, len(inputs))
+        weights = [float(w) for w in v.weight]
+        if v.normalize:  # folded into the weights: one pass (a zero divisor counts as 1, as in the family)
+            total = sum(weights)
+            weights = [w / (total if abs(total) >= 1e-8 else 1.0) for w in weights]
+        return ops.task_arithmetic_merge(inputs, base, weights, float(v.lam), dtype)
+
+    def merge_tensor(self, name, inputs, base):
+        return self.merge_tensor_to(name, inputs, base, F32)[0]
 

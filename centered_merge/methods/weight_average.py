@@ -1,5 +1,10 @@
-"""Weight averaging (a uniform or weighted model soup): sum_t w_t * theta_t / sum_t w_t."""
+"""Weight averaging (a uniform or weighted model soup): sum_t w_t * theta_t / sum_t w_t.
+
+One pass of the fused ops.linear_merge, which writes the output dtype directly: the normalised weights, or for the
+plain mean unit weights and a final 1/T (the sum, then the scale: the rounding of a mean)."""
 from __future__ import annotations
+
+import torch
 
 from .. import ops
 from ..errors import MergeConfigError
@@ -31,5 +36,12 @@ class WeightAverage(MergeMethod):
         total = sum(w)
         return [x / total for x in w]
 
+    def merge_tensor_to(self, name, inputs, base, dtype):
+        T = len(inputs)
+        w = self.normalized_weights(T)
+        if w is None:
+            return ops.linear_merge(inputs, [1.0] * T, dtype, scale=1.0 / T)
+        return ops.linear_merge(inputs, w, dtype)
+
     def merge_tensor(self, name, inputs, base=None):
-        return ops.mean_fp32(inputs, self.normalized_weights(len(inputs)))
+        return self.merge_tensor_to(name, inputs, base, torch.float32)[0]

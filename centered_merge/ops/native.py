@@ -128,8 +128,9 @@ def _fused(inputs, base, weights, lam, out_dtype):
     return out, int(counter.item()) if counter is not None else int(bad)
 
 
-def linear_merge(inputs: Sequence[torch.Tensor], weights: Sequence[float], out_dtype: Optional[torch.dtype] = None):
-    return _fused(inputs, None, weights, 1.0, out_dtype)
+def linear_merge(inputs: Sequence[torch.Tensor], weights: Sequence[float], out_dtype: Optional[torch.dtype] = None,
+                 scale: float = 1.0):
+    return _fused(inputs, None, weights, scale, out_dtype)
 
 
 def task_arithmetic_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float], lam: float,

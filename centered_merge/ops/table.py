@@ -4,9 +4,13 @@ build_info()'s kernel list, the tests' op list).
 
 Which implementation runs for a call is decided here, in `choose`, and nowhere else:
   1. centered_merge.backend.native_allowed(device): the mode switch, a missing extension, the CUDA gate;
-  2. the op's `applies(*args)`: whether the kernel covers this call (dtypes, shapes, aliasing, input count).
+  2. for the ops whose kernel reads all T inputs at once (`reads_all`): the inputs must be resident, a list or
+     tuple of tensors. Any other sequence (the engine's LazyDeviceInputs, which copies an input to the device
+     when it is read) goes to the torch twin, which reads one input at a time, so at most one or two inputs
+     exist at once whatever T; the twins give the kernels' bits, so the result does not depend on the path;
+  3. the op's `applies(*args)`: whether the kernel covers this call (dtypes, shapes, aliasing, input count).
      When it does not, the torch twin runs and applies torch's own rules and messages.
-The native functions (ops/native.py) assume both hold; they never fall back themselves.
+The native functions (ops/native.py) assume all three hold; they never fall back themselves.
 
 Adding a kernel: the C++ kernel and binding (csrc/), its twin in ops/reference.py, its wrapper in ops/native.py,
 one Op row below, and tests.
@@ -86,10 +90,8 @@ def _finalize_applies(x, dtype, add=None) -> bool:
 
 
 def _ties_applies(inputs, base, density, lam, weights=None, normalize=True) -> bool:
-    # The kernel reads all T inputs at once; a lazy sequence (the engine's LazyDeviceInputs, which promises at
-    # most two resident inputs) goes to the twin, which reads one input at a time.
     C = _native.get(warn=False)
-    T = len(inputs) if isinstance(inputs, (list, tuple)) else -1
+    T = len(inputs)
     return (C is not None and 0 < T <= C.MAX_INPUTS and _native_float(base)
             and all(isinstance(x, torch.Tensor) and x.shape == base.shape and x.device == base.device for x in inputs)
             and (isinstance(density, (int, float)) or len(density) == T)
@@ -102,7 +104,7 @@ def _dare_applies(tau, p, seed) -> bool:
     return _native_float(tau) and p > 0.0 and p == p
 
 
-def _linear_applies(inputs, weights, out_dtype=None) -> bool:
+def _linear_applies(inputs, weights, out_dtype=None, scale=1.0) -> bool:
     C = _native.get(warn=False)
     return (C is not None and 0 < len(inputs) <= C.MAX_INPUTS and len(weights) == len(inputs)
             and _native_float(inputs[0]) and (out_dtype is None or out_dtype in NATIVE_DTYPES))
@@ -121,6 +123,17 @@ class Op:
     native: Callable     # the native wrapper (ops/native.py); called only when `applies` holds
     applies: Callable    # (*args, **kwargs) -> bool, same arguments as the op
     like: Callable       # (*args, **kwargs) -> the tensor whose device decides
+    reads_all: bool = False  # the kernel reads every input of its first argument (a sequence) at once
+
+
+def resident(inputs) -> bool:
+    """Whether a sequence of inputs is materialised (a list or tuple): reading all of it at once costs nothing
+    more. Other sequences may create each input when it is indexed (LazyDeviceInputs)."""
+    return isinstance(inputs, (list, tuple))
+
+
+def _inputs_arg(args, kwargs):
+    return args[0] if args else kwargs.get("inputs")
 
 
 def _like_mean(inputs, *a, **k):
@@ -128,14 +141,15 @@ def _like_mean(inputs, *a, **k):
 
 
 OPS: Dict[str, Op] = {op.name: op for op in (
-    Op("mean_fp32", reference.mean_fp32, native.mean_fp32, _mean_applies, _like_mean),
+    Op("mean_fp32", reference.mean_fp32, native.mean_fp32, _mean_applies, _like_mean, reads_all=True),
     Op("center_into", reference.center_into, native.center_into, _center_applies, lambda w, *a, **k: w),
     Op("finalize", reference.finalize, native.finalize, _finalize_applies, lambda x, *a, **k: x),
-    Op("ties_merge", reference.ties_merge, native.ties_merge, _ties_applies, lambda inputs, base, *a, **k: base),
+    Op("ties_merge", reference.ties_merge, native.ties_merge, _ties_applies, lambda inputs, base, *a, **k: base,
+       reads_all=True),
     Op("dare", reference.dare, native.dare, _dare_applies, lambda tau, *a, **k: tau),
-    Op("linear_merge", reference.linear_merge, native.linear_merge, _linear_applies, _like_mean),
+    Op("linear_merge", reference.linear_merge, native.linear_merge, _linear_applies, _like_mean, reads_all=True),
     Op("task_arithmetic_merge", reference.task_arithmetic_merge, native.task_arithmetic_merge,
-       _task_arithmetic_applies, lambda inputs, base, *a, **k: base),
+       _task_arithmetic_applies, lambda inputs, base, *a, **k: base, reads_all=True),
 )}
 
 
@@ -144,6 +158,8 @@ def choose(name: str, *args, **kwargs) -> str:
     op = OPS.get(name)
     if op is None:
         raise ValueError(f"unknown op {name!r}; expected one of {', '.join(OPS)}")
+    if op.reads_all and not resident(_inputs_arg(args, kwargs)):
+        return "torch"  # decided before `like` or `applies` index the inputs (each read may be a device copy)
     like = op.like(*args, **kwargs)
     if not isinstance(like, torch.Tensor) or not backend.native_allowed(like.device.type):
         return "torch"
