@@ -283,25 +283,39 @@ py::object finalize(const py::handle& x_c, const py::handle& add_c, const py::ha
   return py::none();
 }
 
+// k: one kept count for every task, or a list of one per task; weights: None (1 each) or one per task.
 // CPU: returns the per-task thresholds (a list of floats). CUDA: needs `workspace` (ties_workspace_bytes(T, n)
 // bytes on the device) and returns None.
 py::object ties_merge(const py::handle& inputs, const py::handle& base_c, const py::handle& out_c, const py::handle& k_h,
-                      const py::handle& lam_h, const py::handle& stream_h, const py::handle& workspace_c) {
+                      const py::handle& lam_h, const py::handle& stream_h, const py::handle& workspace_c,
+                      const py::handle& weights_h, const py::handle& normalize_h) {
   const char* fn = "ties_merge";
   const uintptr_t stream = stream_arg(stream_h, fn);
   const float lam = float(finite_arg(lam_h, fn, "lam"));
+  const bool normalize = bool_arg(normalize_h, fn, "normalize");
   TensorView out = output_arg(out_c, fn, "out");
   TensorView base = arg(base_c, fn, "base");
   base.expect_input_like(out);
   out.expect_no_overlap(base);
-  const int64_t k = int_arg(k_h, fn, "k", 0, out.numel);
-  cm::InputList in = input_list(inputs, py::none(), out, &out, fn, 0);
+  cm::InputList in = input_list(inputs, weights_h, out, &out, fn, 0);
+  std::vector<int64_t> k(in.count);
+  if (py::isinstance<py::sequence>(k_h) && !py::isinstance<py::str>(k_h)) {
+    py::sequence ks = seq_arg(k_h, fn, "k");
+    if (py::len(ks) != size_t(in.count))
+      throw cm::ArgError(std::string(fn) + ": argument 'k': expected " + std::to_string(in.count) +
+                         " kept counts (one per input), got " + std::to_string(py::len(ks)));
+    for (int t = 0; t < in.count; ++t) k[t] = int_arg(ks[t], fn, "k", 0, out.numel);
+  } else {
+    const int64_t k1 = int_arg(k_h, fn, "k", 0, out.numel);
+    for (int t = 0; t < in.count; ++t) k[t] = k1;
+  }
   hint_hugepages(out);
   if (out.is_cpu()) {
     std::vector<float> thr(in.count);
     {
       py::gil_scoped_release nogil;
-      cm::cpu::active().ties_merge(in, base.data, base.dtype, static_cast<float*>(out.data), out.numel, k, lam, thr.data());
+      cm::cpu::active().ties_merge(in, base.data, base.dtype, static_cast<float*>(out.data), out.numel, k.data(), lam,
+                                   normalize, thr.data());
     }
     return py::cast(std::vector<double>(thr.begin(), thr.end()));
   }
@@ -319,8 +333,8 @@ py::object ties_merge(const py::handle& inputs, const py::handle& base_c, const 
   if (reinterpret_cast<uintptr_t>(ws.data) % 16) ws.fail("a 16-byte aligned buffer", "a misaligned one");
   {
     py::gil_scoped_release nogil;
-    cm::cuda::ties_merge(in, base.data, base.dtype, static_cast<float*>(out.data), out.numel, k, lam, ws.data,
-                         out.device_id, stream);
+    cm::cuda::ties_merge(in, base.data, base.dtype, static_cast<float*>(out.data), out.numel, k.data(), lam, normalize,
+                         ws.data, out.device_id, stream);
   }
 #endif
   (void)stream;
@@ -509,8 +523,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("finalize", &finalize, py::arg("x"), py::arg("add"), py::arg("out"), py::arg("stream") = 0,
         py::arg("counter") = none, "out = dtype(x [+ add]); returns the non-finite count on CPU");
   m.def("ties_merge", &ties_merge, py::arg("inputs"), py::arg("base"), py::arg("out"), py::arg("k"), py::arg("lam"),
-        py::arg("stream") = 0, py::arg("workspace") = none,
-        "TIES: out = base + lam * disjoint mean of the trimmed task vectors (exactly k kept per task) with the elected sign");
+        py::arg("stream") = 0, py::arg("workspace") = none, py::arg("weights") = none, py::arg("normalize") = true,
+        "TIES: out = base + lam * the agreeing weighted entries of the trimmed task vectors (exactly k[t] kept per "
+        "task) with the sign elected by their weighted sum, divided by the agreeing weights when normalize");
   m.def("dare", &dare, py::arg("tau"), py::arg("out"), py::arg("p"), py::arg("scale"), py::arg("seed"), py::arg("stream") = 0,
         "DARE: out = 0 where dare_uniform(seed, i) < p, else float32(tau) * scale");
   m.def("linear_merge", &linear_merge, py::arg("inputs"), py::arg("weights"), py::arg("base"), py::arg("lam"), py::arg("out"),

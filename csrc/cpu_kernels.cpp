@@ -305,54 +305,87 @@ void abs_tau_bits(const void* x, int32_t xd, const float* bb, int64_t off, int64
 
 // Which entries of task t TIES keeps: exactly k, by the bit pattern of |tau| (for non-negative floats, and for
 // NaN placed above +inf exactly as torch.kthvalue orders it, the unsigned pattern orders like the value):
-// every entry above `bits`, and of the entries equal to it the first `need` in flat order. Per block, that
-// rule becomes "equal entries at flat positions below cut[b]" (cut = len before the block that completes the
-// count, 0 after it), so the merge loop stays branch-free and vectorisable.
+// every entry above `bits`, and of the entries equal to it the first `need` in flat order.
 struct KeepRule {
   uint32_t bits = 0;  // threshold bit pattern; 0xFFFFFFFF keeps nothing
-  bool trim = false;  // whether some entries equal to `bits` are dropped (then cut[] is used)
+  bool trim = false;  // whether some entries equal to `bits` are dropped (then ranks among them matter)
+  uint64_t need = 0;  // how many entries equal to `bits` are kept
 };
 
-// The per-task threshold (the k-th largest |x_t - base|), by a radix select on the bit patterns: 3 digit passes
-// (11, 11, 10 bits). Each pass is ONE parallel sweep that reads base once and every task's input once, filling
-// per-thread histograms for all tasks (T x 2048 counters); between passes the digit holding the k-th largest
-// value is picked per task and becomes the prefix of the next pass. Keeping it to three parallel regions matters
-// on busy machines, where every OpenMP barrier can cost a scheduler time slice. need[t] ends as the number of
-// entries equal to the threshold that are kept, equal[t] as the number of entries equal to it.
-void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_t n, int64_t k, KeepRule* rule,
-                       uint64_t* need) {
+// The radix digits of the threshold search: two 16-bit digits for large tensors (one pass fewer over the
+// inputs), 11/11/10 bits below (a 65536-bin histogram would cost more to clear and scan than such a tensor).
+struct RadixPlan {
+  int passes;
+  int width[3];
+  int shift[3];
+};
+constexpr int64_t kWideMin = int64_t(1) << 20;
+inline RadixPlan radix_plan(int64_t n) {
+  if (n >= kWideMin) return RadixPlan{2, {16, 16, 0}, {16, 0, 0}};
+  return RadixPlan{3, {11, 11, 10}, {21, 10, 0}};
+}
+
+// The blocks are split into `count` contiguous chunks, each histogrammed into its own counters (no merge between
+// threads) and walked in flat order by one thread in the merge. The last digit's per-chunk count of the entries
+// equal to the threshold then gives each chunk's rank offset among them, so the merge finds which equal entries
+// are kept while it streams, with no pass of its own.
+struct Chunks {
+  int64_t count = 1, nb = 0;
+  int64_t first(int64_t j) const { return j * nb / count; }
+};
+inline Chunks chunks_for(int64_t n, int T, int bins) {
+  Chunks c;
+  c.nb = num_blocks(n);
+  if (n < kParallelMin) return c;
+  int64_t want = int64_t(4) * max_threads();  // a few per thread, so a descheduled thread's share can move
+  const int64_t budget = (int64_t(64) << 20) / (int64_t(T) * bins * int64_t(sizeof(uint32_t)));  // <= 64 MiB
+  want = imin(want, imax<int64_t>(budget, 1));
+  // uint32 counters: a chunk holds fewer than 2^31 elements
+  want = imax(want, (n >> 31) + 1);
+  c.count = imax<int64_t>(1, imin(want, c.nb));
+  return c;
+}
+
+// Per task, the rule keeping exactly k[t] entries, and before[t * chunks + j] = how many entries equal to the
+// threshold lie before chunk j (only for tasks whose rule trims). Each digit is ONE parallel sweep over the
+// chunks reading base once and every task's input once; between sweeps the digit holding the k-th largest value
+// is picked per task and becomes the prefix of the next.
+void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_t n, const int64_t* k,
+                       const Chunks& ch, KeepRule* rule, Buf<uint64_t>& before) {
   const int T = in.count;
-  if (k <= 0 || k >= n) {
-    for (int t = 0; t < T; ++t) {
-      rule[t].bits = k <= 0 ? 0xFFFFFFFFu : 0u;
-      rule[t].trim = false;
-      need[t] = 0;
-    }
-    return;
+  bool any = false;  // whether some task keeps a strict subset (only those are histogrammed)
+  for (int t = 0; t < T; ++t) {
+    rule[t] = KeepRule{};
+    rule[t].bits = k[t] <= 0 ? 0xFFFFFFFFu : 0u;
+    any = any || (k[t] > 0 && k[t] < n);
   }
-  const int64_t nb = num_blocks(n);
+  if (!any) return;
+  const RadixPlan plan = radix_plan(n);
+  const int bins = 1 << plan.width[0];
+  const size_t per_chunk = size_t(T) * bins;
+  Buf<uint32_t> hist(size_t(ch.count) * per_chunk);
   Buf<uint32_t> prefix(T, 0);
-  Buf<uint64_t> hist(size_t(T) * kRadixBins);
-  for (int t = 0; t < T; ++t) need[t] = uint64_t(k);
-  for (int pass = 0; pass < kRadixPasses; ++pass) {
-    const int shift = radix_shift(pass);
-    const uint32_t mask = radix_mask(pass);
-    const int width = pass == 2 ? 10 : 11;
+  Buf<uint64_t> need(T, 0);
+  for (int t = 0; t < T; ++t) need[t] = uint64_t(k[t]);
+  for (int pass = 0; pass < plan.passes; ++pass) {
+    const int shift = plan.shift[pass], width = plan.width[pass];
+    const uint32_t mask = (1u << width) - 1u;
     const int hi = shift + width;
-    hist.reset(size_t(T) * kRadixBins, 0);
-#pragma omp parallel if (n >= kParallelMin)
-    {
-      Buf<uint64_t> local(size_t(T) * kRadixBins, 0);
-#pragma omp for schedule(dynamic, 1) nowait
-      for (int64_t b = 0; b < nb; ++b) {
-        float* tmp = scratch(3);
-        float* tb = tmp + kBlock;
-        uint32_t* bits = reinterpret_cast<uint32_t*>(tb + kBlock);
+    const int pbins = 1 << width;
+#pragma omp parallel for schedule(dynamic, 1) if (ch.count > 1)
+    for (int64_t j = 0; j < ch.count; ++j) {
+      uint32_t* local = hist.data() + size_t(j) * per_chunk;
+      for (size_t i = 0; i < per_chunk; ++i) local[i] = 0;
+      float* tmp = scratch(3);
+      float* tb = tmp + kBlock;
+      uint32_t* bits = reinterpret_cast<uint32_t*>(tb + kBlock);
+      for (int64_t b = ch.first(j); b < ch.first(j + 1); ++b) {
         const int64_t off = b * kBlock, len = imin(kBlock, n - off);
         const float* bb = as_f32(base, bd, off, len, tb);
         for (int t = 0; t < T; ++t) {
+          if (k[t] <= 0 || k[t] >= n) continue;
           abs_tau_bits(in.ptr[t], in.dtype[t], bb, off, len, tmp, bits);
-          uint64_t* h = local.data() + size_t(t) * kRadixBins;
+          uint32_t* h = local + size_t(t) * bins;
           if (pass == 0) {
             for (int64_t i = 0; i < len; ++i) ++h[bits[i] >> shift];
           } else {
@@ -362,141 +395,144 @@ void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_
           }
         }
       }
-#pragma omp critical(cm_ties_hist)
-      for (size_t i = 0; i < size_t(T) * kRadixBins; ++i) hist[i] += local[i];
     }
     for (int t = 0; t < T; ++t) {
-      const uint64_t* h = hist.data() + size_t(t) * kRadixBins;
-      uint64_t above = 0;
+      if (k[t] <= 0 || k[t] >= n) continue;
+      uint64_t above = 0, here = 0;
       int chosen = 0;
-      for (int bin = kRadixBins - 1; bin >= 0; --bin) {
-        if (above + h[bin] >= need[t]) {
+      for (int bin = pbins - 1; bin >= 0; --bin) {
+        here = 0;
+        for (int64_t j = 0; j < ch.count; ++j) here += hist[size_t(j) * per_chunk + size_t(t) * bins + bin];
+        if (above + here >= need[t]) {
           chosen = bin;
           break;
         }
-        above += h[bin];
+        above += here;
       }
       need[t] -= above;
       prefix[t] = (prefix[t] << width) | uint32_t(chosen);
-      if (pass == kRadixPasses - 1) rule[t].trim = need[t] < h[chosen];  // h[chosen]: entries equal to it
-    }
-  }
-  for (int t = 0; t < T; ++t) rule[t].bits = prefix[t];
-}
-
-// cut[t * nb + b] for the tasks whose rule trims: how many leading positions of block b may keep an entry equal
-// to the threshold. One parallel count of the equal entries per block, then a scan per task.
-void tie_cuts(const InputList& in, const void* base, int32_t bd, int64_t n, const KeepRule* rule, const uint64_t* need,
-              int64_t* cut) {
-  const int T = in.count;
-  const int64_t nb = num_blocks(n);
-#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
-  for (int64_t b = 0; b < nb; ++b) {
-    float* tmp = scratch(3);
-    float* tb = tmp + kBlock;
-    uint32_t* bits = reinterpret_cast<uint32_t*>(tb + kBlock);
-    const int64_t off = b * kBlock, len = imin(kBlock, n - off);
-    const float* bb = as_f32(base, bd, off, len, tb);
-    for (int t = 0; t < T; ++t) {
-      if (!rule[t].trim) continue;
-      abs_tau_bits(in.ptr[t], in.dtype[t], bb, off, len, tmp, bits);
-      int64_t c = 0;
-      const uint32_t th = rule[t].bits;
-#pragma omp simd reduction(+ : c)
-      for (int64_t i = 0; i < len; ++i) c += bits[i] == th ? 1 : 0;
-      cut[size_t(t) * nb + b] = c;  // the count for now; turned into a cut below
-    }
-  }
-  for (int t = 0; t < T; ++t) {
-    if (!rule[t].trim) continue;
-    uint64_t before = 0;
-    int64_t* ct = cut + size_t(t) * nb;
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint64_t here = uint64_t(ct[b]);
-      const int64_t off = b * kBlock, len = imin(kBlock, n - off);
-      if (before + here <= need[t]) {
-        ct[b] = len;  // every equal entry of this block is kept
-      } else if (before >= need[t]) {
-        ct[b] = 0;  // none
-      } else {  // the block where the count completes: find the position after the last kept equal entry
-        float* tmp = scratch(3);
-        float* tb = tmp + kBlock;
-        uint32_t* bits = reinterpret_cast<uint32_t*>(tb + kBlock);
-        const float* bb = as_f32(base, bd, off, len, tb);
-        abs_tau_bits(in.ptr[t], in.dtype[t], bb, off, len, tmp, bits);
-        uint64_t seen = before;
-        int64_t i = 0;
-        for (; i < len && seen < need[t]; ++i) seen += bits[i] == rule[t].bits ? 1 : 0;
-        ct[b] = i;
+      if (pass == plan.passes - 1) {
+        rule[t].bits = prefix[t];
+        rule[t].need = need[t];
+        rule[t].trim = need[t] < here;  // here: the entries equal to the threshold
+        if (rule[t].trim) {
+          uint64_t run = 0;
+          for (int64_t j = 0; j < ch.count; ++j) {
+            before[size_t(t) * ch.count + j] = run;
+            run += hist[size_t(j) * per_chunk + size_t(t) * bins + chosen];
+          }
+        }
       }
-      before += here;
     }
   }
 }
 
-void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, int64_t n, int64_t k, float lam,
-                float* thresholds_out) {
+// TIES in mergekit's order of operations (the twin, ops/reference.py ties_merge, is the spec): per element,
+// d_t = w_t * kept_t(tau_t); the elected sign is +1 where sum_t d_t >= 0 (summed in input order), else -1;
+// mixed = sum of the agreeing d_t, divisor = sum of their w_t; out = base + lam * mixed [/ divisor].
+void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, int64_t n, const int64_t* k, float lam,
+                bool normalize, float* thresholds_out) {
   const int T = in.count;
   Buf<KeepRule> rule(T);
-  Buf<uint64_t> need(T, 0);
-  select_thresholds(in, base, bd, n, k, rule.data(), need.data());
+  const Chunks ch = chunks_for(n, T, 1 << radix_plan(n).width[0]);
+  Buf<uint64_t> before(size_t(T) * ch.count, 0);
+  select_thresholds(in, base, bd, n, k, ch, rule.data(), before);
   if (thresholds_out)
     for (int t = 0; t < T; ++t)
       thresholds_out[t] = rule[t].bits == 0xFFFFFFFFu ? std::numeric_limits<float>::infinity() : bits_f32(rule[t].bits);
-  const int64_t nb = num_blocks(n);
-  bool any_trim = false;
-  for (int t = 0; t < T; ++t) any_trim = any_trim || rule[t].trim;
-  Buf<int64_t> cut(any_trim ? size_t(T) * nb : 0);
-  if (any_trim) tie_cuts(in, base, bd, n, rule.data(), need.data(), cut.data());
-#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
-  for (int64_t b = 0; b < nb; ++b) {
-    float* tmp = scratch(5);
-    float* tb = tmp + kBlock;
-    float* ss = tb + kBlock;
-    float* num = ss + kBlock;
-    float* cnt = num + kBlock;
-    const int64_t off = b * kBlock, len = imin(kBlock, n - off);
-    const float* __restrict bb = as_f32(base, bd, off, len, tb);
-    for (int64_t i = 0; i < len; ++i) ss[i] = 0.0f;
-    // sign election: sum of the kept (trimmed) task vectors
-    for (int t = 0; t < T; ++t) {
-      const float* __restrict xv = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
-      const uint32_t th = rule[t].bits;
-      const int64_t c = rule[t].trim ? cut[size_t(t) * nb + b] : len;
+#pragma omp parallel for schedule(dynamic, 1) if (ch.count > 1)
+  for (int64_t j = 0; j < ch.count; ++j) {
+    uint64_t seen[kMaxInputs];  // per trimming task: entries equal to its threshold before the current block
+    for (int t = 0; t < T; ++t) seen[t] = rule[t].trim ? before[size_t(t) * ch.count + j] : 0;
+    int64_t cut[kMaxInputs];
+    for (int64_t b = ch.first(j); b < ch.first(j + 1); ++b) {
+      // per block: base, the elected sign, the sums, and every task's tau (formed once, read twice from cache)
+      float* tb = scratch(4 + T);
+      float* el = tb + kBlock;
+      float* mixed = el + kBlock;
+      float* div = mixed + kBlock;
+      float* taus = div + kBlock;
+      const int64_t off = b * kBlock, len = imin(kBlock, n - off);
+      const float* __restrict bb = as_f32(base, bd, off, len, tb);
+      for (int t = 0; t < T; ++t) {
+        float* tau = taus + size_t(t) * kBlock;  // 16-bit inputs are converted into it, then made tau in place
+        const float* xv = as_f32(in.ptr[t], in.dtype[t], off, len, tau);
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) tau[i] = xv[i] - bb[i];
+      }
+      // the equal entries kept in this block: those at positions below cut[t]
+      for (int t = 0; t < T; ++t) {
+        cut[t] = len;
+        if (!rule[t].trim) continue;
+        const uint32_t th = rule[t].bits;
+        const uint64_t need = rule[t].need;
+        if (seen[t] >= need) {
+          cut[t] = 0;
+          continue;
+        }
+        const float* __restrict tau = taus + size_t(t) * kBlock;
+        int64_t c = 0;
+#pragma omp simd reduction(+ : c)
+        for (int64_t i = 0; i < len; ++i) c += (f32_bits(tau[i]) & 0x7FFFFFFFu) == th ? 1 : 0;
+        if (seen[t] + uint64_t(c) > need) {  // the block where the count completes
+          uint64_t s2 = seen[t];
+          int64_t i = 0;
+          for (; i < len && s2 < need; ++i) s2 += (f32_bits(tau[i]) & 0x7FFFFFFFu) == th ? 1 : 0;
+          cut[t] = i;
+        }
+        seen[t] += uint64_t(c);
+      }
+      for (int64_t i = 0; i < len; ++i) el[i] = 0.0f;
+      // sign election: the sum of the weighted kept (trimmed) task vectors
+      for (int t = 0; t < T; ++t) {
+        const float* __restrict tau = taus + size_t(t) * kBlock;
+        const uint32_t th = rule[t].bits;
+        const int64_t c = cut[t];
+        const float w = in.weight[t];
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          const uint32_t u = f32_bits(tau[i]) & 0x7FFFFFFFu;
+          const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;  // NaN is ranked, never kept
+          el[i] += (kept ? tau[i] : 0.0f) * w;
+        }
+      }
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const float tau = xv[i] - bb[i];
-        const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
-        const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;  // NaN is ranked, never kept
-        ss[i] += kept ? tau : 0.0f;
+        el[i] = el[i] >= 0.0f ? 1.0f : -1.0f;  // now the elected sign (a zero sum elects +1; NaN -1)
+        mixed[i] = 0.0f;
+        div[i] = 0.0f;
       }
-    }
+      // the agreeing weighted entries and their weights
+      for (int t = 0; t < T; ++t) {
+        const float* __restrict tau = taus + size_t(t) * kBlock;
+        const uint32_t th = rule[t].bits;
+        const int64_t c = cut[t];
+        const float w = in.weight[t];
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      ss[i] = sign_of(ss[i]);  // now the elected sign
-      num[i] = 0.0f;
-      cnt[i] = 0.0f;
-    }
-    // disjoint mean: kept entries that agree with the elected sign (the block is still in cache)
-    for (int t = 0; t < T; ++t) {
-      const float* __restrict xv = as_f32(in.ptr[t], in.dtype[t], off, len, tmp);
-      const uint32_t th = rule[t].bits;
-      const int64_t c = rule[t].trim ? cut[size_t(t) * nb + b] : len;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const float tau = xv[i] - bb[i];
-        const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
-        const bool keep = (u > th || (u == th && i < c)) && u <= 0x7F800000u && sign_of(tau) == ss[i] && tau != 0.0f;
-        num[i] += keep ? tau : 0.0f;
-        cnt[i] += keep ? 1.0f : 0.0f;
+        for (int64_t i = 0; i < len; ++i) {
+          const uint32_t u = f32_bits(tau[i]) & 0x7FFFFFFFu;
+          const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;
+          const float d = (kept ? tau[i] : 0.0f) * w;
+          const bool agree = sign_of(d) == el[i];
+          mixed[i] += agree ? d : 0.0f;
+          div[i] += agree ? w : 0.0f;
+        }
       }
-    }
-    float* __restrict o = out + off;
+      float* __restrict o = out + off;
+      if (normalize) {
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float q = num[i] / imax(cnt[i], 1.0f);
-      const float s = q * lam;
-      o[i] = s + bb[i];
+        for (int64_t i = 0; i < len; ++i) {
+          const float q = mixed[i] / (div[i] == 0.0f ? 1.0f : div[i]);
+          const float s = q * lam;
+          o[i] = s + bb[i];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          const float s = mixed[i] * lam;
+          o[i] = s + bb[i];
+        }
+      }
     }
   }
 }

@@ -244,7 +244,7 @@ __global__ void ties_tie_scan_kernel(const TiesRule* __restrict__ rule, unsigned
 // block-wide rank of the equal entries can be formed with warp ballots). Launched with kThreads threads.
 __global__ void ties_merge_kernel(InputList in, const void* __restrict__ base, int32_t bd, const TiesRule* __restrict__ rule,
                                   const unsigned long long* __restrict__ before, float* __restrict__ out, int64_t n,
-                                  float lam) {
+                                  float lam, bool normalize) {
   __shared__ unsigned int warp_cnt[kThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t tiles = num_tiles(n);
@@ -272,20 +272,23 @@ __global__ void ties_merge_kernel(InputList in, const void* __restrict__ base, i
       if (keep && u <= 0x7F800000u) kept |= 1ull << t;
     }
     if (!valid) continue;
-    float ss = 0.0f;
+    // mergekit's order of operations (see the CPU kernel): weighted vote, a zero sum elects +1
+    float vote = 0.0f;
     for (int t = 0; t < in.count; ++t) {
       const float tau = load_as_f32(in.ptr[t], in.dtype[t], i) - bb;
-      ss += (kept >> t) & 1ull ? tau : 0.0f;
+      vote += (((kept >> t) & 1ull) ? tau : 0.0f) * in.weight[t];
     }
-    const float el = sign_of(ss);
-    float num = 0.0f, cnt = 0.0f;
+    const float el = vote >= 0.0f ? 1.0f : -1.0f;
+    float mixed = 0.0f, div = 0.0f;
     for (int t = 0; t < in.count; ++t) {
       const float tau = load_as_f32(in.ptr[t], in.dtype[t], i) - bb;
-      const bool keep = ((kept >> t) & 1ull) && sign_of(tau) == el && tau != 0.0f;
-      num += keep ? tau : 0.0f;
-      cnt += keep ? 1.0f : 0.0f;
+      const float w = in.weight[t];
+      const float d = (((kept >> t) & 1ull) ? tau : 0.0f) * w;
+      const bool agree = sign_of(d) == el;
+      mixed += agree ? d : 0.0f;
+      div += agree ? w : 0.0f;
     }
-    const float q = num / fmaxf(cnt, 1.0f);
+    const float q = normalize ? mixed / (div == 0.0f ? 1.0f : div) : mixed;
     out[i] = q * lam + bb;  // --fmad=false: a rounded product, then a rounded sum
   }
 }
@@ -385,8 +388,8 @@ size_t ties_workspace_bytes(int num_inputs, int64_t n) {
   return before_offset(T) + sizeof(unsigned long long) * size_t(T) * size_t(num_tiles(n > 0 ? n : 1));
 }
 
-void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, int64_t n, int64_t k, float lam,
-                void* workspace, int device, uintptr_t stream) {
+void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, int64_t n, const int64_t* kk, float lam,
+                bool normalize, void* workspace, int device, uintptr_t stream) {
   if (n == 0) return;
   DeviceGuard g(device);
   cudaStream_t s = as_stream(stream);
@@ -398,6 +401,7 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
   const int64_t tiles = num_tiles(n);
   const int grid = grid_for(n, device);
   for (int t = 0; t < in.count; ++t) {
+    const int64_t k = kk[t];
     if (k <= 0 || k >= n) {
       set_rule_kernel<<<1, 1, 0, s>>>(rule + t, k <= 0 ? 0xFFFFFFFFu : 0u);
       check_launch("ties threshold kernel launch");
@@ -416,7 +420,7 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
     ties_tie_scan_kernel<<<1, kScanThreads, 0, s>>>(rule + t, before + size_t(t) * tiles, tiles);
     check_launch("ties tie-scan kernel launch");
   }
-  ties_merge_kernel<<<grid, kThreads, 0, s>>>(in, base, bd, rule, before, out, n, lam);
+  ties_merge_kernel<<<grid, kThreads, 0, s>>>(in, base, bd, rule, before, out, n, lam, normalize);
   check_launch("ties merge kernel launch");
 }
 

@@ -20,10 +20,12 @@ struct Kernels {
   void (*center)(const void* w, int32_t w_dtype, const float* mean, float* out, int64_t n);
   // out = dtype(x [+ add]); returns the number of non-finite values of the converted result.
   int64_t (*finalize)(const float* x, const float* add, void* out, int32_t out_dtype, int64_t n);
-  // TIES: out = base + lam * disjoint_mean over exactly k kept entries per task (largest |x_t - base|, lowest
-  // flat index first among equal magnitudes). thresholds_out[t] = the k-th largest |x_t - base|.
-  void (*ties_merge)(const InputList& in, const void* base, int32_t base_dtype, float* out, int64_t n, int64_t k,
-                     float lam, float* thresholds_out);
+  // TIES (mergekit's order of operations, see ops/reference.py ties_merge): exactly k[t] entries kept per task
+  // (largest |x_t - base|, lowest flat index first among equal magnitudes), weights in.weight[t], sign election
+  // by the weighted sum, out = base + lam * sum of the agreeing weighted entries [/ their weights when
+  // normalize]. thresholds_out[t] = the k[t]-th largest |x_t - base|.
+  void (*ties_merge)(const InputList& in, const void* base, int32_t base_dtype, float* out, int64_t n, const int64_t* k,
+                     float lam, bool normalize, float* thresholds_out);
   // DARE: out = (u_i < p) ? 0 : float32(tau_i) * scale, u_i = dare_uniform(seed, i)
   void (*dare)(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed);
   // Fused linear merge, one pass: without base, out = dtype(lam * sum_t w_t x_t); with base,
@@ -68,8 +70,9 @@ void center(const void* w, int32_t w_dtype, const float* mean, float* out, int64
 void finalize(const float* x, const float* add, void* out, int32_t out_dtype, int64_t n, long long* counter, int device,
               uintptr_t stream);
 size_t ties_workspace_bytes(int num_inputs, int64_t n);
-void ties_merge(const InputList& in, const void* base, int32_t base_dtype, float* out, int64_t n, int64_t k, float lam,
-                void* workspace, int device, uintptr_t stream);
+// k: host array of in.count kept counts.
+void ties_merge(const InputList& in, const void* base, int32_t base_dtype, float* out, int64_t n, const int64_t* k,
+                float lam, bool normalize, void* workspace, int device, uintptr_t stream);
 void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed, int device,
           uintptr_t stream);
 // Fused linear merge (see cpu::Kernels::linear); adds the non-finite count to *counter.

@@ -41,7 +41,7 @@ def _finalize():
 
 def _ties():
     return {"inputs": [_t(), _t(torch.bfloat16)], "base": _t(), "out": _t(), "k": 5, "lam": 0.7, "stream": 0,
-            "workspace": None}
+            "workspace": None, "weights": [0.7, -0.3], "normalize": True}
 
 
 def _dare():
@@ -58,7 +58,8 @@ SPECS = {
                   {"accumulate": "bool", "scale": "finite", "apply_scale": "bool", "stream": "u64", "index_base": "int"}),
     "center_into": (_center, ["out"], ["w", "mean"], {"stream": "u64"}),
     "finalize": (_finalize, ["out"], ["x", "add"], {"stream": "u64"}),
-    "ties_merge": (_ties, ["out"], ["inputs", "base"], {"k": "int", "lam": "finite", "stream": "u64"}),
+    "ties_merge": (_ties, ["out"], ["inputs", "base"],
+                   {"k": "int_or_list", "lam": "finite", "stream": "u64", "normalize": "bool"}),
     "dare": (_dare, ["out"], ["tau"], {"p": "number", "scale": "finite", "seed": "u64", "stream": "u64"}),
     "linear_merge": (_linear, ["out"], ["inputs", "base"], {"lam": "finite", "stream": "u64"}),
 }
@@ -157,10 +158,11 @@ def _scalar_cases():
     cases = []
     for name, (_, _, _, scalars) in SPECS.items():
         for arg, kind in scalars.items():
-            bads = [(None, TypeError), ("1", TypeError), ([1], TypeError)]
+            bads = [(None, TypeError), ("1", TypeError)]
+            bads += [([1], ValueError), ([1, 1.5], TypeError)] if kind == "int_or_list" else [([1], TypeError)]
             if kind == "finite":
                 bads += [(math.nan, ValueError), (math.inf, ValueError)]
-            if kind in ("int", "u64"):
+            if kind in ("int", "u64", "int_or_list"):
                 bads += [(1.5, TypeError), (-1, ValueError)]
             if kind == "bool":
                 bads += [(1, TypeError)]
@@ -198,10 +200,16 @@ def test_inputs_and_weights_containers():
 
 
 def test_k_beyond_numel_and_helpers():
-    args = _ties()
-    args["k"] = math.prod(N) + 1
-    with pytest.raises(ValueError, match=r"ties_merge: argument 'k'"):
-        _call("ties_merge", args)
+    for k in (math.prod(N) + 1, [1, math.prod(N) + 1], [1, 2, 3]):
+        args = _ties()
+        args["k"] = k
+        with pytest.raises(ValueError, match=r"ties_merge: argument 'k'"):
+            _call("ties_merge", args)
+    for weights, exc in [([1.0], ValueError), ([1.0, math.inf], ValueError), ("ab", TypeError)]:
+        args = _ties()
+        args["weights"] = weights
+        with pytest.raises(exc, match=r"ties_merge: argument 'weights'"):
+            _call("ties_merge", args)
     with pytest.raises(ValueError, match=r"argument 'num_inputs'"):
         C.ties_workspace_bytes(0, 10)
     with pytest.raises(TypeError, match=r"argument 'numel'"):

@@ -242,11 +242,12 @@ def _tied_task_vectors(shape, T, seed, zero_frac=0.0):
 
 
 MID = (64, 520)  # > 32768 elements: the multi-threaded path with several blocks
+WIDE = (1030, 1031)  # >= 2^20 elements: the CPU TIES kernel's two 16-bit radix digits, in several chunks
 
 
-@pytest.mark.parametrize("impl", ["native", "reference"])
-@pytest.mark.parametrize("density", [1e-3, 0.1, 0.37, 0.9])
-@pytest.mark.parametrize("shape", [(1, 7), (37, 129), MID], ids=str)
+@pytest.mark.parametrize("impl, density, shape",
+                         [(i, d, s) for i in ("native", "reference") for d in (1e-3, 0.1, 0.37, 0.9)
+                          for s in [(1, 7), (37, 129), MID]] + [("native", d, WIDE) for d in (1e-3, 0.37)])
 def test_ties_keeps_exactly_k_lowest_index_first(impl, density, shape):
     # one task, lam = 1, a zero base and no zero entries: the output is nonzero exactly where TIES kept an entry
     (x,) = _tied_task_vectors(shape, 1, seed=3)
@@ -281,6 +282,84 @@ def test_ties_noncontiguous(how):
     base = noncontig(make((37, 129), torch.bfloat16, seed=9), how)
     xs = [noncontig(make((37, 129), torch.bfloat16, seed=t), how) for t in range(3)]
     same(N.ties_merge(xs, base, 0.3, 1.0), R.ties_merge(xs, base, 0.3, 1.0))
+
+
+# per-model weights (negative and zero too) and densities, normalize on and off: mergekit's order of operations
+TIES_WEIGHTED = [
+    ("equal", None, 0.3, True),
+    ("weights", [0.7, 0.3], 0.3, True),
+    ("unnormalized", [0.7, 0.5], 0.3, False),
+    ("per-task density", [1.0, 2.0], [0.1, 0.9], True),
+    ("negative and zero weights", [-0.5, 0.0], [0.5, 0.2], True),
+    ("density 0 and 1", [0.4, 0.6], [0.0, 1.0], False),
+]
+
+
+def _ties_case(name, T):
+    _, w, d, norm = next(c for c in TIES_WEIGHTED if c[0] == name)
+    ws = None if w is None else [w[t % len(w)] * (1 + t // len(w)) for t in range(T)]
+    ds = d if isinstance(d, float) else [d[t % len(d)] for t in range(T)]
+    return ws, ds, norm
+
+
+@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("case", [c[0] for c in TIES_WEIGHTED])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_ties_weighted(dtype, shape, case, values):
+    base = make(shape, dtype, "randn" if values != "zeros" else "zeros", seed=100)
+    for T in TS:
+        ws, ds, norm = _ties_case(case, T)
+        xs = [make(shape, dtype, values, seed=t) for t in range(T)]
+        same(N.ties_merge(xs, base, ds, 0.7, ws, norm), R.ties_merge(xs, base, ds, 0.7, ws, norm), f"T={T}")
+
+
+@pytest.mark.parametrize("case", [c[0] for c in TIES_WEIGHTED])
+@pytest.mark.parametrize("shape", [(37, 129), MID], ids=str)
+def test_ties_weighted_many_ties_and_zero_votes(case, shape):
+    # few distinct magnitudes and weights that cancel exactly (0.5 * 2x - 1.0 * x): zero votes elect +1
+    xs = _tied_task_vectors(shape, 4, seed=5, zero_frac=0.1)
+    xs[1] = (xs[0].float() * 0.5).to(torch.bfloat16)
+    base = torch.zeros(shape, dtype=torch.bfloat16)
+    ws, ds, norm = _ties_case(case, 4)
+    same(N.ties_merge(xs, base, ds, 1.1, ws, norm), R.ties_merge(xs, base, ds, 1.1, ws, norm))
+    same(N.ties_merge(xs, base, 0.5, 1.0, [-1.0, 2.0, 0.0, 0.0]), R.ties_merge(xs, base, 0.5, 1.0, [-1.0, 2.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("case", ["weights", "per-task density"])
+def test_ties_wide_digits_many_ties(case):
+    xs = _tied_task_vectors(WIDE, 3, seed=5, zero_frac=0.1)
+    base = torch.zeros(WIDE, dtype=torch.bfloat16)
+    ws, ds, norm = _ties_case(case, 3)
+    same(N.ties_merge(xs, base, ds, 1.1, ws, norm), R.ties_merge(xs, base, ds, 1.1, ws, norm))
+
+
+def test_ties_zero_vote_elects_plus_and_zero_entries_never_count():
+    base = torch.zeros(4)
+    xs = [torch.tensor([1.0, 0.0, 2.0, 0.0]), torch.tensor([-1.0, 0.0, -2.0, 0.0])]
+    for f in (N.ties_merge, R.ties_merge):
+        # votes [0, 0, 0, 0] -> +1 everywhere: the positive entries of model 1; zeros never agree
+        assert f(xs, base, 1.0, 1.0).tolist() == [1.0, 0.0, 2.0, 0.0]
+        # weights 1 and 3: votes [-2, 0, -4, 0] -> -1 where nonzero; normalize divides by model 2's weight
+        assert f(xs, base, 1.0, 1.0, [1.0, 3.0]).tolist() == [-1.0, 0.0, -2.0, 0.0]
+        assert f(xs, base, 1.0, 1.0, [1.0, 3.0], False).tolist() == [-3.0, 0.0, -6.0, 0.0]
+
+
+def test_ties_per_task_kept_counts_follow_mergekit():
+    # k_t = max(1, int(density_t * n)): n = 7 -> density 0.3 keeps 2 (not 3), 0.01 keeps 1, 1.0 keeps 7
+    x = torch.arange(1.0, 8.0)
+    base = torch.zeros(7)
+    for f in (N.ties_merge, R.ties_merge):
+        for d, k in [(0.3, 2), (0.01, 1), (1.0, 7), (0.0, 0)]:
+            assert int((f([x], base, [d], 1.0) != 0).sum()) == k, (f, d)
+
+
+@pytest.mark.parametrize("how", ["transposed", "strided"])
+def test_ties_weighted_noncontiguous(how):
+    base = noncontig(make((37, 129), torch.bfloat16, seed=9), how)
+    xs = [noncontig(make((37, 129), dt, seed=t), how) for t, dt in enumerate(DTYPES)]
+    same(N.ties_merge(xs, base, [0.2, 0.5, 0.3], 0.8, [0.5, -1.0, 2.0], False),
+         R.ties_merge(xs, base, [0.2, 0.5, 0.3], 0.8, [0.5, -1.0, 2.0], False))
 
 
 # --- fused linear kernels ----------------------------------------------------------------------------------
@@ -457,6 +536,19 @@ def test_cuda_ties(dtype, shape, density, values):
         xs = [make(shape, dtype, values, seed=t, device="cuda") for t in range(T)]
         got = N.ties_merge(xs, base, density, 0.7)
         same(got, R.ties_merge([x.cpu() for x in xs], base.cpu(), density, 0.7), f"T={T}")
+
+
+@cuda
+@pytest.mark.parametrize("case", [c[0] for c in TIES_WEIGHTED])
+@pytest.mark.parametrize("shape", [(37, 129), MID, (1000, 1001)], ids=str)
+def test_cuda_ties_weighted(case, shape):
+    xs = _tied_task_vectors(shape, 4, seed=5, zero_frac=0.1)
+    xs[1] = (xs[0].float() * 0.5).to(torch.bfloat16)
+    base = torch.zeros(shape, dtype=torch.bfloat16)
+    ws, ds, norm = _ties_case(case, 4)
+    got = N.ties_merge([x.cuda() for x in xs], base.cuda(), ds, 1.1, ws, norm)
+    same(got, R.ties_merge(xs, base, ds, 1.1, ws, norm))
+    same(got, N.ties_merge(xs, base, ds, 1.1, ws, norm))
 
 
 @cuda

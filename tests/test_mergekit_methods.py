@@ -54,20 +54,20 @@ def test_ties_trim_keeps_exactly_k_lowest_index_first():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ties_exact_k_equal_and_unequal_weights(dtype):
     """tau1 = [1, 1, 1, 1, 0.5], tau2 = [-1, 0, 0, 0, 0], density 0.4 (k = 2 each): trimmed [1, 1, 0, 0, 0] and
-    [-1, 0, ...]. Equal weights: votes [0, 1, 0, 0, 0], entry 0 elects no sign -> [0, 1, 0, 0, 0].
-    Weights 1 and 3 (per-model path): votes [-2, 1, ...] -> entry 0 keeps model 2's -1 -> [-1, 1, 0, 0, 0];
-    without normalize the weighted sums stay: [-3, 1, 0, 0, 0]."""
+    [-1, 0, ...]. Equal weights: votes [0, 1, 0, 0, 0]; a zero vote elects + (mergekit's rule), so entry 0 keeps
+    model 1's +1 -> [1, 1, 0, 0, 0] (zero entries never agree). Weights 1 and 3: votes [-2, 1, ...] -> entry 0
+    keeps model 2's -1 -> [-1, 1, 0, 0, 0]; without normalize the weighted sums stay: [-3, 1, 0, 0, 0]."""
     base = one([0.0] * 5, dtype)
     m1, m2 = one([1.0, 1.0, 1.0, 1.0, 0.5], dtype), one([-1.0, 0, 0, 0, 0], dtype)
-    close(cm.merge([m1, m2], "ties", base=base, density=0.4)["w"], [0, 1, 0, 0, 0])
-    close(cm.merge([m1, m2], "ties", base=base, density=0.4, weight=[2, 2])["w"], [0, 1, 0, 0, 0])
+    close(cm.merge([m1, m2], "ties", base=base, density=0.4)["w"], [1, 1, 0, 0, 0])
+    close(cm.merge([m1, m2], "ties", base=base, density=0.4, weight=[2, 2])["w"], [1, 1, 0, 0, 0])
     close(cm.merge([m1, m2], "ties", base=base, density=0.4, weight=[1, 3])["w"], [-1, 1, 0, 0, 0])
     close(cm.merge([m1, m2], "ties", base=base, density=0.4, weight=[1, 3], normalize=False)["w"], [-3, 1, 0, 0, 0])
 
 
 def test_ties_keeps_exactly_k_on_bf16_ties():
     """bf16 task vectors have many equal magnitudes; each task keeps exactly kept_count entries, and the merge
-    equals the textbook formula over the stacked, exactly trimmed task vectors."""
+    equals mergekit's formula over the stacked, exactly trimmed, weighted task vectors."""
     from centered_merge.ops.reference import kept_count
 
     g = torch.Generator().manual_seed(3)
@@ -79,10 +79,14 @@ def test_ties_keeps_exactly_k_on_bf16_ties():
     assert all(int((t != 0).sum()) == k for t in trimmed)
     a = taus[0].abs().reshape(-1)
     assert int((a >= a.topk(k).values[-1]).sum()) > k  # the case: ties at the threshold
-    elected = torch.sign(trimmed.sum(0))
-    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-    want = base.float() + torch.where(agree, trimmed, 0.0).sum(0) / agree.sum(0).clamp(min=1)
-    got = cm.merge([{"w": m} for m in ms], "ties", base={"w": base}, density=0.2, out_dtype=torch.float32)["w"]
+    w = torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1)
+    d = trimmed * w
+    elected = torch.where(d.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(d) == elected
+    divisor = (w * agree).sum(0)
+    want = base.float() + (d * agree).sum(0) / torch.where(divisor == 0, 1.0, divisor)
+    got = cm.merge([{"w": m} for m in ms], "ties", base={"w": base}, density=0.2, weight=[0.5, 1.0, 2.0],
+                   out_dtype=torch.float32)["w"]
     torch.testing.assert_close(got, want)
 
 

@@ -37,9 +37,9 @@ def build_parser(prog: str = "centered-merge lab") -> argparse.ArgumentParser:
                         "linear probe fitted on the pretrained features of the task)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default 1 for the digits profiles: the models are tiny and extra threads "
-                        "only add contention; 2 for the text profiles)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="text profiles: run the seeds in N processes at once (default 1)")
+                        "only add contention; text profiles: 1 per seed process, 2 when one process runs)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="text profiles: run the seeds in N processes at once (default: one per seed)")
     p.add_argument("--combine", nargs="+", metavar="RUN_DIR", default=None,
                    help="text profiles: instead of running, write the seed table of finished runs (their --out "
                         "folders, e.g. one seed each run side by side) into --out")
@@ -65,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .text_run import run_text_lab
 
             run_text_lab(args.out, profile=args.profile, seed=args.seed, seeds=args.seeds, cache_dir=cache,
-                         threads=args.threads or 2, jobs=args.jobs)
+                         threads=args.threads, jobs=args.jobs)
         else:
             run_lab(args.out, profile=args.profile, seed=args.seed, n_tasks=args.tasks, cache_dir=cache,
                     archs=args.arch, threads=args.threads or 1, heads=args.heads, seeds=args.seeds)

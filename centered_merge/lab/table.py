@@ -79,6 +79,7 @@ class TableResult:
     rows: List[dict]                 # one per method: name, params, val, test (per task), abs, norm
     search: List[dict] = field(default_factory=list)   # every (method, params, val mean) tried
     merged: Dict[str, StateDict] = field(default_factory=dict)
+    group_best: Dict[str, List[tuple]] = field(default_factory=dict)  # see search_table
 
 
 def method_configs(grid: SearchGrid, svd: str, seed: int) -> Dict[str, List[dict]]:
@@ -110,35 +111,79 @@ def merge_with(tm: TaskModels, method: str, params: dict) -> StateDict:
     return merge_models(tm.finetuned, tm.pretrained, method, params)
 
 
+# The parameter each method scales its merged vector by, and what it scales from: the merge is exactly
+# anchor + s * (merge at s = 1 - anchor) (task arithmetic, TIES: theta_0 + lam * tau; TSV-M, Iso-C, Iso-CTS:
+# theta_0 + alpha * tau for every tensor; CART: mean + lam * low-rank sum, the mean on the other tensors), so a
+# search over s needs one merge per setting of the other parameters (tests/test_lab_scaling.py checks this
+# against direct merges). "base" is the pretrained model, "mean" the weight average of the fine-tuned ones.
+SCALE_PARAMS = {"task_arithmetic": ("lam", "base"), "ties": ("lam", "base"), "cart": ("lam", "mean"),
+                "tsv": ("alpha", "base"), "iso_c": ("alpha", "base"), "iso_cts": ("alpha", "base")}
+
+
+def scaled_merges(finetuned: Sequence[StateDict], pretrained: StateDict, method: str, configs: Sequence[dict]):
+    """Yield (params, merged) for every config, merging once per setting of the non-scale parameters and
+    moving along the scale with torch.lerp(anchor, merged at scale 1, scale). Methods without a scale (weight
+    averaging) are merged per config."""
+    if method not in SCALE_PARAMS:
+        for params in configs:
+            yield params, merge_models(finetuned, pretrained, method, params)
+        return
+    key, anchor_kind = SCALE_PARAMS[method]
+    groups: Dict[str, List[dict]] = {}
+    for params in configs:
+        groups.setdefault(json.dumps({k: v for k, v in params.items() if k != key}, sort_keys=True), []).append(params)
+    anchor = pretrained if anchor_kind == "base" else merge_models(finetuned, pretrained, "weight_average", {})
+    for group in groups.values():
+        unit = merge_models(finetuned, pretrained, method, {**group[0], key: 1.0})
+        for params in group:
+            yield params, {k: torch.lerp(anchor[k].to(u.dtype), u, float(params[key])) if u.is_floating_point()
+                           else u for k, u in unit.items()}
+        del unit
+
+
 def search_table(arch: str, task_names: Sequence[str], finetuned: Sequence[StateDict], pretrained: StateDict,
                  evaluate: Callable[[StateDict, str], np.ndarray], fixed_rows: Dict[str, tuple],
-                 configs: Dict[str, List[dict]], log: Callable[[str], None] = lambda s: None) -> TableResult:
+                 configs: Dict[str, List[dict]], log: Callable[[str], None] = lambda s: None,
+                 scale_once: bool = False) -> TableResult:
     """Each method's settings chosen by mean validation accuracy, then its test accuracy.
 
     evaluate(encoder, split) -> per-task accuracies; fixed_rows: {"pretrained": (val, test), "individual": (val,
-    test)} measured by the caller (individual = each task's own fine-tuned model, the normaliser)."""
+    test)} measured by the caller (individual = each task's own fine-tuned model, the normaliser).
+    scale_once: search each method's scale (lambda / alpha) through scaled_merges (one merge per setting of the
+    other parameters) instead of one merge per configuration. Either way the chosen merge is kept from the
+    search (merges are deterministic), its validation accuracy is the search's, and result.group_best[method]
+    holds, per setting of the non-scale parameters (CART: per rank), the best (params, val, merged)."""
     individual_test = np.asarray(fixed_rows["individual"][1])
 
-    def row(name: str, params: dict, val: np.ndarray, test: np.ndarray) -> dict:
-        return {"method": name, "params": params, "val": float(np.mean(val)), "test": list(map(float, test)),
+    def row(name: str, params: dict, val: float, test: np.ndarray) -> dict:
+        return {"method": name, "params": params, "val": float(val), "test": list(map(float, test)),
                 "abs": float(np.mean(test)), "norm": float((np.asarray(test) / individual_test).mean())}
 
-    rows = [row(name, {}, *fixed_rows[name]) for name in ("pretrained", "individual")]
+    rows = [row(name, {}, np.mean(fixed_rows[name][0]), fixed_rows[name][1]) for name in ("pretrained", "individual")]
     result = TableResult(arch, list(task_names), rows)
     for method, cfgs in configs.items():
+        merges = (scaled_merges(finetuned, pretrained, method, cfgs) if scale_once else
+                  ((params, merge_models(finetuned, pretrained, method, params)) for params in cfgs))
+        key = SCALE_PARAMS.get(method, (None,))[0]
         best = None
-        for params in cfgs:
-            v = float(evaluate(merge_models(finetuned, pretrained, method, params), "val").mean())
+        groups: Dict[str, tuple] = {}
+        for params, merged in merges:
+            v = float(evaluate(merged, "val").mean())
             result.search.append({"method": method, "params": params, "val": v})
             if best is None or v > best[1] + 1e-12:
-                best = (params, v)
-        chosen = [(method, best[0])]
+                best = (params, v, merged)
+            g = json.dumps({k: x for k, x in params.items() if k != key}, sort_keys=True)
+            if g not in groups or v > groups[g][1] + 1e-12:
+                groups[g] = (params, v, merged)
+        result.group_best[method] = list(groups.values())
+        chosen = [(method, best[0], best[1], best[2])]
         if method == "cart":
-            chosen.append((RANDOMIZED_ROW, {**best[0], "svd": "randomized"}))
-        for name, params in chosen:
-            merged = merge_models(finetuned, pretrained, "cart" if name == RANDOMIZED_ROW else method, params)
-            result.merged[name] = merged  # re-merged with the chosen settings; this is what is saved
-            result.rows.append(row(name, params, evaluate(merged, "val"), evaluate(merged, "test")))
+            params = {**best[0], "svd": "randomized"}
+            merged = merge_models(finetuned, pretrained, "cart", params)
+            chosen.append((RANDOMIZED_ROW, params, float(evaluate(merged, "val").mean()), merged))
+        for name, params, val, merged in chosen:
+            result.merged[name] = merged  # the chosen settings' merge; this is what is saved
+            result.rows.append(row(name, params, val, evaluate(merged, "test")))
             log(f"  [{arch}] {name:16s} {_fmt_params(params):28s} val {result.rows[-1]['val']:.3f}  "
                 f"test {result.rows[-1]['abs']:.3f}")
     return result

@@ -142,11 +142,11 @@ class TextEvaluator:
                  labels: Dict[str, Sequence[np.ndarray]]):
         self.model, self.heads, self.tokens, self.labels = model, list(heads), tokens, labels
 
-    @torch.no_grad()
     def accs(self, enc: StateDict, split: str, tasks: Optional[Sequence[int]] = None) -> np.ndarray:
-        self.model.load_state_dict(enc, strict=False)
-        out = []
-        for t in (range(len(self.heads)) if tasks is None else tasks):
-            pred = (embed(self.model, self.tokens[split][t]) @ self.heads[t].T).argmax(1).numpy()
-            out.append(float((pred == self.labels[split][t]).mean()))
+        self.model.load_state_dict(enc, strict=False)  # outside inference mode: the model trains again later
+        with torch.inference_mode():
+            out = []
+            for t in (range(len(self.heads)) if tasks is None else tasks):
+                pred = (embed(self.model, self.tokens[split][t]) @ self.heads[t].T).argmax(1).numpy()
+                out.append(float((pred == self.labels[split][t]).mean()))
         return np.array(out)

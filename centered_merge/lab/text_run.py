@@ -42,11 +42,13 @@ class TextProfile:
     batch: int = 32
     num_layers: Optional[int] = None  # None: all six blocks; tests cut the encoder shorter
     seeds: int = 3
+    # Scales above the first run's edges (TIES 1.5, TSV-M 1.5, Iso 2, CART 3 were each the top of their grid),
+    # the values that scored far below the best dropped; every scale costs one dev evaluation, no merge.
     grid: SearchGrid = field(default_factory=lambda: SearchGrid(
-        ta_lams=(0.2, 0.3, 0.5, 0.7, 1.0),
-        ties_densities=(0.1, 0.2), ties_lams=(0.5, 1.0, 1.5),
-        cart_ranks=(0.02, 0.04, 0.08, 0.16, 0.32, 0.64), cart_lams=(1.0, 2.0, 3.0),
-        tsv_alphas=(0.5, 1.0, 1.5), iso_alphas=(0.5, 1.0, 1.5, 2.0)))
+        ta_lams=(0.3, 0.5, 0.7, 1.0),
+        ties_densities=(0.1, 0.2), ties_lams=(1.0, 1.5, 2.0, 2.5),
+        cart_ranks=(0.02, 0.04, 0.08, 0.16, 0.32), cart_lams=(1.0, 2.0, 3.0, 4.0),
+        tsv_alphas=(1.0, 1.5, 2.0, 2.5), iso_alphas=(1.0, 1.5, 2.0, 2.5, 3.0)))
     svd: str = "exact"  # CART's and TSV-M's row; CART is re-run randomized at its chosen settings
     spectrum_layers: Tuple[int, ...] = (0, 5)  # blocks drawn in the spectrum figure (the CSV holds all)
 
@@ -112,19 +114,24 @@ def run_seed(prof: TextProfile, seed: int, model, pre: StateDict, cache_dir: Opt
     fixed = {"pretrained": (ev.accs(pre, "val"), ev.accs(pre, "test")),
              "individual": (individual["val"], individual["test"])}
     res = table.search_table(ARCH, [t.name for t in tasks], fts, pre, ev.accs, fixed,
-                             table.method_configs(prof.grid, prof.svd, seed), log)
+                             table.method_configs(prof.grid, prof.svd, seed), log, scale_once=True)
     timing["table_s"] = time.time() - t0
 
     t0 = time.time()
-    res.rank_rows = rank_curve(res, fts, pre, ev)
+    res.rank_rows = rank_curve(res, ev)
+    res.group_best = {}
     timing["rank_curve_s"] = time.time() - t0
     return res, fts, timing
 
 
-def rank_curve(res: TableResult, fts, pre, ev) -> List[dict]:
-    """CART's test accuracy per rank ratio, at the lambda that rank scores best on dev (WA is r = 1)."""
-    rows = cart_analysis.rank_rows(
-        res, ARCH, lambda params: ev.accs(table.merge_models(fts, pre, "cart", params), "test").mean())
+def rank_curve(res: TableResult, ev) -> List[dict]:
+    """CART's test accuracy per rank ratio, at the lambda that rank scores best on dev (WA is r = 1), from the
+    search's best merge of each rank (the chosen rank's test accuracy is the table's)."""
+    cart = next(row for row in res.rows if row["method"] == "cart")
+    rows = []
+    for params, val, merged in sorted(res.group_best["cart"], key=lambda g: g[0]["rank"]):
+        test = cart["abs"] if params == cart["params"] else float(ev.accs(merged, "test").mean())
+        rows.append({"arch": ARCH, "rank": params["rank"], "lam": params["lam"], "val": val, "test": test})
     wa = next(row for row in res.rows if row["method"] == "weight_average")
     rows.append({"arch": ARCH, "rank": 1.0, "lam": 0.0, "val": wa["val"], "test": wa["abs"]})
     return rows
@@ -152,15 +159,18 @@ def _mean_rank_rows(per_seed: Sequence[List[dict]]) -> List[dict]:
 def _seed_job(prof: TextProfile, seed: int, first: bool, cache_dir: Optional[str], threads: int,
               log: Optional[Callable[[str], None]], model=None, pre: Optional[StateDict] = None) -> dict:
     """One seed's fine-tunes, table and rank curve (and, for the first seed, the spectrum), in this process or a
-    worker. Returns the table without its merged state dicts, the timings and, from a worker, its log lines."""
+    worker (log None: a worker prints its progress as it goes, each line marked with its seed). Returns the table
+    without its merged state dicts and the timings."""
     from .text_model import load_encoder, trainable_state
 
-    lines: List[str] = []
+    if log is None:
+        def log(line: str) -> None:
+            print(f"[seed {seed}] {line}", flush=True)
     if model is None:
         torch.set_num_threads(max(1, int(threads)))
         model = load_encoder(prof.num_layers)
         pre = trainable_state(model)
-    res, fts, timing = run_seed(prof, seed, model, pre, cache_dir, log or lines.append)
+    res, fts, timing = run_seed(prof, seed, model, pre, cache_dir, log)
     res.merged = {}
     spectrum: List[dict] = []
     if first:
@@ -168,7 +178,7 @@ def _seed_job(prof: TextProfile, seed: int, first: bool, cache_dir: Optional[str
         spectrum = cart_analysis.spectrum_energy(_Models(ARCH, res.task_names, pre, fts),
                                                  ratios=(0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0))
         timing["spectrum_s"] = time.time() - t0
-    return {"table": res, "timing": timing, "spectrum": spectrum, "log": lines}
+    return {"table": res, "timing": timing, "spectrum": spectrum}
 
 
 def write_seed_tables(out_dir: str, tables: Sequence[TableResult], rank_rows: Sequence[List[dict]],
@@ -244,7 +254,7 @@ def combine_seed_runs(out_dir: str, run_dirs: Sequence[str], log: Callable[[str]
 
 
 def run_text_lab(out_dir: str = "lab_out", profile: str = "text", seed: int = 0, seeds: Optional[int] = None,
-                 cache_dir: Optional[str] = None, threads: int = 2, jobs: int = 1,
+                 cache_dir: Optional[str] = None, threads: Optional[int] = None, jobs: Optional[int] = None,
                  log: Callable[[str], None] = print) -> dict:
     """Run the text profile; returns a summary (also written to <out_dir>/results_text.json)."""
     import matplotlib
@@ -258,12 +268,15 @@ def run_text_lab(out_dir: str = "lab_out", profile: str = "text", seed: int = 0,
         if seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {seeds}")
         prof = replace(prof, seeds=int(seeds))
+    # One single-threaded process per seed by default: on two cores, processes keep both busy through the many
+    # small forward passes and GEMMs, where one process with two threads leaves them idle between small GEMMs
+    # (and its OpenMP threads spin on cores that other work holds).
+    jobs = max(1, int(jobs if jobs is not None else prof.seeds))
+    threads = max(1, int(threads if threads is not None else (1 if jobs > 1 else 2)))
     os.makedirs(out_dir, exist_ok=True)
     cache_dir = cache_dir if cache_dir is not None else os.path.join(out_dir, "cache")
-    torch.set_num_threads(max(1, int(threads)))
+    torch.set_num_threads(threads)
     t_start = time.time()
-    model = load_encoder(prof.num_layers)
-    pre = trainable_state(model)
     log(f"centered_merge lab: profile {prof.name}, all-MiniLM-L6-v2"
         f"{'' if prof.num_layers is None else f' cut to {prof.num_layers} blocks'}, {len(prof.tasks)} tasks "
         f"({', '.join(prof.tasks)}), {prof.seeds} seed(s), zero-shot class-name heads frozen, {prof.steps} AdamW "
@@ -273,19 +286,15 @@ def run_text_lab(out_dir: str = "lab_out", profile: str = "text", seed: int = 0,
     files = summary["files"]
     seed_list = [seed + i for i in range(prof.seeds)]
     if jobs > 1:
-        # One process per seed (each with `threads` torch threads): on two cores, two single-threaded processes
-        # keep both busy through the many small forward passes of the search, where one process with two
-        # threads leaves them idle between small GEMMs.
         import concurrent.futures as cf
         import multiprocessing as mp
 
         with cf.ProcessPoolExecutor(max_workers=int(jobs), mp_context=mp.get_context("spawn")) as pool:
             futures = [pool.submit(_seed_job, prof, s, s == seed, cache_dir, threads, None) for s in seed_list]
             done = [f.result() for f in futures]
-        for d in done:
-            for line in d["log"]:
-                log(line)
     else:
+        model = load_encoder(prof.num_layers)
+        pre = trainable_state(model)
         done = [_seed_job(prof, s, s == seed, cache_dir, threads, log, model, pre) for s in seed_list]
     tables, rank_rows = [], []
     spectrum_rows: List[dict] = []

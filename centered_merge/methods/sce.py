@@ -60,7 +60,7 @@ class Sce(MergeMethod):
             s = task(t)
             votes.add_(s)
             energy.append(float(s.square().mean()) if s.numel() else 0.0)
-        # mergekit's rule for SCE: a zero sum elects + (TIES here elects no sign there; docs/mergekit.md)
+        # mergekit's rule: a zero sum elects + (as for the TIES family, methods/task_arithmetic.py)
         elected = torch.where(votes >= 0, 1.0, -1.0)
         del votes
         total = sum(energy)

@@ -9,30 +9,15 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..ops.reference import dare_uniform, kept_count
+from ..ops.reference import dare_uniform, kept_count, top_k_mask
 
 F32 = torch.float32
 
 
-def top_k_mask(tau: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly k entries of largest |tau|; among equal magnitudes at the threshold, the lowest flat
-    indices are kept (the rule ops.ties_merge follows, so both paths agree)."""
-    n = tau.numel()
-    flat = tau.reshape(-1).abs()
-    if k >= n:
-        return torch.ones(tau.shape, dtype=torch.bool, device=tau.device)
-    if k <= 0:
-        return torch.zeros(tau.shape, dtype=torch.bool, device=tau.device)
-    thr = torch.kthvalue(flat, n - k + 1).values
-    mask = flat > thr
-    need = k - int(mask.sum())
-    if need > 0:  # ties at the threshold: the first `need` of them, by flat index
-        mask[torch.nonzero(flat == thr).reshape(-1)[:need]] = True
-    return mask.reshape(tau.shape)
-
-
 def magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES's trim: keep exactly kept_count(numel, density) entries of largest magnitude."""
+    """TIES's trim: keep exactly kept_count(numel, density) entries of largest magnitude (mergekit's
+    max(1, int(density * numel))); among equal magnitudes at the threshold, the lowest flat indices, the rule of
+    ops.ties_merge (ops.reference.top_k_mask), so the fused TIES op and this path agree bit for bit."""
     if density >= 1.0:
         return tau
     return torch.where(top_k_mask(tau, kept_count(tau.numel(), density)), tau, 0.0)

@@ -3,8 +3,9 @@
     tau_t   = theta_t - theta_0                                  (task vectors; theta_0 = the base model)
     s_t     = sparsify(tau_t)                                    (identity here; TIES, DARE, ... thin it)
     mixed   = sum_t w_t s_t                                      (no consensus)
-            = sum_t w_t s_t m_t,  m_t = [sign(s_t) = elected]    (with a sign consensus: TIES-style)
-    mixed  /= sum_t w_t (m_t)  where normalize                   (a zero divisor counts as 1)
+            = sum_t w_t s_t m_t,  m_t = [sign(w_t s_t) = elected] (with a sign consensus, TIES-style: elected
+                                                                  = +1 where sum_t w_t s_t >= 0, else -1)
+    mixed  /= sum_t w_t m_t  where normalize                     (a zero divisor counts as 1)
     out     = theta_0 + lam * mixed
 
 Per-model `weight` and `density` (and the family's other per-model values) may differ between models and vary per
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..ops.reference import as_f32_scalars
 from .base import MergeMethod, numel_of
 from .params import lam_param, normalize_param, weight_param
 from .registry import register
@@ -54,23 +56,26 @@ class TaskVectorMerge(MergeMethod):
                 total = sum(weights)
                 mixed.div_(total if abs(total) >= 1e-8 else 1.0)
             return mixed.mul_(float(v.lam)).add_(base32)
-        # pass 1: the elected sign of every entry; pass 2: the agreeing entries and their weights
+        # mergekit's order of operations (its generalized task arithmetic; ops.reference.ties_merge states it):
+        # d_t = w_t * s_t; pass 1 elects +1 where sum_t d_t >= 0 (a zero sum too), else -1; pass 2 adds the d_t
+        # whose sign agrees, and their weights for normalize.
+        w32 = as_f32_scalars(weights)
         votes = torch.zeros_like(base32)
         for t in range(T):
-            votes.add_(task(t), alpha=weights[t])
-        elected = torch.sign(votes)
+            votes.add_(task(t).mul(w32[t]))
+        elected = torch.where(votes >= 0, 1.0, -1.0)
         del votes
         mixed = torch.zeros_like(base32)
         divisor = torch.zeros_like(base32) if normalize else None
         for t in range(T):
-            s = task(t)
-            agree = (torch.sign(s) == elected) & (s != 0)
-            mixed.add_(torch.where(agree, s, 0.0), alpha=weights[t])
+            d = task(t).mul(w32[t])
+            agree = torch.sign(d) == elected
+            mixed.add_(torch.where(agree, d, 0.0))
             if divisor is not None:
-                divisor.add_(agree.to(F32), alpha=weights[t])
+                divisor.add_(torch.where(agree, w32[t], 0.0))
         if divisor is not None:
             mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
-        return mixed.mul_(float(v.lam)).add_(base32)
+        return mixed.mul_(as_f32_scalars([float(v.lam)])[0]).add_(base32)
 
     def plan_tensor(self, name, shape, dtype, num_models):
         n = numel_of(shape)

@@ -4,7 +4,7 @@
     mean_fp32(inputs, weights=None, out=None)                   -> float32 tensor
     center_into(w, mean, out)                                   -> out
     finalize(x, dtype, add=None)                                -> (tensor of dtype, non-finite count)
-    ties_merge(inputs, base, density, lam)                      -> float32 tensor
+    ties_merge(inputs, base, density, lam, weights=None, normalize=True) -> float32 tensor
     dare(tau, p, seed)                                          -> float32 tensor
     linear_merge(inputs, weights, out_dtype=None, scale=1.0)    -> (tensor of out_dtype, non-finite count)
     task_arithmetic_merge(inputs, base, weights, lam, out_dtype=None) -> (tensor of out_dtype, non-finite count)

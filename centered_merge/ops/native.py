@@ -92,17 +92,19 @@ def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = 
     return (x if out is None else out), count
 
 
-def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density: float, lam: float) -> torch.Tensor:
+def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam: float,
+               weights: Optional[Sequence[float]] = None, normalize: bool = True) -> torch.Tensor:
     C = _C()
     T = len(inputs)
-    k = reference.kept_count(base.numel(), density)
+    ks = [reference.kept_count(base.numel(), d) for d in reference.per_task(density, T, "density")]
     xs = [_contig(inputs[t]) for t in range(T)]
     bc = _contig(base)
     out = torch.empty(base.shape, dtype=F32, device=base.device)
     ws = None
     if base.device.type == "cuda":
         ws = _cap(torch.empty(C.ties_workspace_bytes(T, base.numel()), dtype=torch.uint8, device=base.device))
-    C.ties_merge([_cap(x) for x in xs], _cap(bc), _cap(out), int(k), float(lam), stream=_stream(out), workspace=ws)
+    C.ties_merge([_cap(x) for x in xs], _cap(bc), _cap(out), ks, float(lam), stream=_stream(out), workspace=ws,
+                 weights=None if weights is None else [float(w) for w in weights], normalize=bool(normalize))
     return out
 
 

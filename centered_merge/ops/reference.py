@@ -88,11 +88,13 @@ def task_arithmetic_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, we
 
 
 def kept_count(numel: int, density: float) -> int:
-    """How many entries TIES keeps per task: ceil(density * numel), so any density > 0 keeps at least one."""
-    if numel == 0 or density <= 0.0:
+    """How many entries TIES keeps per task, mergekit's rule: max(1, int(density * numel)) for 0 < density < 1
+    (so any density > 0 keeps at least one), every entry from density 1, none at density <= 0."""
+    if numel == 0 or not density > 0.0:
         return 0
-    # the 1e-9 keeps float noise (0.3 * 10 = 3.0000000000000004) from adding an entry
-    return min(numel, max(1, math.ceil(density * numel - 1e-9)))
+    if density >= 1.0:
+        return numel
+    return min(numel, max(1, int(density * numel)))
 
 
 def magnitude_threshold(tau: torch.Tensor, density: float) -> float:
@@ -139,35 +141,73 @@ def _kept(tau32: torch.Tensor, rule) -> torch.Tensor:
     return (keep & (bits <= 0x7F800000)).reshape(tau32.shape)
 
 
-def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density: float, lam: float) -> torch.Tensor:
-    """TIES-merging of one tensor: base + lam * disjoint_mean(trim(tau_t), elected sign).
+def top_k_mask(tau: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k entries of float32 `tau` that TIES keeps: the largest |tau|, the lowest flat indices
+    first among equal magnitudes, NaN ranked above +inf but never kept."""
+    return _kept(tau, _keep_rule(tau, k))
 
-    Trim keeps exactly k = kept_count(numel, density) entries of each task vector: the largest magnitudes,
-    and among entries whose magnitude equals the k-th largest, the lowest flat indices (deterministic, and the
-    same on every device and thread count). NaN entries take their place in that ranking but are never kept.
-    Two passes over the inputs with O(1) float32 buffers in T: pass 1 trims each task vector and sums the kept
-    values (the sign election); pass 2 recomputes each task vector and averages the kept entries that agree
-    with the elected sign. Zero entries never count.
+
+def per_task(value, T: int, what: str):
+    """A scalar or a sequence of T values, as a list of T floats."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * T
+    vals = [float(v) for v in value]
+    if len(vals) != T:
+        raise ValueError(f"ties_merge: argument {what!r}: expected {T} values (one per input), got {len(vals)}")
+    return vals
+
+
+def as_f32_scalars(values):
+    """Python floats rounded to float32, as the kernels and torch's float32 ops see them."""
+    return torch.tensor(values, dtype=torch.float64).to(F32).tolist()
+
+
+def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam: float,
+               weights: Optional[Sequence[float]] = None, normalize: bool = True) -> torch.Tensor:
+    """TIES-merging of one tensor, in mergekit's order of operations (its generalized task arithmetic with
+    magnitude sparsification and the "sum" consensus, computed in float32):
+
+        tau_t  = float32(x_t) - float32(base)
+        s_t    = tau_t at exactly k_t = kept_count(numel, density_t) entries, 0 elsewhere
+        d_t    = w_t * s_t                                  (w_t: weights[t], 1 when None)
+        sign   = +1 where sum_t d_t >= 0, else -1           (the sum in input order; a zero sum elects +1)
+        agree_t = sign(d_t) == sign                         (zero entries never agree)
+        mixed  = sum_t (agree_t ? d_t : 0),  divisor = sum_t (agree_t ? w_t : 0)   (in input order)
+        out    = base + lam * (normalize ? mixed / (divisor == 0 ? 1 : divisor) : mixed)   (float32)
+
+    `density` is one value or one per input. The trim keeps the largest |tau_t| and, among entries whose
+    magnitude equals the k-th largest, the lowest flat indices (deterministic, the same on every device and
+    thread count). NaN entries take their place in that ranking (above +inf, as torch.kthvalue orders them) but
+    are never kept. Two passes over the inputs, one input at a time, with O(1) float32 buffers in T: pass 1
+    trims each task vector and sums the weighted kept values (the sign election); pass 2 recomputes each task
+    vector and adds the agreeing ones.
     """
+    T = len(inputs)
+    ws = as_f32_scalars(per_task(1.0 if weights is None else weights, T, "weights"))
+    dens = per_task(density, T, "density")
+    lam32 = as_f32_scalars([lam])[0]
     base32 = base.to(F32)
     buf = torch.empty_like(base32)
-    sign_sum = torch.zeros_like(base32)
-    k = kept_count(base32.numel(), density)
+    vote = torch.zeros_like(base32)
     rules = []
-    for t in range(len(inputs)):
+    for t in range(T):
         center_into(inputs[t], base32, buf)
-        rules.append(_keep_rule(buf, k))
-        sign_sum.add_(torch.where(_kept(buf, rules[t]), buf, 0.0))
-    elected = torch.sign(sign_sum)
-    del sign_sum
-    num = torch.zeros_like(base32)
-    cnt = torch.zeros_like(base32)
-    for t in range(len(inputs)):
+        rules.append(_keep_rule(buf, kept_count(base32.numel(), dens[t])))
+        vote.add_(torch.where(_kept(buf, rules[t]), buf, 0.0).mul_(ws[t]))
+    elected = torch.where(vote >= 0, 1.0, -1.0)
+    del vote
+    mixed = torch.zeros_like(base32)
+    divisor = torch.zeros_like(base32) if normalize else None
+    for t in range(T):
         center_into(inputs[t], base32, buf)
-        keep = _kept(buf, rules[t]) & (torch.sign(buf) == elected) & (buf != 0)
-        num.add_(torch.where(keep, buf, 0.0))
-        cnt.add_(keep.to(F32))
-    return num.div_(cnt.clamp_(min=1.0)).mul_(lam).add_(base32)
+        d = torch.where(_kept(buf, rules[t]), buf, 0.0).mul_(ws[t])
+        agree = torch.sign(d) == elected
+        mixed.add_(torch.where(agree, d, 0.0))
+        if divisor is not None:
+            divisor.add_(torch.where(agree, ws[t], 0.0))
+    if divisor is not None:
+        mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return mixed.mul_(lam32).add_(base32)
 
 
 # --- counter-based RNG for DARE --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ one Op row below, and tests.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -88,9 +89,14 @@ def _finalize_applies(x, dtype, add=None) -> bool:
                            and add.device == x.device)
 
 
-def _ties_applies(inputs, base, density, lam) -> bool:
+def _ties_applies(inputs, base, density, lam, weights=None, normalize=True) -> bool:
     C = _native.get(warn=False)
-    return C is not None and 0 < len(inputs) <= C.MAX_INPUTS and _native_float(base)
+    T = len(inputs)
+    return (C is not None and 0 < T <= C.MAX_INPUTS and _native_float(base)
+            and all(isinstance(x, torch.Tensor) and x.shape == base.shape and x.device == base.device for x in inputs)
+            and (isinstance(density, (int, float)) or len(density) == T)
+            and (weights is None or (len(weights) == T and all(math.isfinite(float(w)) for w in weights)))
+            and math.isfinite(float(lam)))
 
 
 def _dare_applies(tau, p, seed) -> bool:
