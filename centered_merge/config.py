@@ -93,26 +93,22 @@ class _Values:
     def _value(self, p, raw, where):
         return from_yaml(raw, self.num_layers, where) if p.schedulable else raw
 
-    def read_global(self, params: Dict[str, Any]) -> None:
+    def _read_level(self, params: Dict[str, Any], into: Dict[str, Any], where: str) -> None:
+        """One level's `parameters:` mapping (global, or one slice's) into `into`, by canonical name."""
         for key, raw in params.items():
             p = self.keys.get(key)
             if p is None:
-                self.ignored.append(f"parameters.{key}")
+                self.ignored.append(f"{where}.{key}")
                 continue
-            if p.name in self.global_:
-                raise MergeConfigError(f"{self.source}: parameters: {key!r} and another name of {p.name} both given")
-            self.global_[p.name] = self._value(p, raw, f"{self.source}: parameters.{key}")
+            if p.name in into:
+                raise MergeConfigError(f"{self.source}: {where}: {key!r} and another name of {p.name} both given")
+            into[p.name] = self._value(p, raw, f"{self.source}: {where}.{key}")
+
+    def read_global(self, params: Dict[str, Any]) -> None:
+        self._read_level(params, self.global_, "parameters")
 
     def read_slice(self, i: int, params: Dict[str, Any]) -> None:
-        for key, raw in params.items():
-            p = self.keys.get(key)
-            if p is None:
-                self.ignored.append(f"slices[{i}].parameters.{key}")
-                continue
-            if p.name in self.slice_:
-                raise MergeConfigError(f"{self.source}: slices[{i}].parameters: {key!r} and another name of "
-                                       f"{p.name} both given")
-            self.slice_[p.name] = self._value(p, raw, f"{self.source}: slices[{i}].parameters.{key}")
+        self._read_level(params, self.slice_, f"slices[{i}].parameters")
 
     def read_model(self, i: int, params: Dict[str, Any], where: Optional[str] = None) -> None:
         where = where or f"models[{i}]"

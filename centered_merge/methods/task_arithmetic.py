@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..ops.reference import as_f32_scalars
+from ..ops.reference import as_f32_scalars, disjoint_merge
 from .base import MergeMethod, numel_of
 from .params import lam_param, normalize_param, weight_param
 from .registry import register
@@ -56,26 +56,8 @@ class TaskVectorMerge(MergeMethod):
                 total = sum(weights)
                 mixed.div_(total if abs(total) >= 1e-8 else 1.0)
             return mixed.mul_(float(v.lam)).add_(base32)
-        # mergekit's order of operations (its generalized task arithmetic; ops.reference.ties_merge states it):
-        # d_t = w_t * s_t; pass 1 elects +1 where sum_t d_t >= 0 (a zero sum too), else -1; pass 2 adds the d_t
-        # whose sign agrees, and their weights for normalize.
-        w32 = as_f32_scalars(weights)
-        votes = torch.zeros_like(base32)
-        for t in range(T):
-            votes.add_(task(t).mul(w32[t]))
-        elected = torch.where(votes >= 0, 1.0, -1.0)
-        del votes
-        mixed = torch.zeros_like(base32)
-        divisor = torch.zeros_like(base32) if normalize else None
-        for t in range(T):
-            d = task(t).mul(w32[t])
-            agree = torch.sign(d) == elected
-            mixed.add_(torch.where(agree, d, 0.0))
-            if divisor is not None:
-                divisor.add_(torch.where(agree, w32[t], 0.0))
-        if divisor is not None:
-            mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
-        return mixed.mul_(as_f32_scalars([float(v.lam)])[0]).add_(base32)
+        # mergekit's order of operations (its generalized task arithmetic), the same function as the TIES twin's
+        return disjoint_merge(task, T, as_f32_scalars(weights), base32, as_f32_scalars([float(v.lam)])[0], normalize)
 
     def plan_tensor(self, name, shape, dtype, num_models):
         n = numel_of(shape)

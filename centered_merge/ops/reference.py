@@ -188,19 +188,31 @@ def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam:
     lam32 = as_f32_scalars([lam])[0]
     base32 = base.to(F32)
     buf = torch.empty_like(base32)
-    vote = torch.zeros_like(base32)
-    rules = []
-    for t in range(T):
+    rules = {}
+
+    def trimmed(t):
         center_into(inputs[t], base32, buf)
-        rules.append(_keep_rule(buf, kept_count(base32.numel(), dens[t])))
-        vote.add_(torch.where(_kept(buf, rules[t]), buf, 0.0).mul_(ws[t]))
+        if t not in rules:  # the keep rule is found in pass 1 and reused in pass 2
+            rules[t] = _keep_rule(buf, kept_count(base32.numel(), dens[t]))
+        return torch.where(_kept(buf, rules[t]), buf, 0.0)
+
+    return disjoint_merge(trimmed, T, ws, base32, lam32, normalize)
+
+
+def disjoint_merge(task, T: int, ws, base32: torch.Tensor, lam32, normalize: bool) -> torch.Tensor:
+    """The sign-consensus merge of TIES and its family, in mergekit's order of operations: d_t = w_t * task(t);
+    pass 1 elects +1 where sum_t d_t >= 0 (a zero sum too), else -1; pass 2 adds the d_t whose sign agrees (and
+    their weights, for normalize); base + lam * that. `task(t)` returns task t's (thinned) float32 task vector and
+    is called twice per task, so only one is alive at a time; ws and lam32 are float32-rounded scalars."""
+    vote = torch.zeros_like(base32)
+    for t in range(T):
+        vote.add_(task(t).mul(ws[t]))
     elected = torch.where(vote >= 0, 1.0, -1.0)
     del vote
     mixed = torch.zeros_like(base32)
     divisor = torch.zeros_like(base32) if normalize else None
     for t in range(T):
-        center_into(inputs[t], base32, buf)
-        d = torch.where(_kept(buf, rules[t]), buf, 0.0).mul_(ws[t])
+        d = task(t).mul(ws[t])
         agree = torch.sign(d) == elected
         mixed.add_(torch.where(agree, d, 0.0))
         if divisor is not None:
