@@ -109,6 +109,18 @@ void f32_to_bf16_block(const float* __restrict s, uint16_t* __restrict d, int64_
   for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(s[i]);
 }
 
+// d[0:n] = y[0:n] converted to a 16-bit dtype (kBF16 or kF16); returns how many converted values are NaN/Inf,
+// so that overflow on conversion is counted too (an all-ones exponent in the output).
+int64_t store16_count_nonfinite(const float* y, uint16_t* __restrict d, int32_t dtype, int64_t n) {
+  if (dtype == kBF16) f32_to_bf16_block(y, d, n);
+  else f32_to_f16_block(y, d, n);
+  const uint16_t exp_mask = dtype == kBF16 ? 0x7F80u : 0x7C00u;
+  int64_t c = 0;
+#pragma omp simd reduction(+ : c)
+  for (int64_t i = 0; i < n; ++i) c += (d[i] & exp_mask) == exp_mask ? 1 : 0;
+  return c;
+}
+
 // a * b + c rounded once, like torch's add_(x, alpha=w). Without an FMA instruction in this ISA (the x86-64
 // baseline) std::fma is libm's, which is exact everywhere and uses the FMA instruction where the CPU has one.
 inline float madd(float a, float b, float c) { return std::fma(a, b, c); }
@@ -280,12 +292,7 @@ int64_t finalize(const float* x, const float* add, void* out, int32_t out_dtype,
     // Count NaN/Inf in the converted values, so that overflow of a 16-bit output dtype is counted too.
     int64_t c = 0;
     if (out_dtype == kBF16 || out_dtype == kF16) {
-      uint16_t* __restrict o = static_cast<uint16_t*>(out) + off;
-      const uint16_t exp_mask = out_dtype == kBF16 ? 0x7F80u : 0x7C00u;
-      if (out_dtype == kBF16) f32_to_bf16_block(y, o, len);
-      else f32_to_f16_block(y, o, len);
-#pragma omp simd reduction(+ : c)
-      for (int64_t i = 0; i < len; ++i) c += (o[i] & exp_mask) == exp_mask ? 1 : 0;
+      c = store16_count_nonfinite(y, static_cast<uint16_t*>(out) + off, out_dtype, len);
     } else {
 #pragma omp simd reduction(+ : c)
       for (int64_t i = 0; i < len; ++i) c += is_nonfinite(y[i]) ? 1 : 0;
@@ -608,12 +615,7 @@ int64_t linear(const InputList& in, const void* base, int32_t bd, float lam, voi
         c += is_nonfinite(acc[i]) ? 1 : 0;
       }
     } else {
-      uint16_t* __restrict o = static_cast<uint16_t*>(out) + off;
-      const uint16_t exp_mask = od == kBF16 ? 0x7F80u : 0x7C00u;
-      if (od == kBF16) f32_to_bf16_block(acc, o, len);
-      else f32_to_f16_block(acc, o, len);
-#pragma omp simd reduction(+ : c)
-      for (int64_t i = 0; i < len; ++i) c += (o[i] & exp_mask) == exp_mask ? 1 : 0;
+      c = store16_count_nonfinite(acc, static_cast<uint16_t*>(out) + off, od, len);
     }
     bad += c;
   }
