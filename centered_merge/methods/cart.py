@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import threading
+
 import torch
 
 from .. import ops
@@ -33,7 +35,7 @@ from ..linalg import (
     sketch_width,
 )
 from ..seeding import generator, in_content_order
-from ..threads import compute_threads
+from ..threads import compute_threads, run_tasks, task_workers
 from ..selection import PRESETS, make_selector, matrix_shape
 from .base import MergeMethod, numel_of
 from .params import Param, lam_param, seed_param
@@ -177,6 +179,23 @@ class Cart(MergeMethod):
             stacked = torch.stack([ops.center_into(x.reshape(m, c), mean2, torch.empty_like(mean2)) for x in inputs])
             randomized_lowrank_factors(stacked, omega, k, q, sketch_dt, out=terms.batch_slots(T, k))
             del stacked
+            return terms.finish().reshape(shape)
+        if omega is not None and mean.device.type == "cpu" and in_memory and terms.whole_batch(T, k) \
+                and task_workers(T) > 1:
+            # On a CPU, the T tasks' SVDs in parallel, one single-threaded worker per core (threads.run_tasks),
+            # each with its own centering buffer; every task writes its own rows of the factor buffers, so the
+            # result does not depend on which worker ran which task.
+            lt_all, r_all = terms.batch_slots(T, k)
+            local = threading.local()
+
+            def one_task(t):
+                buf = getattr(local, "centered", None)
+                if buf is None:
+                    buf = local.centered = torch.empty_like(mean2)
+                ops.center_into(inputs[t].reshape(m, c), mean2, buf)
+                randomized_lowrank_factors(buf, omega, k, q, sketch_dt, out=(lt_all[t], r_all[t]))
+
+            run_tasks(one_task, T)
             return terms.finish().reshape(shape)
         for t in range(T):
             ops.center_into(inputs[t].reshape(m, c), mean2, centered)
