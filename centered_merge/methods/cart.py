@@ -135,7 +135,9 @@ class Cart(MergeMethod):
         # the mean and the centered buffer (float32), a bf16 copy for the sketch GEMMs, one task's SVD factors,
         # and the buffers that gather the rank-k terms (energy mode: an accumulator, as its k varies per task)
         terms = LowRankSum.workspace_bytes(m, c, T, k) if k is not None else 4 * (n + T * (m + c))
-        return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 10 * n + 8 * factors + terms}
+        per_task = 6 * n + 8 * factors  # a centered buffer, its bf16 copy and one task's factors
+        workers = task_workers(T) if self._randomized(k, m, c) and LowRankSum.layout(m, c, T, k)[1] is False else 1
+        return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 4 * n + workers * per_task + terms}
 
     # -- merging ------------------------------------------------------------------------------------------
     def merge_tensor(self, name, inputs, base=None):
@@ -162,7 +164,6 @@ class Cart(MergeMethod):
         if k == 0:
             return mean  # indices mode, and none of the listed indices exists in this matrix
         mean2 = mean.reshape(m, c)
-        centered = torch.empty_like(mean2)
         terms = LowRankSum(mean2, float(self.lam), T, k or 1)  # energy mode: k varies per task
         omega, sketch_dt = None, None
         if self._randomized(k, m, c):
@@ -197,6 +198,7 @@ class Cart(MergeMethod):
 
             run_tasks(one_task, T)
             return terms.finish().reshape(shape)
+        centered = torch.empty_like(mean2)
         for t in range(T):
             ops.center_into(inputs[t].reshape(m, c), mean2, centered)
             if omega is not None:
