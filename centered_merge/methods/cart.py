@@ -50,7 +50,7 @@ class Cart(MergeMethod):
     needs_base = False
     summary = "CART: mean + lam * sum_t SVD_k(W_t - mean) on the selected matrices, the mean elsewhere"
     # Defaults: the authors' released ViT-B/32 8-task setting (prior 2.0, rank 0.12); randomized SVD with
-    # max(10, k/4) oversamples, 2-4 power iterations by k/min(m, n) and a float32 refinement step, whose rank-k
+    # max(10, k/6) oversamples, 2-4 power iterations by k/min(m, n) and a float32 refinement step, whose rank-k
     # error stays <= max(1.01 x optimal, optimal + 2e-4 ||C||) on every spectrum tested (tests/test_linalg.py).
     parameters = (
         Param("rank", "rank", 0.12, "float in (0, 1] = ratio of min(m, n), int = absolute k", lo=0, lo_open=True),
@@ -61,7 +61,7 @@ class Cart(MergeMethod):
         Param("indices", "indices", None, "keep these 0-based singular triplets (list, or \"0-7,16\") instead of "
               "the top k; exact SVD"),
         Param("svd", "choice", "randomized", "SVD flavour", choices=SVD_MODES),
-        Param("oversample", "int", None, "extra sketch columns of the randomized SVD (default max(10, k/4))",
+        Param("oversample", "int", None, "extra sketch columns of the randomized SVD (default max(10, k/6))",
               lo=0),
         Param("power_iters", "int", None, "power iterations of the randomized SVD (default 2, 3 or 4 by "
               "k/min(m, n))", lo=0),
@@ -126,8 +126,9 @@ class Cart(MergeMethod):
             w = sketch_width(k, self.oversample)
             q = power_iterations(k, m, c, self.power_iters)
             # 2q + 3 GEMM passes over the matrix (2q + 1 finding the range, 2 refining it in float32), q + 1 QRs
-            # of (small x w) and one of (big x w), the w x w Gram of the projection and the two factor products
-            svd_flops = (2 * q + 3) * 2 * m * c * w + (q + 1) * 4 * small * w * w + 4 * big * w * w
+            # of (small x w), the float64 w x w Grams of the row basis (big x w, Cholesky-QR) and of the
+            # projection (small x w), and the two factor products
+            svd_flops = (2 * q + 3) * 2 * m * c * w + (q + 1) * 4 * small * w * w + 2 * big * w * w
             svd_flops += 2 * w * w * small + 2 * (m + c) * w * k
             factors = (m + c) * w
         gemm = 2 * m * c * (k if k is not None else small)
