@@ -15,9 +15,8 @@ formula's exact value, not an approximation.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import threading
+from collections import Counter
 
 import torch
 
@@ -137,7 +136,8 @@ class Cart(MergeMethod):
         # and the buffers that gather the rank-k terms (energy mode: an accumulator, as its k varies per task)
         terms = LowRankSum.workspace_bytes(m, c, T, k) if k is not None else 4 * (n + T * (m + c))
         per_task = 6 * n + 8 * factors  # a centered buffer, its bf16 copy and one task's factors
-        workers = task_workers(T) if self._randomized(k, m, c) and LowRankSum.layout(m, c, T, k)[1] is False else 1
+        parallel = self._randomized(k, m, c) and not LowRankSum.layout(m, c, T, k)[1]  # as _merge_lowrank on a CPU
+        workers = task_workers(T) if parallel else 1
         return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 4 * n + workers * per_task + terms}
 
     # -- merging ------------------------------------------------------------------------------------------
