@@ -49,7 +49,7 @@ class Cart(MergeMethod):
     needs_base = False
     summary = "CART: mean + lam * sum_t SVD_k(W_t - mean) on the selected matrices, the mean elsewhere"
     # Defaults: the authors' released ViT-B/32 8-task setting (prior 2.0, rank 0.12); randomized SVD with
-    # max(10, k/6) oversamples, 2-4 power iterations by k/min(m, n) and a float32 refinement step, whose rank-k
+    # max(10, k/4) oversamples, 2-4 power iterations by k/min(m, n) and a float32 refinement step, whose rank-k
     # error stays <= max(1.01 x optimal, optimal + 2e-4 ||C||) on every spectrum tested (tests/test_linalg.py).
     parameters = (
         Param("rank", "rank", 0.12, "float in (0, 1] = ratio of min(m, n), int = absolute k", lo=0, lo_open=True),
@@ -60,7 +60,7 @@ class Cart(MergeMethod):
         Param("indices", "indices", None, "keep these 0-based singular triplets (list, or \"0-7,16\") instead of "
               "the top k; exact SVD"),
         Param("svd", "choice", "randomized", "SVD flavour", choices=SVD_MODES),
-        Param("oversample", "int", None, "extra sketch columns of the randomized SVD (default max(10, k/6))",
+        Param("oversample", "int", None, "extra sketch columns of the randomized SVD (default max(10, k/4))",
               lo=0),
         Param("power_iters", "int", None, "power iterations of the randomized SVD (default 2, 3 or 4 by "
               "k/min(m, n))", lo=0),
