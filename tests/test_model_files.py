@@ -157,7 +157,7 @@ def _vocab_model(path, vocab, m, rows=None, config=None):
     n = rows or len(vocab) + 1
     r = torch.arange(n, dtype=torch.float32) + 100 * m
     sd = {"model.embed_tokens.weight": torch.stack([r, -r / 2], 1), "lm_head.weight": torch.stack([r / 10, r], 1),
-          "model.norm.weight": torch.full((2,), 1.0 + m)}
+          "model.norm.weight": torch.full((2,), 1.0 + m), "model.layers.0.mlp.up_proj.weight": torch.full((2, 2), float(m))}
     d = hf_dir(path, sd, config=config)
     (d / "tokenizer.json").write_text(json.dumps(_tok(vocab)))
     return d, sd
@@ -258,6 +258,24 @@ def test_padded_embedding_rows_are_dropped_with_tokenizer_source_base(tmp_path):
         assert torch.equal(models[0].get("lm_head.weight"), sb["lm_head.weight"][:3])
     finally:
         models[0].close()
+
+
+def test_slices_are_reindexed_and_mixed_vocabularies_refused(vocab_trio, capsys):
+    from safetensors.torch import load_file
+
+    tmp, (b, f0, f1, tok), (sb, s0, s1) = vocab_trio
+    src = lambda m: {"sources": [{"model": str(m), "layer_range": [0, 1]}]}  # noqa: E731
+    cfg = {"merge_method": "passthrough", "out_dtype": "float32", "tokenizer_source": str(tok),
+           "slices": [src(f0), src(f0)]}
+    rc, out, _ = run_config(tmp, cfg)
+    assert rc == 0
+    got = load_file(str(out / "model.safetensors"))
+    E = s0["model.embed_tokens.weight"]  # one input: what it lacks (c, d) is zero
+    assert torch.equal(got["model.embed_tokens.weight"], torch.stack([0 * E[0], E[0], E[1], 0 * E[0], E[2], E[3], E[4]]))
+    assert "model.layers.1.mlp.up_proj.weight" in got
+    rc, out, _ = run_config(tmp, {**cfg, "slices": [src(f0), src(f1)]}, out="o2")
+    err = capsys.readouterr().err
+    assert rc == 1 and not out.exists() and err.count("\n") == 1 and "different vocabularies" in err
 
 
 def test_tokenizer_source_without_a_readable_vocabulary_is_refused(vocab_trio, capsys):
