@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..errors import MergeConfigError
-from .vocabulary import model_dir, output_vocabulary
+from .vocabulary import has_tokenizer, model_dir, output_vocabulary
 
 CONFIG_FILE = "config.json"
 TEMPLATE_FILE = "chat_template.jinja"
@@ -174,7 +174,8 @@ def model_files_for(models: Sequence, base, tokenizer_source: Optional[str], cha
         if tok_dir is None or not tok_dir.is_dir():
             raise MergeConfigError(f"tokenizer_source {tokenizer_source}: not a model directory")
     vocab_size = None
-    if tokenizer_source is not None:  # the inputs are re-indexed into it (config.py, io/vocabulary.py)
+    if tok_dir is not None or (tokenizer_source == "base" and has_tokenizer(model_dir(donor))):
+        # the inputs are re-indexed into it (config.py, io/vocabulary.py)
         vocab_size = len(output_vocabulary(tok_dir or model_dir(donor), base=tok_dir is None))
     everyone = ([base] if base is not None else []) + list(models)
     template = resolve_chat_template(chat_template, everyone)

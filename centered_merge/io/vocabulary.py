@@ -85,6 +85,12 @@ def read_vocabulary(d: Optional[Path]) -> Optional[Dict[str, int]]:
     return None
 
 
+def has_tokenizer(d: Optional[Path]) -> bool:
+    """Whether a model directory has tokenizer files of any kind (sentencepiece models included)."""
+    return d is not None and any((d / n).is_file() for n in (
+        "tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model"))
+
+
 def _config_vocab_size(d: Optional[Path]) -> Optional[int]:
     try:
         v = json.loads((d / "config.json").read_text()).get("vocab_size")
@@ -96,9 +102,12 @@ def _config_vocab_size(d: Optional[Path]) -> Optional[int]:
 def output_vocabulary(source: Path, base: bool) -> Dict[str, int]:
     """The output tokenizer's token -> id map; `base`: the base's, without ids >= its config's vocab_size."""
     vocab = read_vocabulary(source)
-    if vocab is None:
+    if vocab is None and has_tokenizer(source):
         raise MergeConfigError(f"tokenizer_source {source}: no tokenizer.json, vocab.json or vocab.txt there "
                                "(a sentencepiece-only tokenizer cannot be read without its library)")
+    if vocab is None:
+        raise MergeConfigError(f"tokenizer_source {source}: no tokenizer files there (tokenizer.json, vocab.json "
+                               "or vocab.txt)")
     if base:
         n = _config_vocab_size(source)
         if n is not None and any(i >= n for i in vocab.values()):
@@ -238,6 +247,8 @@ def align_inputs(models: Sequence, base, tokenizer_source: str, open_model: Call
     TensorSources; dirs_of(m): the directories whose vocabulary m's rows follow."""
     donor = base if base is not None else models[0]
     src_dir = model_dir(donor) if tokenizer_source == "base" else model_dir(tokenizer_source)
+    if tokenizer_source == "base" and not has_tokenizer(src_dir):
+        return list(models), base  # no tokenizer anywhere to follow: nothing to re-index (and nothing copied)
     if src_dir is None or not src_dir.is_dir():
         raise MergeConfigError(f"tokenizer_source {tokenizer_source}: not a model directory")
     out_vocab = output_vocabulary(src_dir, base=tokenizer_source == "base")
