@@ -15,14 +15,16 @@ Achieved GFLOP/s: the FLOPs CART's plan counts for the matrices (cm.methods.get_
 over the measured time, printed next to the machine's GEMM peak (float32 and bfloat16 2048^3 GEMMs, best of 5,
 measured at the start and at the end of the run; the higher reading is reported).
 
---energy F also times energy mode (energy=F) against the fixed-rank default. --contend times cm.cart on the
+--energy F also times energy mode (energy=F) against the fixed-rank default. --ab-tasks times cm.cart on the first
+block with the T tasks' SVDs on one single-threaded worker per core (the default, threads.run_tasks) against one
+task at a time on all threads (the previous way), alternating, best of --repeats (default 1 -> 5 here). --contend times cm.cart on the
 first block in child processes, quiet and with one competing single-threaded busy process, under torch's default
 thread policy (CENTERED_MERGE_WAIT_POLICY=keep: spinning threads, no one-thread fallback), under
 OMP_WAIT_POLICY=PASSIVE (the policy threads.py chose before its measurement) and under centered_merge's
 (threads.py: a short spin), interleaved.
 
     python bench/bench_cart_speed.py [--blocks 12] [--tasks 8] [--rank 0.12] [--threads N] [--repeats R]
-                                     [--energy 0.9] [--contend]
+                                     [--energy 0.9] [--contend] [--ab-tasks]
 """
 from __future__ import annotations
 
@@ -142,6 +144,30 @@ def contend(args):
     print(f"quiet: centered_merge's policy / torch default = {ours / theirs:.3f}")
 
 
+def ab_tasks(args):
+    """Tasks in parallel (one single-threaded worker per core) vs one task at a time on all threads, in turns."""
+    from centered_merge.methods import cart as cart_module
+
+    models = make_models(1, args.tasks, args.decay)
+    parallel = cart_module.task_workers
+    ways = {"tasks in parallel (default)": parallel, "one task at a time": lambda count: 1}
+    best = dict.fromkeys(ways, math.inf)
+    try:
+        for _ in range(max(args.repeats, 5)):
+            for label, workers in ways.items():
+                cart_module.task_workers = workers  # the switch cart.py consults before taking the parallel path
+                t0 = time.perf_counter()
+                cm.cart(models, rank=args.rank, lam=args.lam, select="all2d")
+                best[label] = min(best[label], time.perf_counter() - t0)
+    finally:
+        cart_module.task_workers = parallel
+    print(f"cm.cart, one block x {args.tasks} tasks, {torch.get_num_threads()} threads, best of "
+          f"{max(args.repeats, 5)}; load after: {os.getloadavg()}")
+    for label, sec in best.items():
+        print(f"  {label:<30}{sec:8.3f} s")
+    print(f"  parallel / one at a time = {best['tasks in parallel (default)'] / best['one task at a time']:.3f}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--contend-child":
@@ -157,12 +183,15 @@ def main(argv=None):
     ap.add_argument("--with-exact", action="store_true", help="also time svd=exact through centered_merge")
     ap.add_argument("--energy", type=float, default=None, help="also time energy mode with this fraction")
     ap.add_argument("--contend", action="store_true", help="quiet vs one busy process, thread policies (only)")
+    ap.add_argument("--ab-tasks", action="store_true", help="tasks in parallel vs one at a time (only)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()}")
     if args.contend:
         return contend(args)
+    if args.ab_tasks:
+        return ab_tasks(args)
     peaks = {dt: gemm_peak(dt) for dt in (torch.float32, torch.bfloat16)}
 
     models = make_models(args.blocks, args.tasks, args.decay)

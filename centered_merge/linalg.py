@@ -66,7 +66,7 @@ def fast_bf16_matmul(device) -> bool:
 def resolve_sketch_dtype(choice: str, k: int, rows: int, cols: int, device) -> torch.dtype:
     """The dtype of the range finder's power-iteration GEMMs. "auto": bfloat16 where the hardware multiplies it
     natively, float32 otherwise. bf16 only *finds* the subspace: the float32 refinement step that follows
-    (_range_and_projection) removes its rounding floor at every rank, so k no longer enters the choice."""
+    (_refined_projection) removes its rounding floor at every rank, so k no longer enters the choice."""
     if choice != "auto":
         return SKETCH_DTYPES[choice]
     return torch.bfloat16 if fast_bf16_matmul(device) else torch.float32
@@ -78,7 +78,14 @@ def sketch_width(k: int, oversample: Optional[int] = None) -> int:
     Measured on 768x3072 matrices with sigma_i ~ i^-1/2 (the slowest-decaying spectrum where the rank still
     matters; flat spectra are easy), rank-k error / optimal with 2 power iterations at k = 92:
     p = k/10: 1.0069, p = k/4: 1.0038, p = k/2: 1.0018. k/4 keeps a margin of > 2x to the 1.01 bound for
-    the cost of 13% more sketch columns than k/10."""
+    the cost of 13% more sketch columns than k/10.
+
+    Measured again with the float32 refinement (2026-12-01), share of the bound of tests/test_linalg.py's
+    allowance (error - optimal over bound - optimal) used on that spectrum: 2048x5632, k = 245: p = k/4 0.41,
+    k/6 0.57, k/8 0.64; 3072x768, k = 92: k/4 0.43, k/8 0.67. k/6 would save 7% of the sketch columns, but on
+    bench/bench_cart_speed.py's first block (sigma_i ~ 1/i, k = 92, whose top-k subspace is not sharply
+    defined) the merge then moves 13.5% of the low-rank update away from the exact-SVD merge instead of 9.5%
+    (k/8: 16.1%), so k/4 stays."""
     p = max(10, math.ceil(k / 4)) if oversample is None else int(oversample)
     return k + p
 
@@ -86,9 +93,11 @@ def sketch_width(k: int, oversample: Optional[int] = None) -> int:
 def power_iterations(k: int, rows: int, cols: int, power_iters: Optional[int] = None) -> int:
     """The number of (reduced-precision) power iterations; None picks it from k / min(rows, cols).
 
-    With p = k/4, sigma_i ~ i^-1/2, 768x3072, error / optimal: k = min/8 (92): q = 2 gives 1.0038; k = min/4
-    (192): q = 2 gives 1.0062, q = 3 1.0025; k = min/2 (384): q = 3 gives 1.0049, q = 4 1.0023. So q = 2
-    up to min/8, 3 up to min/4 and 4 beyond, each < 1.005 there."""
+    With p = k/4 (the earlier default), sigma_i ~ i^-1/2, 768x3072, error / optimal: k = min/8 (92): q = 2
+    gives 1.0038; k = min/4 (192): q = 2 gives 1.0062, q = 3 1.0025; k = min/2 (384): q = 3 gives 1.0049,
+    q = 4 1.0023. So q = 2 up to min/8, 3 up to min/4 and 4 beyond, each < 1.005 there. One iteration fewer
+    everywhere (measured again with the float32 refinement, 2026-12-01) breaks the bound of tests/test_linalg.py:
+    1/sqrt(i), 3072x768, k = 92 uses 1.34x its allowance."""
     if power_iters is not None:
         return int(power_iters)
     short = min(rows, cols)
@@ -131,27 +140,19 @@ def _f32_times(big: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (x.mT @ big.mT).mT
 
 
-def _range_and_projection(a: torch.Tensor, omega: torch.Tensor, power_iters: int, sketch_dtype: torch.dtype):
-    """For a wide float32 `a` (m <= n): an orthonormal basis p (n x w) of a's approximate top row space and
-    b = a p (m x w), both float32, so that a ~= b p^T is a's best approximation in that row space.
-
-    1. Halko et al.'s range finder, probed with omega[:n], with `power_iters` subspace iterations (one QR
-       each, on the short side), its GEMMs in `sketch_dtype`. bfloat16 runs them ~2.5x faster where the
-       hardware multiplies bf16 natively, but rounding `a` to bf16 adds noise of ~2^-9 of each entry, i.e. a
-       floor: directions whose sigma_i lie below ~1e-4 ||a||_F are lost (measured: error 25x the optimal on
-       sigma_i ~ 0.9^i at k = 92).
-    2. One float32 refinement half-step: z = a^T q, p = orth(z), b = a p. A further power step on the exact
-       matrix: bf16 noise in q tilts the subspace only to second order in the error, which is what removes the
-       floor (0.9^i, 768x3072, k = 92: 2.3x optimal = optimal + 8e-5 ||a||_F, as low as an all-float32 range
-       finder gets there: 2.5x).
-    """
+def _range_finder(a: torch.Tensor, omega: torch.Tensor, power_iters: int, sketch_dtype: torch.dtype) -> torch.Tensor:
+    """Halko et al.'s range finder for a wide `a` (m <= n): an orthonormal float32 basis (m x w) of a's
+    approximate top column space, probed with omega[:n], with `power_iters` subspace iterations (one QR each, on
+    the short side), its GEMMs in `sketch_dtype`. bfloat16 runs them ~2.5x faster where the hardware multiplies
+    bf16 natively, but rounding `a` to bf16 adds noise of ~2^-9 of each entry, i.e. a floor: directions whose
+    sigma_i lie below ~1e-4 ||a||_F are lost (measured: error 25x the optimal on sigma_i ~ 0.9^i at k = 92),
+    which the float32 refinement (_refined_projection) removes."""
     lo = a if sketch_dtype == a.dtype else a.to(sketch_dtype)  # keeps a's layout
     y = _big_times(lo, omega[: a.shape[-1]].to(sketch_dtype)).to(torch.float32)
     for _ in range(power_iters):
         q = _orth(y).to(sketch_dtype)
         y = _big_times(lo, _big_times(lo.mT, q)).to(torch.float32)
-    p = _orth(_f32_times(a.mT, _orth(y)))
-    return p, _f32_times(a, p)
+    return _orth(y)
 
 
 def _top_right(b: torch.Tensor, k: int):
@@ -167,15 +168,57 @@ def _top_right(b: torch.Tensor, k: int):
     return top.to(b.dtype), s.to(b.dtype)
 
 
+# Cholesky-QR of z is used when its R's diagonal spans at most this ratio (z's condition number <= ~1e5), so that
+# R^-1 loses at most ~kappa^2 * 2^-53 ~ 1e-6 of orthogonality in float64; otherwise z gets a Householder QR.
+GRAM_MAX_COND = 1e5
+
+
+def _refined_projection(a: torch.Tensor, q: torch.Tensor, k: int):
+    """One float32 refinement half-step for a wide float32 `a` from its column basis q (m x w): the row space
+    z = a^T q, projected onto: a's best rank-k approximation in span(z) as a ~= (b top)(p top)^T, with
+    p (n x w), b = a p (m x w) and top (w x k) such that p top is orthonormal and b top = U_k S_k. Returns
+    (p, b, top, s).
+
+    Why: a further power step on the exact matrix; bf16 noise in q tilts the subspace only to second order in
+    the error, which is what removes the bf16 floor (0.9^i, 768x3072, k = 92: 2.3x optimal = optimal + 8e-5
+    ||a||_F, as low as an all-float32 range finder gets there: 2.5x).
+
+    How: z is orthonormalised by Cholesky-QR in float64 without forming the basis: with z^T z = R^T R,
+    p = z R^-1 is never built; b' = a z is computed instead of a p, and the w x w problem becomes
+    R^-T (b'^T b') R^-1, whose eigenvectors V give top = R^-1 V_k over p = z, b = b'. That replaces z's
+    n x w Householder QR by a float64 Gram and w x w work: a whole task took 0.85-0.96x the Householder version's
+    time at the ViT-B/32 shapes (interleaved, loaded machine; README, CART speed), with the same errors on the
+    accuracy tests. Where z is too ill-conditioned for Cholesky-QR (fast-decaying spectra), z gets the
+    Householder QR.
+    """
+    z = _f32_times(a.mT, q)
+    z64 = z.to(torch.float64)
+    r, info = torch.linalg.cholesky_ex(z64.mT @ z64, upper=True)
+    if bool((info == 0).all()):
+        d = r.diagonal(dim1=-2, dim2=-1)
+        if bool((d.amin(-1) * GRAM_MAX_COND > d.amax(-1)).all()):
+            b = _f32_times(a, z)
+            b64 = b.to(torch.float64)
+            w_ = torch.linalg.solve_triangular(r.mT, b64.mT @ b64, upper=False)  # R^-T H
+            g = torch.linalg.solve_triangular(r.mT, w_.mT, upper=False)  # R^-T H R^-1 (H symmetric)
+            evals, evecs = torch.linalg.eigh((g + g.mT) * 0.5)
+            top = torch.linalg.solve_triangular(r, torch.flip(evecs[..., -k:], dims=(-1,)), upper=True)
+            s = torch.flip(evals[..., -k:], dims=(-1,)).clamp_(min=0.0).sqrt_()
+            return z, b, top.to(torch.float32), s.to(torch.float32)
+    p = _orth(z)
+    b = _f32_times(a, p)
+    top, s = _top_right(b, k)
+    return p, b, top, s
+
+
 def _sketched(a: torch.Tensor, omega: torch.Tensor, k: int, power_iters: int, sketch_dtype: torch.dtype):
-    """The randomized SVD's shared steps on the shorter side of `a` (a^T when a is tall): the row basis p
-    (long x w), b = wide @ p (short x w), b's top-k right singular vectors `top` (w x k) and values s, so
-    that wide ~= (b top)(p top)^T with b top = U_k S_k. Returns (p, b, top, s, flipped), flipped telling
+    """The randomized SVD's shared steps on the shorter side of `a` (a^T when a is tall): a row basis p
+    (long x w), b = wide @ p (short x w), `top` (w x k) and the top-k singular values s, so that
+    wide ~= (b top)(p top)^T with p top orthonormal and b top = U_k S_k. Returns (p, b, top, s, flipped), flipped telling
     whether they describe a^T."""
     flipped = a.shape[-2] > a.shape[-1]
     wide = a.mT if flipped else a
-    p, b = _range_and_projection(wide, omega, power_iters, sketch_dtype)
-    top, s = _top_right(b, k)
+    p, b, top, s = _refined_projection(wide, _range_finder(wide, omega, power_iters, sketch_dtype), k)
     return p, b, top, s, flipped
 
 

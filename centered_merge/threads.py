@@ -115,3 +115,35 @@ def compute_threads():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def task_workers(count: int) -> int:
+    """How many single-threaded workers run_tasks uses for `count` independent tasks: torch's thread count (as
+    compute_threads leaves it), at most one per task."""
+    return max(1, min(torch.get_num_threads(), count))
+
+
+def run_tasks(fn, count: int) -> None:
+    """fn(0), ..., fn(count - 1) on task_workers(count) Python threads, each running torch with one thread; the
+    workers take the next task as they finish one, and the first exception is raised here.
+
+    Why tasks in parallel rather than each op on all threads: CART's T truncated SVDs of one tensor are
+    independent, and only its large GEMMs use several threads well; its QRs, w x w eigenproblems and small ops run
+    at a fraction of that (a 768x115 Householder QR, 2 threads: ~56 GFLOP/s) and every op ends in a barrier.
+    One task per core has no barriers at all, and under a competing process the free core simply takes more
+    tasks (measured figures: README, CART speed). torch releases the GIL inside its ops."""
+    workers = task_workers(count)
+    if workers == 1:
+        for i in range(count):
+            fn(i)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # this thread's and MKL's setting; each worker sets its own OpenMP one below
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for _ in pool.map(fn, range(count)):
+                pass
+    finally:
+        torch.set_num_threads(n)

@@ -340,3 +340,20 @@ def test_lazy_inputs_are_read_one_at_a_time_and_give_the_list_result(T, monkeypa
         gc.enable()
     assert torch.equal(got, want)
     assert lazy.peak <= 2
+
+
+@pytest.mark.parametrize("sketch_dtype", ["auto", "float32"])
+def test_tasks_in_parallel_give_the_one_at_a_time_merge(make_models, monkeypatch, sketch_dtype):
+    """On a CPU the T tasks' SVDs run on one single-threaded worker per core; each writes its own factor rows,
+    so the merge equals the one computed task after task (up to single- vs multi-threaded GEMM rounding)."""
+    from centered_merge.methods import cart as cart_module
+
+    _, models = make_models(T=5, scale=1e-3)
+    monkeypatch.setattr(cart_module, "task_workers", lambda count: min(3, count))
+    par = cm.cart(models, rank=0.25, sketch_dtype=sketch_dtype)
+    monkeypatch.setattr(cart_module, "task_workers", lambda count: 1)
+    seq = cm.cart(models, rank=0.25, sketch_dtype=sketch_dtype)
+    avg = cm.merge(models, "weight_average")
+    for k in par:
+        update = (seq[k].double() - avg[k].double()).norm()
+        assert (par[k].double() - seq[k].double()).norm() <= 1e-6 * max(update, 1e-30) or torch.equal(par[k], seq[k]), k

@@ -63,3 +63,47 @@ def test_running_elsewhere_reads_proc_on_linux():
         assert isinstance(got, int) and got >= 0
     else:
         assert got is None
+
+
+def test_run_tasks_runs_each_task_once_on_single_threaded_workers_and_restores_threads(monkeypatch):
+    import threading
+
+    n = torch.get_num_threads()
+    monkeypatch.setattr(threads, "task_workers", lambda count: min(2, count))
+    seen, lock = [], threading.Lock()
+
+    def task(i):
+        with lock:
+            seen.append((i, torch.get_num_threads(), threading.get_ident()))
+
+    threads.run_tasks(task, 7)
+    assert sorted(i for i, _, _ in seen) == list(range(7))
+    assert {nt for _, nt, _ in seen} == {1}
+    assert threading.get_ident() not in {tid for _, _, tid in seen}
+    assert torch.get_num_threads() == n
+
+
+def test_run_tasks_raises_the_tasks_error_and_restores_threads(monkeypatch):
+    n = torch.get_num_threads()
+    monkeypatch.setattr(threads, "task_workers", lambda count: 2)
+
+    def task(i):
+        if i == 3:
+            raise ValueError("task 3")
+
+    try:
+        threads.run_tasks(task, 5)
+    except ValueError as e:
+        assert str(e) == "task 3"
+    else:
+        raise AssertionError("no error")
+    assert torch.get_num_threads() == n
+
+
+def test_run_tasks_with_one_worker_runs_in_order_in_this_thread(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(threads, "task_workers", lambda count: 1)
+    seen = []
+    threads.run_tasks(lambda i: seen.append((i, threading.get_ident())), 4)
+    assert seen == [(i, threading.get_ident()) for i in range(4)]

@@ -15,6 +15,7 @@ formula's exact value, not an approximation.
 """
 from __future__ import annotations
 
+import threading
 from collections import Counter
 
 import torch
@@ -33,7 +34,7 @@ from ..linalg import (
     sketch_width,
 )
 from ..seeding import generator, in_content_order
-from ..threads import compute_threads
+from ..threads import compute_threads, run_tasks, task_workers
 from ..selection import PRESETS, make_selector, matrix_shape
 from .base import MergeMethod, numel_of
 from .params import Param, lam_param, seed_param
@@ -124,8 +125,9 @@ class Cart(MergeMethod):
             w = sketch_width(k, self.oversample)
             q = power_iterations(k, m, c, self.power_iters)
             # 2q + 3 GEMM passes over the matrix (2q + 1 finding the range, 2 refining it in float32), q + 1 QRs
-            # of (small x w) and one of (big x w), the w x w Gram of the projection and the two factor products
-            svd_flops = (2 * q + 3) * 2 * m * c * w + (q + 1) * 4 * small * w * w + 4 * big * w * w
+            # of (small x w), the float64 w x w Grams of the row basis (big x w, Cholesky-QR) and of the
+            # projection (small x w), and the two factor products
+            svd_flops = (2 * q + 3) * 2 * m * c * w + (q + 1) * 4 * small * w * w + 2 * big * w * w
             svd_flops += 2 * w * w * small + 2 * (m + c) * w * k
             factors = (m + c) * w
         gemm = 2 * m * c * (k if k is not None else small)
@@ -133,7 +135,10 @@ class Cart(MergeMethod):
         # the mean and the centered buffer (float32), a bf16 copy for the sketch GEMMs, one task's SVD factors,
         # and the buffers that gather the rank-k terms (energy mode: an accumulator, as its k varies per task)
         terms = LowRankSum.workspace_bytes(m, c, T, k) if k is not None else 4 * (n + T * (m + c))
-        return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 10 * n + 8 * factors + terms}
+        per_task = 6 * n + 8 * factors  # a centered buffer, its bf16 copy and one task's factors
+        parallel = self._randomized(k, m, c) and not LowRankSum.layout(m, c, T, k)[1]  # as _merge_lowrank on a CPU
+        workers = task_workers(T) if parallel else 1
+        return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 4 * n + workers * per_task + terms}
 
     # -- merging ------------------------------------------------------------------------------------------
     def merge_tensor(self, name, inputs, base=None):
@@ -160,7 +165,6 @@ class Cart(MergeMethod):
         if k == 0:
             return mean  # indices mode, and none of the listed indices exists in this matrix
         mean2 = mean.reshape(m, c)
-        centered = torch.empty_like(mean2)
         terms = LowRankSum(mean2, float(self.lam), T, k or 1)  # energy mode: k varies per task
         omega, sketch_dt = None, None
         if self._randomized(k, m, c):
@@ -178,6 +182,24 @@ class Cart(MergeMethod):
             randomized_lowrank_factors(stacked, omega, k, q, sketch_dt, out=terms.batch_slots(T, k))
             del stacked
             return terms.finish().reshape(shape)
+        if omega is not None and mean.device.type == "cpu" and in_memory and terms.whole_batch(T, k) \
+                and task_workers(T) > 1:
+            # On a CPU, the T tasks' SVDs in parallel, one single-threaded worker per core (threads.run_tasks),
+            # each with its own centering buffer; every task writes its own rows of the factor buffers, so the
+            # result does not depend on which worker ran which task.
+            lt_all, r_all = terms.batch_slots(T, k)
+            local = threading.local()
+
+            def one_task(t):
+                buf = getattr(local, "centered", None)
+                if buf is None:
+                    buf = local.centered = torch.empty_like(mean2)
+                ops.center_into(inputs[t].reshape(m, c), mean2, buf)
+                randomized_lowrank_factors(buf, omega, k, q, sketch_dt, out=(lt_all[t], r_all[t]))
+
+            run_tasks(one_task, T)
+            return terms.finish().reshape(shape)
+        centered = torch.empty_like(mean2)
         for t in range(T):
             ops.center_into(inputs[t].reshape(m, c), mean2, centered)
             if omega is not None:
