@@ -687,8 +687,8 @@ void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_
 // TIES in mergekit's order of operations (the twin, ops/reference.py ties_merge, is the spec): per element,
 // d_t = w_t * kept_t(tau_t); the elected sign is +1 where sum_t d_t >= 0 (summed in input order), else -1;
 // mixed = sum of the agreeing d_t, divisor = sum of their w_t; out = base + lam * mixed [/ divisor].
-void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, int64_t n, const int64_t* k, float lam,
-                bool normalize, float* thresholds_out) {
+int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out, int32_t od, int64_t n, const int64_t* k,
+                   float lam, bool normalize, float* thresholds_out) {
   const int T = in.count;
   Buf<KeepRule> rule(T);
   const Chunks ch = chunks_for(n, T, 1 << radix_plan(n).width[0]);
@@ -697,7 +697,8 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
   if (thresholds_out)
     for (int t = 0; t < T; ++t)
       thresholds_out[t] = rule[t].bits == 0xFFFFFFFFu ? std::numeric_limits<float>::infinity() : bits_f32(rule[t].bits);
-#pragma omp parallel for schedule(dynamic, 1) if (ch.count > 1)
+  int64_t bad = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad) if (ch.count > 1)
   for (int64_t j = 0; j < ch.count; ++j) {
     uint64_t seen[kMaxInputs];  // per trimming task: entries equal to its threshold before the current block
     for (int t = 0; t < T; ++t) seen[t] = rule[t].trim ? before[size_t(t) * ch.count + j] : 0;
@@ -775,7 +776,8 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
           div[i] += agree ? w : 0.0f;
         }
       }
-      float* __restrict o = out + off;
+      // the float32 result: straight into a float32 out, else into `el` (no longer needed), then converted
+      float* __restrict o = od == kF32 ? static_cast<float*>(out) + off : el;
       if (normalize) {
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
@@ -790,8 +792,17 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
           o[i] = s + bb[i];
         }
       }
+      int64_t c = 0;
+      if (od == kF32) {
+#pragma omp simd reduction(+ : c)
+        for (int64_t i = 0; i < len; ++i) c += is_nonfinite(o[i]) ? 1 : 0;
+      } else {
+        c = store16_count_nonfinite(o, static_cast<uint16_t*>(out) + off, od, len);
+      }
+      bad += c;
     }
   }
+  return bad;
 }
 
 void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed) {

@@ -367,6 +367,24 @@ def test_ties_wide_sampled_select_bit_exact(kind, density):
         same(N.ties_merge([x.half() for x in xs], base, density, 0.9), R.ties_merge([x.half() for x in xs], base, density, 0.9))
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(0,), (1, 7), (37, 129), WIDE], ids=str)
+def test_ties_merge_to_writes_the_dtype_and_counts(out_dtype, shape):
+    """ties_merge_to = finalize(ties_merge): the same bits and non-finite count (NaN inputs, and values beyond
+    float16's range that overflow only on conversion)."""
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    xs = [(base.float() + torch.randn(shape, generator=g) * 0.01).to(torch.bfloat16) for _ in range(3)]
+    if base.numel():
+        xs[0].view(-1)[::101] = float("nan")
+        xs[1].view(-1)[3::211] = 9e4  # kept (largest magnitude), beyond float16
+    for w, norm in ((None, True), ([0.5, -1.0, 2.0], False)):
+        got, bad = N.ties_merge_to(xs, base, [0.2, 0.5, 0.9], 1.3, w, norm, out_dtype)
+        want, want_bad = R.ties_merge_to(xs, base, [0.2, 0.5, 0.9], 1.3, w, norm, out_dtype)
+        same(got, want)
+        assert bad == want_bad
+
+
 def test_ties_zero_vote_elects_plus_and_zero_entries_never_count():
     base = torch.zeros(4)
     xs = [torch.tensor([1.0, 0.0, 2.0, 0.0]), torch.tensor([-1.0, 0.0, -2.0, 0.0])]
