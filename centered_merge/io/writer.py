@@ -396,7 +396,7 @@ class ShardedWriter:
     def _run(self):
         # Tensors are journaled in batches: after SYNC_BYTES written or SYNC_SECONDS passed, one fdatasync of the
         # files written to, then one journal append + fsync. A tensor counts as done only once both are on disk;
-        # a kill loses at most one batch. (A sync per tensor made weight averaging wait on the disk per tensor.)
+        # (A sync per tensor made weight averaging wait on the disk per tensor.)
         # The syncs run on a second thread (the syncer), so this one goes on writing the next tensors while the
         # disk takes a batch; at most SYNC_AHEAD batches wait for it, so a kill loses at most SYNC_AHEAD + 1
         # batches. The syncer also starts the writeback of each tensor's range as soon as it is written
