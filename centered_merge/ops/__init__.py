@@ -8,7 +8,7 @@
     ties_merge_to(inputs, base, density, lam, weights=None, normalize=True, out_dtype=float32)
                                                                 -> (tensor of out_dtype, non-finite count)
     dare(tau, p, seed)                                          -> float32 tensor
-    linear_merge(inputs, weights, out_dtype=None, scale=1.0)    -> (tensor of out_dtype, non-finite count)
+    linear_merge(inputs, weights, out_dtype=None, scale=1.0, divisor=1.0) -> (tensor of out_dtype, non-finite count)
     task_arithmetic_merge(inputs, base, weights, lam, out_dtype=None) -> (tensor of out_dtype, non-finite count)
 """
 from .reference import kept_count, magnitude_threshold  # noqa: F401  (scalar helpers, no native twin needed)
