@@ -363,6 +363,8 @@ inline Chunks chunks_for(int64_t n, int T, int bins) {
 // the k-th largest or overflows its buffer (many equal magnitudes), that task falls back to the radix select.
 constexpr int64_t kSample = int64_t(1) << 16;
 constexpr double kSigma = 6.0;
+constexpr double kMaxShare = 0.05;                     // widest band (fraction of the tensor) worth sweeping
+constexpr int64_t kBandBudget = int64_t(128) << 20;   // bytes of band buffers per call, all tasks together
 
 inline uint64_t mix64(uint64_t z) {  // splitmix64's finaliser: deterministic pseudo-random sample positions
   z += 0x9E3779B97F4A7C15ull;
@@ -492,18 +494,22 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
     for (int64_t s = 0; s < kSample; ++s) inside += (sample[s] - lo[t]) <= (hi[t] - lo[t]) ? 1 : 0;
     // a chunk's band entries: twice the sample's share, plus slack for small chunks
     const double share = double(inside) / double(kSample);
-    // a band wider than a quarter of the tensor would cost more than the radix sweeps: cap 0 leaves it to them
-    cap[t] = share > 0.25 ? 0 : imin<int64_t>(per_chunk_elems, int64_t(2.0 * share * double(per_chunk_elems)) + 4 * kBlock);
+    // a band wider than kMaxShare of the tensor (many equal or clustered magnitudes) would cost more memory and
+    // time than the radix sweeps: cap 0 leaves the task to them
+    cap[t] = share > kMaxShare ? 0 : imin<int64_t>(per_chunk_elems, int64_t(2.0 * share * double(per_chunk_elems)) + 4 * kBlock);
   }
   // each (chunk, task) band buffer's offset in one allocation, task-major: a task's buffers are contiguous, so
-  // they can be packed in place
+  // they can be packed in place. Tasks are admitted in order while the buffers fit kBandBudget bytes (so memory
+  // does not grow with T); the others go to the radix select.
   Buf<int64_t> base_off(size_t(ch.count) * T, 0);
   int64_t total = 0;
-  for (int t = 0; t < T; ++t)
+  for (int t = 0; t < T; ++t) {
+    if (todo[t] && cap[t] > 0 && (total + cap[t] * ch.count) * int64_t(sizeof(uint32_t)) > kBandBudget) cap[t] = 0;
     for (int64_t j = 0; j < ch.count; ++j) {
       base_off[size_t(j) * T + t] = total;
       if (todo[t]) total += cap[t];
     }
+  }
   bool any = false;
   for (int t = 0; t < T; ++t) any = any || (todo[t] && cap[t] > 0);
   if (!any) return;
