@@ -9,6 +9,8 @@ vocab 32000; the number of layers sets the size), then, in one run:
                 process, timed inside that process after imports; peak anonymous memory (RssAnon polled every
                 5 ms) above the child's RssAnon after imports
   ratio         each merge ÷ (read floor + write floor)
+  merge CPU s   the child's user + sys time during the merge, all threads: a figure that moves less than the
+                wall time on a shared machine
 
     python bench/bench_io_floor.py --size-gb 1 --T 4
     python bench/bench_io_floor.py --size-gb 0.5 --T 4 --cache cold
@@ -265,16 +267,19 @@ def child(spec) -> None:
     th = threading.Thread(target=poll, daemon=True)
     th.start()
     f0 = _faults()
+    c0 = os.times()
     t0 = time.perf_counter()
     rep = cm.merge_checkpoints(models, out, method=method, base=base if method != "weight_average" else None,
                                progress=False, shard_size=spec["shard_size"], device=spec["device"],
                                read_ahead=spec["read_ahead"], write_queue=spec["write_queue"], **METHODS[method])
     secs = time.perf_counter() - t0
+    c1 = os.times()
     f1 = _faults()
     stop.set()
     th.join()
     shutil.rmtree(out, ignore_errors=True)
-    print("RESULT " + json.dumps({"seconds": secs, "peak_anon": peak[0] - base_anon, "baseline_anon": base_anon,
+    cpu = (c1.user - c0.user) + (c1.system - c0.system)  # all threads; includes the RssAnon poller's share
+    print("RESULT " + json.dumps({"seconds": secs, "cpu": cpu, "peak_anon": peak[0] - base_anon, "baseline_anon": base_anon,
                                   "minor_faults": f1[0] - f0[0], "timings": rep.timings,
                                   "bytes_read": rep.bytes_read, "bytes_written": rep.bytes_written,
                                   "threads": torch.get_num_threads()}))
@@ -343,12 +348,12 @@ def main():
               f"largest tensor {largest / 2**20:.0f} MiB; torch threads {next(iter(rows.values()))['threads']}; "
               f"read_ahead {args.read_ahead}, write_queue {args.write_queue}; "
               f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
-        print("\n| method | inputs read | merge s | read floor s | write floor s | merge ÷ (read + write) | "
+        print("\n| method | inputs read | merge s | merge CPU s | read floor s | write floor s | merge ÷ (read + write) | "
               "peak RssAnon above baseline MiB | ÷ largest tensor | minor faults | main thread read/compute/write/finish s |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for method, r in rows.items():
             t = r["timings"]
-            print(f"| {method} | {r['inputs']} | {r['seconds']:.2f} | {r['read_floor']:.2f} | {r['write_floor']:.2f} | "
+            print(f"| {method} | {r['inputs']} | {r['seconds']:.2f} | {r['cpu']:.2f} | {r['read_floor']:.2f} | {r['write_floor']:.2f} | "
                   f"{r['seconds'] / (r['read_floor'] + r['write_floor']):.2f} | {r['peak_anon'] / 2**20:.0f} | "
                   f"{r['peak_anon'] / largest:.1f} | {r['minor_faults']} | "
                   + " / ".join(f"{t.get(k, 0):.2f}" for k in ("read", "compute", "write", "finish")) + " |")

@@ -284,8 +284,9 @@ py::object finalize(const py::handle& x_c, const py::handle& add_c, const py::ha
 }
 
 // k: one kept count for every task, or a list of one per task; weights: None (1 each) or one per task.
-// CPU: returns the per-task thresholds (a list of floats). CUDA: needs `workspace` (ties_workspace_bytes(T, n)
-// bytes on the device) and returns None.
+// out: float32, or on the CPU also bfloat16 / float16 (converted like finalize). CPU: returns the non-finite count
+// of the written values. CUDA: float32 out only; needs `workspace` (ties_workspace_bytes(T, n) bytes on the
+// device) and returns None.
 py::object ties_merge(const py::handle& inputs, const py::handle& base_c, const py::handle& out_c, const py::handle& k_h,
                       const py::handle& lam_h, const py::handle& stream_h, const py::handle& workspace_c,
                       const py::handle& weights_h, const py::handle& normalize_h) {
@@ -293,7 +294,8 @@ py::object ties_merge(const py::handle& inputs, const py::handle& base_c, const 
   const uintptr_t stream = stream_arg(stream_h, fn);
   const float lam = float(finite_arg(lam_h, fn, "lam"));
   const bool normalize = bool_arg(normalize_h, fn, "normalize");
-  TensorView out = output_arg(out_c, fn, "out");
+  TensorView out = output_arg(out_c, fn, "out", false);
+  if (!out.is_cpu()) out.expect_f32();
   TensorView base = arg(base_c, fn, "base");
   base.expect_input_like(out);
   out.expect_no_overlap(base);
@@ -311,13 +313,13 @@ py::object ties_merge(const py::handle& inputs, const py::handle& base_c, const 
   }
   hint_hugepages(out);
   if (out.is_cpu()) {
-    std::vector<float> thr(in.count);
+    int64_t bad;
     {
       py::gil_scoped_release nogil;
-      cm::cpu::active().ties_merge(in, base.data, base.dtype, static_cast<float*>(out.data), out.numel, k.data(), lam,
-                                   normalize, thr.data());
+      bad = cm::cpu::active().ties_merge(in, base.data, base.dtype, out.data, out.dtype, out.numel, k.data(), lam,
+                                         normalize, nullptr);
     }
-    return py::cast(std::vector<double>(thr.begin(), thr.end()));
+    return py::int_(bad);
   }
 #ifdef CM_WITH_CUDA
   if (workspace_c.is_none()) type_fail(fn, "workspace", "a device buffer of ties_workspace_bytes(T, n) bytes for a CUDA call", workspace_c);

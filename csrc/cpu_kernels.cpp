@@ -353,12 +353,247 @@ inline Chunks chunks_for(int64_t n, int T, int bins) {
   return c;
 }
 
+// --- exact k-th largest by sampling (large tensors) ------------------------------------------------------------
+// The radix select reads every input twice (two 16-bit digits) and its first sweep scatters increments over a
+// 65536-bin histogram per task. Instead, |tau| bit patterns at kSample pseudo-random positions give, per task, a
+// band [lo, hi] that holds the k-th largest with near certainty (the sample's quantile +- kSigma standard
+// deviations); ONE sweep then counts the entries above hi and copies the (few) entries inside the band into
+// per-chunk buffers; the exact threshold is selected among those. The result (threshold, how many equal entries are
+// kept, and each chunk's count of equal entries before it) is the radix select's exactly; where the band misses
+// the k-th largest or overflows its buffer (many equal magnitudes), that task falls back to the radix select.
+constexpr int64_t kSample = int64_t(1) << 16;
+constexpr double kSigma = 6.0;
+constexpr double kMaxShare = 0.05;                     // widest band (fraction of the tensor) worth sweeping
+constexpr int64_t kBandBudget = int64_t(128) << 20;   // bytes of band buffers per call, all tasks together
+
+inline uint64_t mix64(uint64_t z) {  // splitmix64's finaliser: deterministic pseudo-random sample positions
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+inline float load_f32(const void* p, int32_t dtype, int64_t i) {
+  if (dtype == kF32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return dtype == kBF16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+// The element at ascending position `pos` of a[0:m] (a is reordered): an iterative quickselect, Hoare partition
+// around the median of three (equal values split evenly, so many ties stay linear).
+uint32_t select_ascending(uint32_t* a, int64_t m, int64_t pos) {
+  int64_t lo = 0, hi = m - 1;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    uint32_t x = a[lo], y = a[mid], z = a[hi];
+    const uint32_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+    int64_t i = lo - 1, j = hi + 1;
+    while (true) {
+      do ++i; while (a[i] < pivot);
+      do --j; while (a[j] > pivot);
+      if (i >= j) break;
+      const uint32_t t = a[i];
+      a[i] = a[j];
+      a[j] = t;
+    }
+    if (pos <= j) hi = j;
+    else lo = j + 1;
+  }
+  return a[pos];
+}
+
+// One block of the sampled select's sweep: returns how many bits[i] > hi, and appends those in [lo, hi] to
+// dst[m..] while m < cap (m counts them all, so an overflow shows as m > cap).
+int64_t band_block(const uint32_t* __restrict bits, int64_t len, uint32_t lo, uint32_t hi, uint32_t* __restrict dst,
+                   int64_t cap, int64_t& m) {
+  const uint32_t w = hi - lo;  // in the band: bits - lo <= w (unsigned)
+  int64_t above = 0, i = 0, mm = m;
+#if defined(__AVX512F__)
+  const __m512i vl = _mm512_set1_epi32(int(lo)), vw = _mm512_set1_epi32(int(w)), vh = _mm512_set1_epi32(int(hi));
+  for (; i + 16 <= len; i += 16) {
+    const __m512i v = _mm512_loadu_si512(bits + i);
+    above += __builtin_popcount(_mm512_cmpgt_epu32_mask(v, vh));
+    const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vl), vw);
+    if (in) {
+      const int c = __builtin_popcount(in);
+      if (mm + c <= cap) _mm512_mask_compressstoreu_epi32(dst + mm, in, v);
+      mm += c;
+    }
+  }
+#endif
+  for (; i < len; ++i) {
+    above += bits[i] > hi ? 1 : 0;
+    if (bits[i] - lo <= w) {
+      if (mm < cap) dst[mm] = bits[i];
+      ++mm;
+    }
+  }
+  m = mm;
+  return above;
+}
+
+#if defined(__AVX512F__)
+// band_block for a bfloat16 input, with |x - base| formed in registers: the first (len / 16) * 16 entries; returns
+// how many it did (the caller finishes the tail).
+int64_t band_bf16(const uint16_t* __restrict x, const float* __restrict bb, int64_t len, uint32_t lo, uint32_t hi,
+                  uint32_t* __restrict dst, int64_t cap, int64_t& m, int64_t& above) {
+  const __m512i vl = _mm512_set1_epi32(int(lo)), vw = _mm512_set1_epi32(int(hi - lo)), vh = _mm512_set1_epi32(int(hi));
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  int64_t i = 0, mm = m, a = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512i xi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))), 16);
+    const __m512 tau = _mm512_sub_ps(_mm512_castsi512_ps(xi), _mm512_loadu_ps(bb + i));
+    const __m512i v = _mm512_and_si512(_mm512_castps_si512(tau), absmask);
+    a += __builtin_popcount(_mm512_cmpgt_epu32_mask(v, vh));
+    const __mmask16 inside = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vl), vw);
+    if (inside) {
+      const int c = __builtin_popcount(inside);
+      if (mm + c <= cap) _mm512_mask_compressstoreu_epi32(dst + mm, inside, v);
+      mm += c;
+    }
+  }
+  m = mm;
+  above += a;
+  return i;
+}
+#endif
+
+// Per task of `todo` (k in (0, n)): tries the sampled select; on success sets rule[t] (and before[] for a trimming
+// task) and clears todo[t]. Tasks left in todo need the radix select.
+void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n, const int64_t* k, const Chunks& ch,
+                    KeepRule* rule, Buf<uint64_t>& before, bool* todo) {
+  const int T = in.count;
+  Buf<uint32_t> samples{size_t(kSample) * T};
+  Buf<uint32_t> lo(T, 0), hi(T, 0);
+  Buf<int64_t> cap(T, 0);  // band buffer capacity per chunk and task
+  const int64_t per_chunk_elems = (ch.nb + ch.count - 1) / ch.count * kBlock;
+  bool some = false;
+  for (int t = 0; t < T; ++t) some = some || todo[t];
+  if (!some) return;
+  // one position drawn in each of kSample equal strata: increasing addresses (few TLB misses), base read once
+  const int64_t stride = n / kSample;
+  for (int64_t s = 0; s < kSample; ++s) {
+    const int64_t i = s * stride + int64_t(mix64(uint64_t(s)) % uint64_t(stride));
+    const float b = load_f32(base, bd, i);
+    for (int t = 0; t < T; ++t)
+      if (todo[t]) samples[size_t(t) * kSample + s] = f32_bits(load_f32(in.ptr[t], in.dtype[t], i) - b) & 0x7FFFFFFFu;
+  }
+  for (int t = 0; t < T; ++t) {
+    if (!todo[t]) continue;
+    uint32_t* sample = samples.data() + size_t(t) * kSample;
+    // expected sample entries above the threshold, and the margin around it
+    const double p = double(k[t]) / double(n);
+    const double above = p * double(kSample);
+    const double margin = kSigma * std::sqrt(double(kSample) * p * (1.0 - p)) + 8.0;
+    const int64_t a_hi = int64_t(std::floor(above - margin));  // sample entries kept above hi
+    const int64_t a_lo = int64_t(std::ceil(above + margin));   // sample entries at or above lo
+    hi[t] = a_hi < 1 ? 0xFFFFFFFFu : select_ascending(sample, kSample, kSample - a_hi - 1);
+    lo[t] = a_lo >= kSample ? 0u : select_ascending(sample, kSample, kSample - a_lo);
+    if (lo[t] > hi[t]) lo[t] = hi[t];
+    int64_t inside = 0;
+    for (int64_t s = 0; s < kSample; ++s) inside += (sample[s] - lo[t]) <= (hi[t] - lo[t]) ? 1 : 0;
+    // a chunk's band entries: twice the sample's share, plus slack for small chunks
+    const double share = double(inside) / double(kSample);
+    // a band wider than kMaxShare of the tensor (many equal or clustered magnitudes) would cost more memory and
+    // time than the radix sweeps: cap 0 leaves the task to them
+    cap[t] = share > kMaxShare ? 0 : imin<int64_t>(per_chunk_elems, int64_t(2.0 * share * double(per_chunk_elems)) + 4 * kBlock);
+  }
+  // each (chunk, task) band buffer's offset in one allocation, task-major: a task's buffers are contiguous, so
+  // they can be packed in place. Tasks are admitted in order while the buffers fit kBandBudget bytes (so memory
+  // does not grow with T); the others go to the radix select.
+  Buf<int64_t> base_off(size_t(ch.count) * T, 0);
+  int64_t total = 0;
+  for (int t = 0; t < T; ++t) {
+    if (todo[t] && cap[t] > 0 && (total + cap[t] * ch.count) * int64_t(sizeof(uint32_t)) > kBandBudget) cap[t] = 0;
+    for (int64_t j = 0; j < ch.count; ++j) {
+      base_off[size_t(j) * T + t] = total;
+      if (todo[t]) total += cap[t];
+    }
+  }
+  bool any = false;
+  for (int t = 0; t < T; ++t) any = any || (todo[t] && cap[t] > 0);
+  if (!any) return;
+  Buf<uint32_t> band(size_t(total ? total : 1));
+  Buf<int64_t> above(size_t(ch.count) * T, 0), count(size_t(ch.count) * T, 0);
+#pragma omp parallel for schedule(dynamic, 1) if (ch.count > 1)
+  for (int64_t j = 0; j < ch.count; ++j) {
+    float* tmp = scratch(3);
+    float* tb = tmp + kBlock;
+    uint32_t* bits = reinterpret_cast<uint32_t*>(tb + kBlock);
+    for (int64_t b = ch.first(j); b < ch.first(j + 1); ++b) {
+      const int64_t off = b * kBlock, len = imin(kBlock, n - off);
+      const float* bb = as_f32(base, bd, off, len, tb);
+      for (int t = 0; t < T; ++t) {
+        if (!todo[t] || cap[t] <= 0) continue;
+        const size_t slot = size_t(j) * T + t;
+        int64_t done = 0;
+#if defined(__AVX512F__)
+        if (in.dtype[t] == kBF16)  // |tau| bits formed in registers (same arithmetic as abs_tau_bits)
+          done = band_bf16(static_cast<const uint16_t*>(in.ptr[t]) + off, bb, len, lo[t], hi[t],
+                           band.data() + base_off[slot], cap[t], count[slot], above[slot]);
+#endif
+        if (done < len) {
+          abs_tau_bits(in.ptr[t], in.dtype[t], bb + done, off + done, len - done, tmp, bits);
+          above[slot] += band_block(bits, len - done, lo[t], hi[t], band.data() + base_off[slot], cap[t], count[slot]);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    if (!todo[t] || cap[t] <= 0) continue;
+    int64_t n_above = 0, n_band = 0;
+    bool overflow = false;
+    for (int64_t j = 0; j < ch.count; ++j) {
+      const size_t slot = size_t(j) * T + t;
+      n_above += above[slot];
+      n_band += count[slot];
+      overflow = overflow || count[slot] > cap[t];
+    }
+    if (overflow || n_above >= k[t] || n_above + n_band < k[t]) continue;  // the band missed: radix select
+    // gather the band entries (the per-chunk buffers, packed in place towards the first) and select in them
+    uint32_t* all = band.data() + base_off[t];
+    int64_t m = 0;
+    for (int64_t j = 0; j < ch.count; ++j) {
+      const size_t slot = size_t(j) * T + t;
+      const uint32_t* src = band.data() + base_off[slot];
+      if (src != all + m) std::memmove(all + m, src, size_t(count[slot]) * sizeof(uint32_t));
+      m += count[slot];
+    }
+    const int64_t want = k[t] - n_above;  // the want-th largest of the band is the threshold
+    Buf<uint32_t> copy{size_t(m)};
+    std::memcpy(copy.data(), all, size_t(m) * sizeof(uint32_t));
+    const uint32_t th = select_ascending(copy.data(), m, m - want);
+    // how many band entries lie above it, and (per chunk, in flat order) how many equal it
+    int64_t gt = 0, eq = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      gt += all[i] > th ? 1 : 0;
+      eq += all[i] == th ? 1 : 0;
+    }
+    KeepRule r;
+    r.bits = th;
+    r.need = uint64_t(k[t] - n_above - gt);
+    r.trim = r.need < uint64_t(eq);
+    if (r.trim) {
+      uint64_t run = 0;
+      int64_t pos = 0;
+      for (int64_t j = 0; j < ch.count; ++j) {
+        before[size_t(t) * ch.count + j] = run;
+        const int64_t c = count[size_t(j) * T + t];
+        for (int64_t i = 0; i < c; ++i) run += all[pos + i] == th ? 1 : 0;
+        pos += c;
+      }
+    }
+    rule[t] = r;
+    todo[t] = false;
+  }
+}
+
 // Per task, the rule keeping exactly k[t] entries, and before[t * chunks + j] = how many entries equal to the
 // threshold lie before chunk j (only for tasks whose rule trims). Each digit is ONE parallel sweep over the
 // chunks reading base once and every task's input once; between sweeps the digit holding the k-th largest value
 // is picked per task and becomes the prefix of the next.
-void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_t n, const int64_t* k,
-                       const Chunks& ch, KeepRule* rule, Buf<uint64_t>& before) {
+void select_radix(const InputList& in, const void* base, int32_t bd, int64_t n, const int64_t* k,
+                  const Chunks& ch, KeepRule* rule, Buf<uint64_t>& before) {
   const int T = in.count;
   bool any = false;  // whether some task keeps a strict subset (only those are histogrammed)
   for (int t = 0; t < T; ++t) {
@@ -434,11 +669,32 @@ void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_
   }
 }
 
+// Per task, the rule keeping exactly k[t] entries (and before[], see select_radix): sampled for large tensors,
+// the radix select for small ones and for the tasks whose sampled band missed.
+void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_t n, const int64_t* k,
+                       const Chunks& ch, KeepRule* rule, Buf<uint64_t>& before) {
+  const int T = in.count;
+  if (n < kWideMin) return select_radix(in, base, bd, n, k, ch, rule, before);
+  bool todo[kMaxInputs];
+  int64_t rest[kMaxInputs];  // k for the radix select: 0 for the tasks the sample settled
+  for (int t = 0; t < T; ++t) todo[t] = k[t] > 0 && k[t] < n;
+  select_sampled(in, base, bd, n, k, ch, rule, before, todo);
+  KeepRule done[kMaxInputs];
+  for (int t = 0; t < T; ++t) {
+    const bool settled = k[t] > 0 && k[t] < n && !todo[t];
+    done[t] = rule[t];
+    rest[t] = settled ? 0 : k[t];
+  }
+  select_radix(in, base, bd, n, rest, ch, rule, before);
+  for (int t = 0; t < T; ++t)
+    if (k[t] > 0 && k[t] < n && !todo[t]) rule[t] = done[t];
+}
+
 // TIES in mergekit's order of operations (the twin, ops/reference.py ties_merge, is the spec): per element,
 // d_t = w_t * kept_t(tau_t); the elected sign is +1 where sum_t d_t >= 0 (summed in input order), else -1;
 // mixed = sum of the agreeing d_t, divisor = sum of their w_t; out = base + lam * mixed [/ divisor].
-void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, int64_t n, const int64_t* k, float lam,
-                bool normalize, float* thresholds_out) {
+int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out, int32_t od, int64_t n, const int64_t* k,
+                   float lam, bool normalize, float* thresholds_out) {
   const int T = in.count;
   Buf<KeepRule> rule(T);
   const Chunks ch = chunks_for(n, T, 1 << radix_plan(n).width[0]);
@@ -447,7 +703,8 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
   if (thresholds_out)
     for (int t = 0; t < T; ++t)
       thresholds_out[t] = rule[t].bits == 0xFFFFFFFFu ? std::numeric_limits<float>::infinity() : bits_f32(rule[t].bits);
-#pragma omp parallel for schedule(dynamic, 1) if (ch.count > 1)
+  int64_t bad = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad) if (ch.count > 1)
   for (int64_t j = 0; j < ch.count; ++j) {
     uint64_t seen[kMaxInputs];  // per trimming task: entries equal to its threshold before the current block
     for (int t = 0; t < T; ++t) seen[t] = rule[t].trim ? before[size_t(t) * ch.count + j] : 0;
@@ -525,7 +782,8 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
           div[i] += agree ? w : 0.0f;
         }
       }
-      float* __restrict o = out + off;
+      // the float32 result: straight into a float32 out, else into `el` (no longer needed), then converted
+      float* __restrict o = od == kF32 ? static_cast<float*>(out) + off : el;
       if (normalize) {
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
@@ -540,8 +798,17 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
           o[i] = s + bb[i];
         }
       }
+      int64_t c = 0;
+      if (od == kF32) {
+#pragma omp simd reduction(+ : c)
+        for (int64_t i = 0; i < len; ++i) c += is_nonfinite(o[i]) ? 1 : 0;
+      } else {
+        c = store16_count_nonfinite(o, static_cast<uint16_t*>(out) + off, od, len);
+      }
+      bad += c;
     }
   }
+  return bad;
 }
 
 void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed) {

@@ -23,9 +23,10 @@ struct Kernels {
   // TIES (mergekit's order of operations, see ops/reference.py ties_merge): exactly k[t] entries kept per task
   // (largest |x_t - base|, lowest flat index first among equal magnitudes), weights in.weight[t], sign election
   // by the weighted sum, out = base + lam * sum of the agreeing weighted entries [/ their weights when
-  // normalize]. thresholds_out[t] = the k[t]-th largest |x_t - base|.
-  void (*ties_merge)(const InputList& in, const void* base, int32_t base_dtype, float* out, int64_t n, const int64_t* k,
-                     float lam, bool normalize, float* thresholds_out);
+  // normalize], written in out_dtype (float32, bfloat16 or float16; the 16-bit ones round like finalize).
+  // thresholds_out[t] = the k[t]-th largest |x_t - base|. Returns the non-finite count of the written values.
+  int64_t (*ties_merge)(const InputList& in, const void* base, int32_t base_dtype, void* out, int32_t out_dtype, int64_t n,
+                        const int64_t* k, float lam, bool normalize, float* thresholds_out);
   // DARE: out = (u_i < p) ? 0 : float32(tau_i) * scale, u_i = dare_uniform(seed, i)
   void (*dare)(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed);
   // Fused linear merge, one pass: without base, out = dtype((lam * sum_t w_t x_t) / divisor) (the division

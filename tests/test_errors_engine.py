@@ -183,6 +183,20 @@ def test_disk_full_mid_way(tmp_path, files, capsys, monkeypatch):
     assert leftovers(tmp_path, "out") == []
 
 
+def test_failed_sync_on_the_syncer_thread(tmp_path, files, capsys, monkeypatch):
+    """fdatasync (run by the writer's syncer thread) failing: one line naming the shard, nothing left."""
+    _, _, (_, paths) = files
+
+    def fdatasync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(writer_mod.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(writer_mod, "SYNC_BYTES", 0)  # a sync after every tensor
+    rc, err = run_cli(["merge", *paths, "--method", "weight_average", "--out", str(tmp_path / "out")], capsys)
+    assert_clean_failure(rc, err, tmp_path, "write error while writing tensors up to", "model.safetensors",
+                         "nothing was written to the output path")
+
+
 def _limit_file_size():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
     resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))

@@ -334,6 +334,57 @@ def test_ties_wide_digits_many_ties(case):
     same(N.ties_merge(xs, base, ds, 1.1, ws, norm), R.ties_merge(xs, base, ds, 1.1, ws, norm))
 
 
+# >= 2^20 elements: the CPU kernel's sampled select (a band around each task's k-th magnitude from 2^16 sampled
+# positions, one counting sweep) settles the threshold, or hands the task to the radix select when the band misses
+# or overflows; either way the bits are the twin's.
+def _wide_task_vectors(kind, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = WIDE[0] * WIDE[1]
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    xs = []
+    for t in range(T):
+        tau = torch.randn(n, generator=g) * 0.01
+        if kind == "clustered":  # one chunk full of magnitudes at the quantile: its band buffer overflows
+            tau[: n // 6] = 0.0128 * (1 + torch.rand(n // 6, generator=g) * 1e-3)
+        elif kind == "sorted":  # magnitudes follow position: sampled strata see a skewed share
+            tau = torch.sort(tau.abs())[0] * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        elif kind == "nonfinite":
+            tau[t::997] = float("nan")
+            tau[5 + t::1231] = float("inf") * (-1) ** t
+        x = base.float() + tau
+        xs.append(x.to(torch.bfloat16).reshape(WIDE))
+    return xs, base.reshape(WIDE)
+
+
+@pytest.mark.parametrize("kind", ["randn", "clustered", "sorted", "nonfinite"])
+@pytest.mark.parametrize("density", [1e-6, 0.2, [0.05, 0.5, 0.999]])
+def test_ties_wide_sampled_select_bit_exact(kind, density):
+    xs, base = _wide_task_vectors(kind, 3, seed=11)
+    same(N.ties_merge(xs, base, density, 0.9), R.ties_merge(xs, base, density, 0.9), kind)
+    if kind == "randn":  # float32 and float16 inputs, weights, unnormalized
+        same(N.ties_merge([x.float() for x in xs], base.float(), density, 0.9, [0.5, -1.0, 2.0], False),
+             R.ties_merge([x.float() for x in xs], base.float(), density, 0.9, [0.5, -1.0, 2.0], False))
+        same(N.ties_merge([x.half() for x in xs], base, density, 0.9), R.ties_merge([x.half() for x in xs], base, density, 0.9))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(0,), (1, 7), (37, 129), WIDE], ids=str)
+def test_ties_merge_to_writes_the_dtype_and_counts(out_dtype, shape):
+    """ties_merge_to = finalize(ties_merge): the same bits and non-finite count (NaN inputs, and values beyond
+    float16's range that overflow only on conversion)."""
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    xs = [(base.float() + torch.randn(shape, generator=g) * 0.01).to(torch.bfloat16) for _ in range(3)]
+    if base.numel():
+        xs[0].view(-1)[::101] = float("nan")
+        xs[1].view(-1)[3::211] = 9e4  # kept (largest magnitude), beyond float16
+    for w, norm in ((None, True), ([0.5, -1.0, 2.0], False)):
+        got, bad = N.ties_merge_to(xs, base, [0.2, 0.5, 0.9], 1.3, w, norm, out_dtype)
+        want, want_bad = R.ties_merge_to(xs, base, [0.2, 0.5, 0.9], 1.3, w, norm, out_dtype)
+        same(got, want)
+        assert bad == want_bad
+
+
 def test_ties_zero_vote_elects_plus_and_zero_entries_never_count():
     base = torch.zeros(4)
     xs = [torch.tensor([1.0, 0.0, 2.0, 0.0]), torch.tensor([-1.0, 0.0, -2.0, 0.0])]

@@ -48,6 +48,7 @@ REQUEST_FILE = ".centered_merge-request.json"  # in the partial directory only; 
 JOURNAL_PREFIX = ".centered_merge-journal"
 SYNC_BYTES = 256 << 20  # a journal batch: at most this many bytes written ...
 SYNC_SECONDS = 2.0  # ... or this much time since the batch began
+SYNC_AHEAD = 2  # batches written and waiting for their sync (on the syncer thread) at most
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.I)
 
@@ -153,6 +154,19 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         pos += os.pwrite(fd, data[pos:pos + (1 << 26)], offset + pos)
 
 
+def writeback_now(fd: int, offset: int, length: int) -> None:
+    """Start writing [offset, offset + length) of `fd` to the disk now, without waiting for it (so a later fsync
+    finds it done or under way). Linux's posix_fadvise(DONTNEED) starts writeback of a range's dirty pages
+    (WB_SYNC_NONE) and drops those already clean; Python has no sync_file_range. Only a hint: errors are ignored
+    here, and the fsync that follows reports any real write error."""
+    if length <= 0 or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory by path."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
@@ -248,6 +262,7 @@ class ShardedWriter:
         self.tmp: Optional[Path] = None
         self.resumed = 0
         self._error: Optional[BaseException] = None
+        self._sync_error: Optional[BaseException] = None  # set by the syncer thread
         self._thread: Optional[threading.Thread] = None
         self.journal: Optional[Journal] = None
         digest = json.dumps([str(self.out.absolute()), self.layout.digest(), fingerprint, self.ctx.world],
@@ -377,19 +392,30 @@ class ShardedWriter:
         if self._error is not None:
             raise self._error
 
-    # --- writer thread -------------------------------------------------------------------------------------
+    # --- writer thread (and its syncer) -----------------------------------------------------------------------
     def _run(self):
         # Tensors are journaled in batches: after SYNC_BYTES written or SYNC_SECONDS passed, one fdatasync of the
         # files written to, then one journal append + fsync. A tensor counts as done only once both are on disk;
-        # a kill loses at most one batch. (A sync per tensor made weight averaging wait on the disk per tensor.)
+        # (A sync per tensor made weight averaging wait on the disk per tensor.)
+        # The syncs run on a second thread (the syncer), so this one goes on writing the next tensors while the
+        # disk takes a batch; at most SYNC_AHEAD batches wait for it, so a kill loses at most SYNC_AHEAD + 1
+        # batches. The syncer also starts the writeback of each tensor's range as soon as it is written
+        # (writeback_now), so a batch's fdatasync mostly finds its pages on their way to the disk already and
+        # the last one waits only for the tail; block-layer waits then fall on the syncer, not on this thread.
         name, batch, touched, size, since = None, [], set(), 0, time.monotonic()
+        syncs: "queue.Queue" = queue.Queue()  # ("kick", fd, offset, length), ("sync", batch, touched) or None
+        self._sync_slots = threading.Semaphore(SYNC_AHEAD)
+        syncer = threading.Thread(target=self._run_syncs, args=(syncs,), name="centered_merge-syncer", daemon=True)
+        syncer.start()
         try:
             while True:
                 item = self._q.get()
                 if item is None:  # end (or abort)
-                    if self._error is None:
-                        self._sync(batch, touched)
+                    if self._error is None and batch:
+                        self._hand_over(syncs, ("sync", batch, touched))
                     return
+                if self._sync_error is not None:  # a failed sync: stop writing
+                    raise self._sync_error
                 name, tensor = item
                 del item
                 slot = self.layout.slots[name]
@@ -397,25 +423,60 @@ class ShardedWriter:
                 buf = _tensor_bytes(tensor)
                 del tensor
                 try:
-                    _pwrite_all(self._fds[slot.shard], buf, slot.offset)
+                    fd = self._fds[slot.shard]
+                    _pwrite_all(fd, buf, slot.offset)
+                    if self.fsync:
+                        syncs.put(("kick", fd, slot.offset, slot.length))
                     batch.append((name, slot.shard, slot.offset, slot.length, zlib.crc32(buf)))
                     del buf
                     touched.add(slot.shard)
                     size += slot.length
                     if size >= SYNC_BYTES or time.monotonic() - since >= SYNC_SECONDS:
-                        self._sync(batch, touched)
+                        self._hand_over(syncs, ("sync", batch, touched))
                         batch, touched, size, since = [], set(), 0, time.monotonic()
                 except OSError as e:
                     raise _write_error(self.out, e, f"tensor {name!r}", fname) from None
                 if self.on_written is not None:
                     self.on_written(name, slot.length)
         except BaseException as e:  # noqa: BLE001  (handed to the producer)
-            self._error = e
+            self._error = self._error or e
             try:  # drain so a blocked producer wakes up and sees the error
                 while True:
                     self._q.get_nowait()
             except queue.Empty:
                 pass
+        finally:
+            syncs.put(None)
+            syncer.join()
+            if self._sync_error is not None:
+                self._error = self._error or self._sync_error
+
+    def _hand_over(self, syncs: "queue.Queue", job) -> None:
+        """Queue a batch for the syncer once fewer than SYNC_AHEAD wait; raises if the syncer failed."""
+        while not self._sync_slots.acquire(timeout=0.2):
+            if self._sync_error is not None:
+                raise self._sync_error
+        syncs.put(job)
+
+    def _run_syncs(self, syncs: "queue.Queue") -> None:
+        while True:
+            job = syncs.get()
+            if job is None:
+                return
+            if job[0] == "kick":
+                writeback_now(*job[1:])
+                continue
+            _, batch, touched = job
+            try:
+                if self._sync_error is None and self._error is None:  # else failed or aborted: journal no more
+                    self._sync(batch, touched)
+            except OSError as e:
+                self._sync_error = _write_error(self.out, e, f"tensors up to {batch[-1][0]!r}",
+                                                ", ".join(self.shard_names[i] for i in sorted(touched)))
+            except BaseException as e:  # noqa: BLE001  (handed to the writer thread)
+                self._sync_error = e
+            finally:
+                self._sync_slots.release()
 
     def _sync(self, batch, touched) -> None:
         """The batch's bytes to disk, then its journal lines (the order that makes the journal trustworthy)."""

@@ -3,11 +3,14 @@ k_t = max(1, int(density_t * numel)) entries of largest magnitude (ties at the t
 weight them, elect +1 where the weighted sum is >= 0 (else -1), add the agreeing weighted entries (normalize divides
 by their weights), theta_0 + lam * that.
 
-merge_tensor runs the whole merge as one op, ops.ties_merge (a native kernel: radix select of each task's
-threshold, then one fused election-and-mean pass; its torch twin for lazy inputs or without the extension). It
+merge_tensor_to runs the whole merge as one op, ops.ties_merge_to (a native kernel: the exact k-th magnitude of
+each task by a sampled band or a radix select, then one fused election-and-mean pass that writes the output dtype
+and counts NaN/Inf; its torch twin, ties_merge + finalize, for lazy inputs or without the extension). It
 equals the family's generic path (TaskVectorMerge with `sparsify` below) bit for bit; tests hold both to that.
 """
 from __future__ import annotations
+
+import torch
 
 from .. import ops
 from . import sparsify
@@ -31,7 +34,12 @@ class Ties(TaskVectorMerge):
     def sparsify(self, tau, name, t, v):
         return sparsify.magnitude(tau, float(v.density[t]))
 
-    def merge_tensor(self, name, inputs, base):
+    def merge_tensor_to(self, name, inputs, base, dtype):
+        # one kernel that writes the output dtype and counts NaN/Inf (no float32 tensor, no finalize pass)
         v = self.values(name, len(inputs))
-        return ops.ties_merge(inputs, base, [float(d) for d in v.density], float(v.lam),
-                              weights=[float(w) for w in v.weight], normalize=bool(v.get("normalize", False)))
+        return ops.ties_merge_to(inputs, base, [float(d) for d in v.density], float(v.lam),
+                                 weights=[float(w) for w in v.weight], normalize=bool(v.get("normalize", False)),
+                                 out_dtype=dtype)
+
+    def merge_tensor(self, name, inputs, base):
+        return self.merge_tensor_to(name, inputs, base, torch.float32)[0]

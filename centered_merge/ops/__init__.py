@@ -5,6 +5,8 @@
     center_into(w, mean, out)                                   -> out
     finalize(x, dtype, add=None)                                -> (tensor of dtype, non-finite count)
     ties_merge(inputs, base, density, lam, weights=None, normalize=True) -> float32 tensor
+    ties_merge_to(inputs, base, density, lam, weights=None, normalize=True, out_dtype=float32)
+                                                                -> (tensor of out_dtype, non-finite count)
     dare(tau, p, seed)                                          -> float32 tensor
     linear_merge(inputs, weights, out_dtype=None, scale=1.0, divisor=1.0) -> (tensor of out_dtype, non-finite count)
     task_arithmetic_merge(inputs, base, weights, lam, out_dtype=None) -> (tensor of out_dtype, non-finite count)
@@ -16,9 +18,10 @@ mean_fp32 = DISPATCH["mean_fp32"]
 center_into = DISPATCH["center_into"]
 finalize = DISPATCH["finalize"]
 ties_merge = DISPATCH["ties_merge"]
+ties_merge_to = DISPATCH["ties_merge_to"]
 dare = DISPATCH["dare"]
 linear_merge = DISPATCH["linear_merge"]
 task_arithmetic_merge = DISPATCH["task_arithmetic_merge"]
 
-assert set(DISPATCH) == {"mean_fp32", "center_into", "finalize", "ties_merge", "dare", "linear_merge",
+assert set(DISPATCH) == {"mean_fp32", "center_into", "finalize", "ties_merge", "ties_merge_to", "dare", "linear_merge",
                          "task_arithmetic_merge"}, "a row of ops/table.py has no public name here"

@@ -92,20 +92,33 @@ def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = 
     return (x if out is None else out), count
 
 
-def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam: float,
-               weights: Optional[Sequence[float]] = None, normalize: bool = True) -> torch.Tensor:
+def _ties(inputs, base, density, lam, weights, normalize, out_dtype):
     C = _C()
     T = len(inputs)
     ks = [reference.kept_count(base.numel(), d) for d in reference.per_task(density, T, "density")]
     xs = [_contig(inputs[t]) for t in range(T)]
     bc = _contig(base)
-    out = torch.empty(base.shape, dtype=F32, device=base.device)
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     ws = None
     if base.device.type == "cuda":
         ws = _cap(torch.empty(C.ties_workspace_bytes(T, base.numel()), dtype=torch.uint8, device=base.device))
-    C.ties_merge([_cap(x) for x in xs], _cap(bc), _cap(out), ks, float(lam), stream=_stream(out), workspace=ws,
-                 weights=None if weights is None else [float(w) for w in weights], normalize=bool(normalize))
-    return out
+    bad = C.ties_merge([_cap(x) for x in xs], _cap(bc), _cap(out), ks, float(lam), stream=_stream(out), workspace=ws,
+                       weights=None if weights is None else [float(w) for w in weights], normalize=bool(normalize))
+    return out, bad
+
+
+def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam: float,
+               weights: Optional[Sequence[float]] = None, normalize: bool = True) -> torch.Tensor:
+    return _ties(inputs, base, density, lam, weights, normalize, F32)[0]
+
+
+def ties_merge_to(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam: float,
+                  weights: Optional[Sequence[float]] = None, normalize: bool = True, out_dtype=F32):
+    """TIES written in out_dtype, with its non-finite count. On the CPU in one kernel; the CUDA kernel writes
+    float32, converted by finalize."""
+    if base.device.type != "cpu":
+        return finalize(ties_merge(inputs, base, density, lam, weights, normalize), out_dtype)
+    return _ties(inputs, base, density, lam, weights, normalize, out_dtype)
 
 
 def dare(tau: torch.Tensor, p: float, seed: int) -> torch.Tensor:

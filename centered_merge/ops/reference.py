@@ -202,6 +202,12 @@ def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam:
     return disjoint_merge(trimmed, T, ws, base32, lam32, normalize)
 
 
+def ties_merge_to(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam: float,
+                  weights: Optional[Sequence[float]] = None, normalize: bool = True, out_dtype=F32):
+    """ties_merge converted to out_dtype by finalize: (result, its non-finite count)."""
+    return finalize(ties_merge(inputs, base, density, lam, weights, normalize), out_dtype)
+
+
 def disjoint_merge(task, T: int, ws, base32: torch.Tensor, lam32, normalize: bool) -> torch.Tensor:
     """The sign-consensus merge of TIES and its family, in mergekit's order of operations: d_t = w_t * task(t);
     pass 1 elects +1 where sum_t d_t >= 0 (a zero sum too), else -1; pass 2 adds the d_t whose sign agrees (and

@@ -99,6 +99,10 @@ def _ties_applies(inputs, base, density, lam, weights=None, normalize=True) -> b
             and math.isfinite(float(lam)))
 
 
+def _ties_to_applies(inputs, base, density, lam, weights=None, normalize=True, out_dtype=F32) -> bool:
+    return out_dtype in NATIVE_DTYPES and _ties_applies(inputs, base, density, lam, weights, normalize)
+
+
 def _dare_applies(tau, p, seed) -> bool:
     p = float(p)
     return _native_float(tau) and p > 0.0 and p == p
@@ -146,6 +150,8 @@ OPS: Dict[str, Op] = {op.name: op for op in (
     Op("finalize", reference.finalize, native.finalize, _finalize_applies, lambda x, *a, **k: x),
     Op("ties_merge", reference.ties_merge, native.ties_merge, _ties_applies, lambda inputs, base, *a, **k: base,
        reads_all=True),
+    Op("ties_merge_to", reference.ties_merge_to, native.ties_merge_to, _ties_to_applies,
+       lambda inputs, base, *a, **k: base, reads_all=True),
     Op("dare", reference.dare, native.dare, _dare_applies, lambda tau, *a, **k: tau),
     Op("linear_merge", reference.linear_merge, native.linear_merge, _linear_applies, _like_mean, reads_all=True),
     Op("task_arithmetic_merge", reference.task_arithmetic_merge, native.task_arithmetic_merge,
