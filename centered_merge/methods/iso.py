@@ -21,8 +21,8 @@ import torch
 
 from .params import Param
 from .registry import register
-from ..linalg import exact_svd
-from .svd_family import SELECT_PARAMS, TaskVectorSVDMethod, alpha_param, randomized_params, polar, svd_flops, top_svd
+from .svd_family import (SELECT_PARAMS, TaskVectorSVDMethod, alpha_param, polar, polar_and_singular_values,
+                          randomized_params, svd_flops, top_svd, top_svd_exact)
 
 
 def summed(tau, num_models: int) -> torch.Tensor:
@@ -34,8 +34,8 @@ def summed(tau, num_models: int) -> torch.Tensor:
 
 def iso_c_matrix(tau, num_models: int) -> torch.Tensor:
     """The Iso-C merged task vector: mean(S) U V^T of the summed task vectors' full thin SVD."""
-    u, s, vh = torch.linalg.svd(summed(tau, num_models), full_matrices=False)
-    return (u @ vh).mul_(s.mean())
+    p, s = polar_and_singular_values(summed(tau, num_models))
+    return p.mul_(s.mean())
 
 
 def iso_cts_sizes(m: int, n: int, num_models: int, common_fraction: float):
@@ -59,7 +59,7 @@ def iso_cts_matrix(tau, num_models: int, shape, common_fraction: float, **svd_kw
         # The common subspace is most of the spectrum (0.8 by default) and, once made isotropic, each of its
         # directions counts as much as the top one, so a range finder's error in its weak tail directions would
         # show in full; its sketch would be nearly as wide as the matrix anyway. Exact SVD here, in both modes.
-        u_c, s_c, vh_c = exact_svd(summed(tau, num_models), k_c)
+        u_c, s_c, vh_c = top_svd_exact(summed(tau, num_models), k_c)
         us.append(u_c.clone())
         ss.append(s_c.clone())
         vhs.append(vh_c.clone())
