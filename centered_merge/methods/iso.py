@@ -11,9 +11,12 @@ of its task vector with the common subspace projected out, s = round((r - floor(
     out = W_0 + alpha * sigma polar(U) polar(V)^T
 Every other float tensor: out = W_0 + alpha * mean_t tau_t (as in FusionBench's implementation).
 
-Iso-C keeps the whole spectrum, so it needs the full SVD (its result is mean(S) times the polar factor of the
-sum; no truncation for a randomized range finder to approximate). Iso-CTS's common subspace (most of the
-spectrum) uses the exact SVD; its per-task truncated SVDs run exact (default) or randomized. Memory per matrix: the base, the sum, one task-vector buffer and the gathered factors.
+Iso-C keeps the whole spectrum, so there is no truncation for a randomized range finder to approximate: it needs
+all singular values of the sum and its polar factor U V^T, both from the eigendecomposition of the sum's short-side
+Gram matrix in float64 (svd_family.polar_and_singular_values; the SVD where that is nearly singular). Iso-CTS's
+common subspace (most of the spectrum) is exact in both modes (svd_family.top_svd_exact); its per-task truncated
+SVDs run exact (default) or randomized. Memory per matrix: the base, the sum, one task-vector buffer and the
+gathered factors.
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ def iso_cts_matrix(tau, num_models: int, shape, common_fraction: float, **svd_kw
     if k_c:
         # The common subspace is most of the spectrum (0.8 by default) and, once made isotropic, each of its
         # directions counts as much as the top one, so a range finder's error in its weak tail directions would
-        # show in full; its sketch would be nearly as wide as the matrix anyway. Exact SVD here, in both modes.
+        # show in full; its sketch would be nearly as wide as the matrix anyway. Exact here, in both modes.
         u_c, s_c, vh_c = top_svd_exact(summed(tau, num_models), k_c)
         us.append(u_c.clone())
         ss.append(s_c.clone())
@@ -83,7 +86,9 @@ def iso_cts_matrix(tau, num_models: int, shape, common_fraction: float, **svd_kw
 class IsoC(TaskVectorSVDMethod):
     name = "iso_c"
     # alpha 1.5: FusionBench's published ViT-B/32 and ViT-L/14 eight-task commands for Iso-C.
-    summary = "Iso-C: SVD of the summed task matrix with an isotropic (mean) spectrum, scaled by alpha"
+    summary = ("Iso-C: SVD of the summed task matrix with an isotropic (mean) spectrum, scaled by alpha, by default on "
+               "every 2-D tensor, embeddings and LM head included (select all2d, as the papers' code); the mean task "
+               "vector elsewhere")
     parameters = (alpha_param(1.5),) + SELECT_PARAMS
 
     def merge_matrix(self, tau, num_models, shape, name):
@@ -102,7 +107,9 @@ class IsoCTS(TaskVectorSVDMethod):
     # top one, so the range finder's error in weak directions shows in full (on decaying test matrices the
     # randomized result differs from the exact one by 5% with 2 power iterations, 0.7% with 4:
     # tests/test_svd_family.py), whereas CART and TSV-M keep the singular values and with them Eckart-Young's bound.
-    summary = "Iso-CTS: Iso-C's common subspace plus task-specific directions orthogonal to it"
+    summary = ("Iso-CTS: Iso-C's common subspace plus task-specific directions orthogonal to it, by default on every "
+               "2-D tensor, embeddings and LM head included (select all2d, as the papers' code); the mean task vector "
+               "elsewhere")
     parameters = ((alpha_param(1.5),
                    Param("common_fraction", "float", 0.8, "fraction of the spectrum given to the common subspace",
                          lo=0.0, hi=1.0, lo_open=True))

@@ -4,6 +4,8 @@ For each matrix W (task vectors tau_t = W_t - W_0, t = 1..T, shape (m, n), k = f
     U_t S_t V_t^T = SVD_k(tau_t)                      (each task's top-k singular triplets)
     U = [U_1 .. U_T], S = diag(S_1 .. S_T), V = [V_1 .. V_T]     (T k <= min(m, n) columns)
     out = W_0 + alpha * polar(U) S polar(V)^T        (polar: the nearest orthonormal-column matrix)
+polar(U) = U (U^T U)^{-1/2}, from the eigendecomposition of the (T k x T k) Gram matrix in float64
+(svd_family.polar): the same factor as an SVD of the (m x T k) U gives, without that SVD.
 Every other float tensor (biases, norms, and matrices thinner than T, where k would be 0):
     out = W_0 + alpha * mean_t tau_t
 as in the authors' code and FusionBench's. Memory per matrix: the base, one task-vector buffer, and the gathered
@@ -42,7 +44,9 @@ def tsv_merge_matrix(tau, num_models: int, k: int, **svd_kw) -> torch.Tensor:
 class TSVMerge(TaskVectorSVDMethod):
     name = "tsv"
     # alpha 1.0: the authors' setting (TSV-M needs no scaling search) and FusionBench's default.
-    summary = "TSV-M: each task's top 1/T singular triplets, singular vectors decorrelated (polar), scaled by alpha"
+    summary = ("TSV-M: each task's top 1/T singular triplets, singular vectors decorrelated (polar), scaled by alpha, "
+               "by default on every 2-D tensor, embeddings and LM head included (select all2d, as the papers' code); "
+               "the mean task vector elsewhere")
     parameters = (alpha_param(1.0),) + randomized_params() + SELECT_PARAMS
 
     def is_matrix(self, name, shape, num_models):
