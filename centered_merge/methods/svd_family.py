@@ -190,9 +190,11 @@ class TaskVectorSVDMethod(MergeMethod):
             return {"lowrank": False, "k": None, "flops": 2 * n * num_models, "workspace_bytes": 8 * n}
         m, c = matrix_shape(shape)
         k, svd_flops = self.matrix_plan(m, c, num_models)
-        # base, one task-vector buffer, the result, and the gathered factors (at most (m + n) min(m, n) floats)
+        # base, one task-vector buffer, the result, and the gathered factors (at most (m + n) min(m, n) floats),
+        # plus the Gram routes' float64 Gram, eigenvectors and G^{-1/2} (3 r^2) and one float64 row block
+        r = min(m, c)
         return {"lowrank": True, "k": k, "flops": int(num_models * n + svd_flops),
-                "workspace_bytes": 4 * (3 * n + (m + c) * min(m, c))}
+                "workspace_bytes": 4 * (3 * n + (m + c) * r) + 8 * 3 * r * r + min(_BLOCK_BYTES, 8 * n)}
 
     def matrix_plan(self, m: int, n: int, num_models: int):
         """(k, flops of the SVDs) for an (m, n) matrix."""
