@@ -220,7 +220,28 @@ def _request(cfg, method, models, base, params, ignored, tokenizer_source, unkno
            "dtype": cfg.get("dtype"), "out_dtype": cfg.get("out_dtype"),
            "tokenizer_source": tokenizer_source, "chat_template": _chat_template(cfg, source),
            "references": _references(cfg)}
-    return checked(req)
+    req = checked(req)
+    if tokenizer_source is not None:
+        req["models"], req["base"] = _reindexed(models, base, tokenizer_source)
+    return req
+
+
+def _reindexed(models, base, tokenizer_source: str):
+    """The inputs with their embedding rows re-indexed into the tokenizer source's vocabulary (mergekit's
+    tokenizer_source; centered_merge/io/vocabulary.py), read lazily by the one pipeline."""
+    from .engine.inputs import check_input_path
+    from .io import open_model
+    from .io.vocabulary import align_inputs, model_dir
+    from .stacking import StackedLayers
+
+    def dirs_of(m):
+        if isinstance(m, StackedLayers):  # its rows follow its slices' models
+            return [model_dir(path) for path, _, _ in m.ranges]
+        return [model_dir(m)]
+
+    for m in list(models) + ([base] if base is not None else []):
+        check_input_path(m)
+    return align_inputs(models, base, tokenizer_source, open_model, dirs_of)
 
 
 def _from_slices(cfg, method, base, base_is_reference, tokenizer_source, unknown, cfg_dir, source):

@@ -367,12 +367,18 @@ void dare(const py::handle& tau_c, const py::handle& out_c, const py::handle& p_
   (void)stream;
 }
 
-// Fused linear merge: out = dtype(lam * sum_t w_t x_t) without base, dtype(base + lam * sum_t w_t (x_t - base)) with it.
+// Fused linear merge: out = dtype((lam * sum_t w_t x_t) / divisor) without base, dtype(base + lam * sum_t w_t (x_t - base))
+// with it (divisor must then be 1).
 py::object linear_merge(const py::handle& inputs, const py::handle& weights, const py::handle& base_c, const py::handle& lam_h,
-                        const py::handle& out_c, const py::handle& stream_h, const py::handle& counter_c) {
+                        const py::handle& out_c, const py::handle& stream_h, const py::handle& counter_c,
+                        const py::handle& divisor_h) {
   const char* fn = "linear_merge";
   const uintptr_t stream = stream_arg(stream_h, fn);
   const float lam = float(finite_arg(lam_h, fn, "lam"));
+  const float divisor = float(finite_arg(divisor_h, fn, "divisor"));
+  if (divisor == 0.0f || (!base_c.is_none() && divisor != 1.0f))
+    throw cm::ArgError(std::string(fn) + ": argument 'divisor': expected a non-zero number (1 with a base), got " +
+                       std::to_string(divisor));
   TensorView out = output_arg(out_c, fn, "out", false);
   const void* base = nullptr;
   int32_t bd = cm::kF32;
@@ -389,7 +395,7 @@ py::object linear_merge(const py::handle& inputs, const py::handle& weights, con
     int64_t bad;
     {
       py::gil_scoped_release nogil;
-      bad = cm::cpu::active().linear(in, base, bd, lam, out.data, out.dtype, out.numel);
+      bad = cm::cpu::active().linear(in, base, bd, lam, divisor, out.data, out.dtype, out.numel);
     }
     return py::int_(bad);
   }
@@ -397,7 +403,7 @@ py::object linear_merge(const py::handle& inputs, const py::handle& weights, con
   TensorView c = counter_arg(counter_c, fn, out);
   {
     py::gil_scoped_release nogil;
-    cm::cuda::linear(in, base, bd, lam, out.data, out.dtype, out.numel, static_cast<long long*>(c.data), out.device_id, stream);
+    cm::cuda::linear(in, base, bd, lam, divisor, out.data, out.dtype, out.numel, static_cast<long long*>(c.data), out.device_id, stream);
   }
 #endif
   (void)stream;
@@ -529,8 +535,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("dare", &dare, py::arg("tau"), py::arg("out"), py::arg("p"), py::arg("scale"), py::arg("seed"), py::arg("stream") = 0,
         "DARE: out = 0 where dare_uniform(seed, i) < p, else float32(tau) * scale");
   m.def("linear_merge", &linear_merge, py::arg("inputs"), py::arg("weights"), py::arg("base"), py::arg("lam"), py::arg("out"),
-        py::arg("stream") = 0, py::arg("counter") = none,
-        "out = dtype(lam * sum_t w_t x_t), or with base dtype(base + lam * sum_t w_t (x_t - base)); returns the non-finite count on CPU");
+        py::arg("stream") = 0, py::arg("counter") = none, py::arg("divisor") = 1.0,
+        "out = dtype((lam * sum_t w_t x_t) / divisor), or with base dtype(base + lam * sum_t w_t (x_t - base)); returns the "
+        "non-finite count on CPU");
   m.def("ties_workspace_bytes", &ties_workspace_bytes, py::arg("num_inputs"), py::arg("numel"));
   m.def("select_cpu_isa", &select_cpu_isa, py::arg("name"),
         "use the CPU kernels of one compiled ISA (native, avx512, avx2, baseline); ValueError when not possible");

@@ -562,8 +562,10 @@ void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float 
 
 // Fused linear merge: per block, acc = sum_t w_t * (x_t [- base]) in float32 (one rounding per step, like
 // torch's add_(tau, alpha=w)), then acc * lam [+ base], converted to the output dtype and counted, in one pass.
-// (Without a base, lam is a final scale: lam = 1/T with unit weights rounds exactly like mean_fp32.)
-int64_t linear(const InputList& in, const void* base, int32_t bd, float lam, void* out, int32_t od, int64_t n) {
+// (Without a base, lam is a final scale: lam = 1/T with unit weights rounds exactly like mean_fp32; and then a
+// division by `divisor`, mergekit's normalize: raw weights, the sum divided by their sum, rounded as it rounds.)
+int64_t linear(const InputList& in, const void* base, int32_t bd, float lam, float divisor, void* out, int32_t od,
+               int64_t n) {
   const int64_t nb = num_blocks(n);
   int64_t bad = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad) if (n >= kParallelMin)
@@ -602,9 +604,15 @@ int64_t linear(const InputList& in, const void* base, int32_t bd, float lam, voi
         const float s = acc[i] * lam;
         acc[i] = s + bb[i];
       }
-    } else if (lam != 1.0f) {
+    } else {
+      if (lam != 1.0f) {
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) acc[i] = acc[i] * lam;
+        for (int64_t i = 0; i < len; ++i) acc[i] = acc[i] * lam;
+      }
+      if (divisor != 1.0f) {
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) acc[i] = acc[i] / divisor;
+      }
     }
     int64_t c = 0;
     if (od == kF32) {

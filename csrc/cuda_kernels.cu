@@ -294,8 +294,8 @@ __global__ void ties_merge_kernel(InputList in, const void* __restrict__ base, i
 }
 
 // --- fused linear merge -------------------------------------------------------------------------------------
-__global__ void linear_kernel(InputList in, const void* __restrict__ base, int32_t bd, float lam, void* __restrict__ out,
-                              int32_t od, int64_t n, unsigned long long* counter) {
+__global__ void linear_kernel(InputList in, const void* __restrict__ base, int32_t bd, float lam, float divisor,
+                              void* __restrict__ out, int32_t od, int64_t n, unsigned long long* counter) {
   unsigned long long bad = 0;
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
     const float bb = base ? load_as_f32(base, bd, i) : 0.0f;
@@ -305,7 +305,10 @@ __global__ void linear_kernel(InputList in, const void* __restrict__ base, int32
       acc = __fmaf_rn(in.weight[t], base ? x - bb : x, acc);  // like torch's add_(tau, alpha=w): one rounding
     }
     if (base) acc = acc * lam + bb;  // --fmad=false: a rounded product, then a rounded sum
-    else if (lam != 1.0f) acc = acc * lam;  // without a base lam is a final scale (1/T: the mean)
+    else {
+      if (lam != 1.0f) acc = acc * lam;  // without a base lam is a final scale (1/T: the mean)
+      if (divisor != 1.0f) acc = __fdiv_rn(acc, divisor);  // mergekit's normalize: an IEEE division
+    }
     if (od == kBF16) {
       const uint16_t h = f32_to_bf16(acc);
       bad += (h & 0x7F80u) == 0x7F80u;
@@ -424,11 +427,11 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
   check_launch("ties merge kernel launch");
 }
 
-void linear(const InputList& in, const void* base, int32_t bd, float lam, void* out, int32_t od, int64_t n,
-            long long* counter, int device, uintptr_t stream) {
+void linear(const InputList& in, const void* base, int32_t bd, float lam, float divisor, void* out, int32_t od,
+            int64_t n, long long* counter, int device, uintptr_t stream) {
   if (n == 0) return;
   DeviceGuard g(device);
-  linear_kernel<<<grid_for(n, device), kThreads, 0, as_stream(stream)>>>(in, base, bd, lam, out, od, n,
+  linear_kernel<<<grid_for(n, device), kThreads, 0, as_stream(stream)>>>(in, base, bd, lam, divisor, out, od, n,
                                                                           reinterpret_cast<unsigned long long*>(counter));
   check_launch("linear merge kernel launch");
 }

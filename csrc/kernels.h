@@ -28,9 +28,10 @@ struct Kernels {
                      float lam, bool normalize, float* thresholds_out);
   // DARE: out = (u_i < p) ? 0 : float32(tau_i) * scale, u_i = dare_uniform(seed, i)
   void (*dare)(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed);
-  // Fused linear merge, one pass: without base, out = dtype(lam * sum_t w_t x_t); with base,
-  // out = dtype(base + lam * sum_t w_t (x_t - base)). Returns the non-finite count of the converted result.
-  int64_t (*linear)(const InputList& in, const void* base, int32_t base_dtype, float lam, void* out,
+  // Fused linear merge, one pass: without base, out = dtype((lam * sum_t w_t x_t) / divisor) (the division
+  // skipped when divisor is 1); with base, out = dtype(base + lam * sum_t w_t (x_t - base)) (divisor unused).
+  // Returns the non-finite count of the converted result.
+  int64_t (*linear)(const InputList& in, const void* base, int32_t base_dtype, float lam, float divisor, void* out,
                     int32_t out_dtype, int64_t n);
 };
 
@@ -76,8 +77,8 @@ void ties_merge(const InputList& in, const void* base, int32_t base_dtype, float
 void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed, int device,
           uintptr_t stream);
 // Fused linear merge (see cpu::Kernels::linear); adds the non-finite count to *counter.
-void linear(const InputList& in, const void* base, int32_t base_dtype, float lam, void* out, int32_t out_dtype,
-            int64_t n, long long* counter, int device, uintptr_t stream);
+void linear(const InputList& in, const void* base, int32_t base_dtype, float lam, float divisor, void* out,
+            int32_t out_dtype, int64_t n, long long* counter, int device, uintptr_t stream);
 
 }  // namespace cuda
 #endif

@@ -395,6 +395,36 @@ def test_task_arithmetic_merge(dtype, shape, values, out_dtype):
         assert n == n_ref, (T, n, n_ref)
 
 
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES[:3], ids=["none", "bf16", "fp16"])
+@pytest.mark.parametrize("values", ["randn", "huge", "nonfinite"])
+@pytest.mark.parametrize("shape", SHAPES + [BIG], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_linear_merge_divisor_is_mergekits_normalize(dtype, shape, values, out_dtype):
+    # raw weights, then a division by their float32 sum: bit for bit mergekit's linear (its addcmul_ loop in
+    # float32, then div_), the twin and the kernel alike
+    for w in ([0.6, 0.6], [0.7, 0.3, 0.2], [0.3, 1.1, 0.45, 0.9]):
+        xs = [make(shape, dtype, values, seed=t) for t in range(len(w))]
+        d = float(torch.tensor(w, dtype=torch.float32).sum())
+        y, n = N.linear_merge(xs, w, out_dtype, divisor=d)
+        y_ref, n_ref = R.linear_merge(xs, w, out_dtype, divisor=d)
+        same(y, y_ref, f"w={w}")
+        assert n == n_ref, (w, n, n_ref)
+        wt = torch.tensor(w, dtype=torch.float32)
+        mk = torch.zeros(xs[0].shape, dtype=torch.float32)
+        for x, c in zip(xs, wt):
+            mk.addcmul_(x.float(), c.reshape(()))
+        mk.div_(wt.sum())
+        same(y, mk.to(out_dtype or torch.float32), f"w={w}")
+
+
+def test_linear_merge_divisor_checked():
+    xs = [make((4,), torch.float32, "randn", seed=0)]
+    with pytest.raises(ValueError, match="divisor"):
+        N.linear_merge(xs, [1.0], None, divisor=0.0)
+    with pytest.raises(ValueError, match="divisor"):
+        N.linear_merge(xs, [1.0], None, divisor=float("inf"))
+
+
 @pytest.mark.parametrize("values", ["randn", "nonfinite"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_linear_kernels_big(dtype, values, shape=BIG):
@@ -577,6 +607,8 @@ def test_cuda_linear_kernels(dtype, shape, values, out_dtype):
     xs = [make(shape, dtype, values, seed=t, device="cuda") for t in range(3)]
     for f_n, f_r, args in [(N.linear_merge, R.linear_merge, ([0.2, 0.3, 0.5], out_dtype)),
                            (N.linear_merge, R.linear_merge, ([1.0, 1.0, 1.0], out_dtype, 1.0 / 3)),
+                           (N.linear_merge, R.linear_merge,
+                            ([0.7, 0.3, 0.2], out_dtype, 1.0, float(torch.tensor([0.7, 0.3, 0.2]).sum()))),
                            (N.task_arithmetic_merge, R.task_arithmetic_merge, ([1.0, 0.5, 2.0], 0.4, out_dtype))]:
         a_dev = (xs,) + ((base,) if f_n is N.task_arithmetic_merge else ()) + args
         a_cpu = ([x.cpu() for x in xs],) + ((base.cpu(),) if f_n is N.task_arithmetic_merge else ()) + args

@@ -37,6 +37,20 @@ def test_linear_weights_and_normalize():
         cm.merge([a, b], "linear", weight=[1, -1])
 
 
+def test_linear_normalize_rounds_as_mergekit_at_halfway_points():
+    # bf16 inputs whose exact mean lies halfway between two bf16 numbers: (0.6 x1 + 0.6 x2) / 1.2 in float32, as
+    # mergekit computes it, lands off the halfway point for some of them; the output must be that value rounded
+    # (the 4 entries of bench/peer/parity.py's linear slices variant that differed before)
+    x1 = torch.tensor([1.0, 0.96484375, 0.9765625, 0.91015625], dtype=torch.bfloat16)
+    x2 = torch.tensor([0.93359375, 0.8515625, 1.109375, 1.078125], dtype=torch.bfloat16)
+    m = get_method("linear", weight=[0.6, 0.6])
+    got, _ = m.merge_tensor_to("t", [x1, x2], None, torch.bfloat16)
+    w = torch.tensor([0.6, 0.6])
+    mk = torch.zeros(4).addcmul_(x1.float(), w[0]).addcmul_(x2.float(), w[1]).div_(w.sum())
+    assert torch.equal(got, mk.to(torch.bfloat16))
+    assert (got != ((x1.float() + x2.float()) / 2).to(torch.bfloat16)).all()  # the exact mean rounds otherwise
+
+
 def test_task_arithmetic_weights():
     """tau = [1, 0], [0, 2]; weights 0.5 and 2: base + [0.5, 4]; normalize divides by 2.5."""
     base, a, b = one([1.0, 1.0]), one([2.0, 1.0]), one([1.0, 3.0])

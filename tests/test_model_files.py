@@ -146,13 +146,146 @@ def test_tokenizer_source_another_model_with_the_same_vocabulary(trio):
         assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"  # config: the base's
 
 
-def test_tokenizer_source_with_another_vocabulary_is_refused(trio, capsys):
-    tmp, b, ms = trio
-    other = hf_dir(tmp / "other", make_state_dicts(T=1, with_int=False)[0], vocab={"a": 0, "c": 1})
-    rc, out, _ = run_config(tmp, ta(b, ms, tokenizer_source=str(other)))
+def _tok(vocab, pad_id=None):
+    """tokenizer.json content: `vocab` plus <pad> as an added token (at `pad_id`, default len(vocab))."""
+    return {"version": "1.0", "model": {"type": "BPE", "vocab": vocab, "merges": []},
+            "added_tokens": [{"id": len(vocab) if pad_id is None else pad_id, "content": "<pad>"}]}
+
+
+def _vocab_model(path, vocab, m, rows=None, config=None):
+    """A model whose embedding / LM-head row r is [100 m + r, -(100 m + r) / 2] (and 10 m + r in the head)."""
+    n = rows or len(vocab) + 1
+    r = torch.arange(n, dtype=torch.float32) + 100 * m
+    sd = {"model.embed_tokens.weight": torch.stack([r, -r / 2], 1), "lm_head.weight": torch.stack([r / 10, r], 1),
+          "model.norm.weight": torch.full((2,), 1.0 + m), "model.layers.0.mlp.up_proj.weight": torch.full((2, 2), float(m))}
+    d = hf_dir(path, sd, config=config)
+    (d / "tokenizer.json").write_text(json.dumps(_tok(vocab)))
+    return d, sd
+
+
+@pytest.fixture
+def vocab_trio(tmp_path):
+    """base {a, b, e}, ft0 {b, a, e, f} (a and b swapped), ft1 {a, b, c, f}, each + <pad>; the tokenizer source
+    {c, b, a, d, e, f} + <pad>: c only in ft1, d in none, e in base and ft0, f in ft0 and ft1 only."""
+    b, sb = _vocab_model(tmp_path / "m" / "base", {"a": 0, "b": 1, "e": 2}, 0)
+    f0, s0 = _vocab_model(tmp_path / "m" / "ft0", {"b": 0, "a": 1, "e": 2, "f": 3}, 1)
+    f1, s1 = _vocab_model(tmp_path / "m" / "ft1", {"a": 0, "b": 1, "c": 2, "f": 3}, 2)
+    tok, _ = _vocab_model(tmp_path / "m" / "tok", {"c": 0, "b": 1, "a": 2, "d": 3, "e": 4, "f": 5}, 3)
+    return tmp_path, (b, f0, f1, tok), (sb, s0, s1)
+
+
+def _expected_rows(key, sb, s0, s1):
+    """Each input's rows in the source's order (c, b, a, d, e, f, <pad>), by mergekit's rules, worked by hand."""
+    B, A0, A1 = sb[key], s0[key], s1[key]
+    z = torch.zeros(2)
+    c, d = A1[2], z                        # c: only ft1 has it (all take its row); d: nobody (zero)
+    e_b, e_0 = B[2], A0[2]                 # e: base and ft0 have it; ft1 takes the base's row
+    f_0, f_1 = A0[3], A1[3]                # f: ft0 and ft1 have it; the base takes their mean
+    return (torch.stack([c, B[1], B[0], d, e_b, (f_0 + f_1) / 2, B[3]]),
+            torch.stack([c, A0[0], A0[1], d, e_0, f_0, A0[4]]),
+            torch.stack([c, A1[1], A1[0], d, e_b, f_1, A1[4]]))
+
+
+def test_rows_land_where_the_tokens_say(vocab_trio):
+    from centered_merge.io import open_model
+    from centered_merge.io.vocabulary import VocabularyAligned, align_inputs
+
+    tmp, (b, f0, f1, tok), sds = vocab_trio
+    models, base = align_inputs([str(f0), str(f1)], str(b), str(tok), open_model)
+    try:
+        assert all(isinstance(s, VocabularyAligned) for s in models + [base])
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            want = _expected_rows(key, *sds)
+            for s, w in zip([base] + models, want):
+                assert s.info(key).shape == (7, 2)
+                assert torch.equal(s.get(key), w), (s.label, key)
+        assert torch.equal(models[0].get("model.norm.weight"), sds[1]["model.norm.weight"])  # not vocabulary rows
+    finally:
+        for s in models + [base]:
+            s.close()
+
+
+def test_tokenizer_source_with_another_vocabulary_reindexes_the_embeddings(vocab_trio):
+    tmp, (b, f0, f1, tok), sds = vocab_trio
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(b), "out_dtype": "float32",
+           "models": [{"model": str(f0), "parameters": {"weight": 0.5}},
+                      {"model": str(f1), "parameters": {"weight": 0.25}}]}
+    for top in ({"tokenizer_source": str(tok)}, {"tokenizer": {"source": str(tok)}}):
+        rc, out, _ = run_config(tmp, {**cfg, **top}, out="o" + list(top)[0])
+        assert rc == 0
+        from safetensors.torch import load_file
+        got = load_file(str(out / "model.safetensors"))
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            B, A0, A1 = _expected_rows(key, *sds)
+            torch.testing.assert_close(got[key], B + 0.5 * (A0 - B) + 0.25 * (A1 - B), rtol=0, atol=1e-6)
+        assert json.loads((out / "config.json").read_text())["vocab_size"] == 7
+        assert (out / "tokenizer.json").read_bytes() == (tok / "tokenizer.json").read_bytes()
+
+
+def test_tokenizer_source_base_reindexes_into_the_base_vocabulary(vocab_trio):
+    """`base`: the base's vocabulary (a, b, e, <pad>); ft0's swapped a/b rows are put back in the base's order,
+    and its row of f (not in the base's vocabulary) is dropped."""
+    from safetensors.torch import load_file
+
+    tmp, (b, f0, f1, tok), (sb, s0, s1) = vocab_trio
+    cfg = {"merge_method": "linear", "out_dtype": "float32", "base_model": str(b), "tokenizer_source": "base",
+           "models": [{"model": str(b), "parameters": {"weight": 0.5}}, {"model": str(f0), "parameters": {"weight": 0.5}}]}
+    rc, out, _ = run_config(tmp, cfg)
+    assert rc == 0
+    got = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
+    E0 = s0["model.embed_tokens.weight"]
+    A0 = torch.stack([E0[1], E0[0], E0[2], E0[4]])  # a, b, e, <pad> in ft0's ids
+    torch.testing.assert_close(got, (sb["model.embed_tokens.weight"] + A0) / 2, rtol=0, atol=1e-6)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 4
+
+
+def test_same_vocabulary_is_read_unchanged(vocab_trio):
+    from centered_merge.io import open_model
+    from centered_merge.io.vocabulary import align_inputs
+
+    tmp, (b, f0, f1, tok), _ = vocab_trio
+    assert align_inputs([str(b)], str(b), "base", open_model) == ([str(b)], str(b))
+
+
+def test_padded_embedding_rows_are_dropped_with_tokenizer_source_base(tmp_path):
+    """mergekit sizes the embeddings by the tokenizer's length: padding rows beyond it go."""
+    from centered_merge.io import open_model
+    from centered_merge.io.vocabulary import align_inputs
+
+    b, sb = _vocab_model(tmp_path / "b", {"a": 0, "b": 1}, 0, rows=8)
+    models, base = align_inputs([str(b)], None, "base", open_model)
+    try:
+        assert torch.equal(models[0].get("lm_head.weight"), sb["lm_head.weight"][:3])
+    finally:
+        models[0].close()
+
+
+def test_slices_are_reindexed_and_mixed_vocabularies_refused(vocab_trio, capsys):
+    from safetensors.torch import load_file
+
+    tmp, (b, f0, f1, tok), (sb, s0, s1) = vocab_trio
+    src = lambda m: {"sources": [{"model": str(m), "layer_range": [0, 1]}]}  # noqa: E731
+    cfg = {"merge_method": "passthrough", "out_dtype": "float32", "tokenizer_source": str(tok),
+           "slices": [src(f0), src(f0)]}
+    rc, out, _ = run_config(tmp, cfg)
+    assert rc == 0
+    got = load_file(str(out / "model.safetensors"))
+    E = s0["model.embed_tokens.weight"]  # one input: what it lacks (c, d) is zero
+    assert torch.equal(got["model.embed_tokens.weight"], torch.stack([0 * E[0], E[0], E[1], 0 * E[0], E[2], E[3], E[4]]))
+    assert "model.layers.1.mlp.up_proj.weight" in got
+    rc, out, _ = run_config(tmp, {**cfg, "slices": [src(f0), src(f1)]}, out="o2")
+    err = capsys.readouterr().err
+    assert rc == 1 and not out.exists() and err.count("\n") == 1 and "different vocabularies" in err
+
+
+def test_tokenizer_source_without_a_readable_vocabulary_is_refused(vocab_trio, capsys):
+    tmp, (b, f0, f1, tok), _ = vocab_trio
+    (tok / "tokenizer.json").unlink()
+    (tok / "tokenizer.model").write_bytes(b"sentencepiece")
+    rc, out, _ = run_config(tmp, ta(b, [f0, f1], tokenizer_source=str(tok)))
     err = capsys.readouterr().err
     assert rc == 1 and not out.exists()
-    assert err.count("\n") == 1 and "vocabulary differs" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and "sentencepiece" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("ts", ["union", "base"])

@@ -49,6 +49,39 @@ def build_models(root: Path, n_models: int, layers: int, seed: int, hidden: int 
     return paths[0], paths[1:]
 
 
+def write_tokenizer(d: Path, tokens) -> None:
+    """A word-level tokenizer whose token -> id map is `tokens` in order (tokenizer.json and the rest, as
+    transformers saves them), so that both tools read the vocabulary a model's embedding rows follow."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=tokens[0]).save_pretrained(d)
+
+
+def build_vocabularies(root: Path, base: str, models, vocab: int = 256, seed: int = 0) -> str:
+    """Tokenizers for the models of build_models, all of `vocab` entries (the embedding's rows): the base has
+    t0..t255; ft1 the same tokens in another order, but with t200..t209 replaced by m0..m9; ft2 the base's order
+    with t220..t249 replaced by n0..n29 and m0..m9; ft3 the base's. The returned tokenizer-only directory (the
+    tokenizer source) orders the base's tokens at random, leaves t250..t255 out and adds n0..n19 (only ft2 has
+    them), m0..m9 (ft1 and ft2) and x0..x4 (no model): every default-row rule of mergekit is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    base_toks = [f"t{i}" for i in range(vocab)]
+    write_tokenizer(Path(base), base_toks)
+    ft1 = [base_toks[i] for i in torch.randperm(vocab, generator=g).tolist()]
+    ft1 = [f"m{int(t[1:]) - 200}" if 200 <= int(t[1:]) < 210 else t for t in ft1]
+    ft2 = [f"n{i - 220}" if 220 <= i < 250 else t for i, t in enumerate(base_toks)]
+    ft2 = [f"m{i - 200}" if 200 <= i < 210 else t for i, t in enumerate(ft2)]
+    for d, toks in zip(models, (ft1, ft2, base_toks)):
+        write_tokenizer(Path(d), toks)
+    src = base_toks[:250] + [f"n{i}" for i in range(20)] + [f"m{i}" for i in range(10)] + [f"x{i}" for i in range(5)]
+    src = [src[i] for i in torch.randperm(len(src), generator=g).tolist()]
+    tok_dir = root / "tokenizer_source"
+    write_tokenizer(tok_dir, src)
+    return str(tok_dir)
+
+
 def slices_cfg(method: str, base, two, layers: int = 4):
     """Two slices over the models' layers with a value at each precedence level: the sources' own weight in the
     first slice, a slice-level gradient in the second, a global filter list under both (passthrough: `scale`,
@@ -72,8 +105,8 @@ def slices_cfg(method: str, base, two, layers: int = 4):
     return c
 
 
-def variants(method: str, base: str, models):
-    """(variant name, config) pairs for one method."""
+def variants(method: str, base: str, models, tokenizer: str = None):
+    """(variant name, config) pairs for one method; `tokenizer`: the tokenizer source of build_vocabularies."""
     two = models[:2]
 
     def cfg(model_params, params=None, with_base=True):
@@ -101,6 +134,13 @@ def variants(method: str, base: str, models):
                         with_base=with_base)))
         if method in ("linear", "task_arithmetic"):
             out.append(("slices precedence", slices_cfg(method, base if with_base else None, two)))
+            if tokenizer is not None:  # embeddings re-indexed into another vocabulary
+                # a base_model always: without one mergekit's `base` is the first of an unordered set of models
+                c = cfg([{"weight": 0.7}, {"weight": 0.3}])
+                if not with_base:  # linear: the base is merged too (mergekit adds it to the inputs)
+                    c["models"].insert(0, {"model": base, "parameters": {"weight": 0.2}})
+                out.append(("tokenizer path", {**c, "tokenizer_source": tokenizer}))
+                out.append(("tokenizer base", {**c, "tokenizer_source": "base"}))
         return out
     if method == "passthrough":
         return [("slices scale", slices_cfg(method, None, models[:1] + models[1:2]))]
@@ -138,8 +178,9 @@ def load_dir(d: Path):
 
 
 def compare(ours, theirs, base, random: bool):
-    common = sorted(set(ours) & set(theirs))
-    missing = sorted(set(ours) ^ set(theirs))
+    missing = sorted(set(ours) ^ set(theirs)) + sorted(k for k in set(ours) & set(theirs)
+                                                      if ours[k].shape != theirs[k].shape)
+    common = sorted(k for k in set(ours) & set(theirs) if k not in missing)
     if not random:
         worst, where = 0.0, None
         for k in common:
@@ -175,6 +216,7 @@ def main(argv=None) -> int:
     root = Path(a.workdir or tempfile.mkdtemp(prefix="peer_"))
     root.mkdir(parents=True, exist_ok=True)
     base, models = build_models(root / "models", 3, a.layers, seed=0, hidden=a.hidden)
+    tokenizer = build_vocabularies(root, base, models)
     base_sd = load_dir(Path(base))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     print(f"models: Llama-shaped, hidden {a.hidden}, {a.layers} layers, bf16, in {root}; "
@@ -182,7 +224,7 @@ def main(argv=None) -> int:
     print(f"{'method':<17} {'variant':<16} {'result':<58} {'mk s':>6} {'ours s':>6} {'mk MiB':>7} {'ours MiB':>8}")
     worst_det = 0.0
     for method in a.methods:
-        for vname, cfg in variants(method, base, models):
+        for vname, cfg in variants(method, base, models, tokenizer):
             tag = f"{method}-{vname.replace(' ', '_').replace('/', '_')}"
             cfg_path = root / f"{tag}.yaml"
             cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))

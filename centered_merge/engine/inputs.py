@@ -83,7 +83,8 @@ class Inputs:
             raise MergeConfigError("no models to merge (T = 0)")
         if method.needs_base and base is None:
             raise MergeConfigError(f"method {method.name!r} needs a base model (--base / base=...)")
-        self.paths = [m for m in models + [base] if isinstance(m, (str, Path))]
+        self.paths = [m if isinstance(m, (str, Path)) else m.path for m in models + [base]
+                      if isinstance(m, (str, Path)) or getattr(m, "path", None) is not None]
         self.sources: List[TensorSource] = []
         self.base: Optional[TensorSource] = None
         try:

@@ -5,10 +5,10 @@ and the chat template, taken as mergekit 0.1.5 takes them (facts read from its m
   (`torch_dtype`, which every transformers version reads, and `dtype` where the file already uses that name).
 - the tokenizer files and generation_config.json come from the tokenizer source: the donor by default
   (mergekit's `tokenizer_source: base`), or another model named by `tokenizer_source: PATH` /
-  `tokenizer: {source: PATH}`. mergekit permutes each model's embedding rows into that model's vocabulary; the
-  rows need no change when every model has the same vocabulary, and only then is another source accepted here
-  (`check_tokenizer_source`). Files are copied byte for byte (mergekit copies them too unless a chat template or
-  a tokenizer source is given, when it re-saves the tokenizer with transformers; the content is the same).
+  `tokenizer: {source: PATH}`. With a tokenizer source (`base` or a path), each input's embedding rows are
+  re-indexed into its vocabulary as they are read (io/vocabulary.py) and config.json's `vocab_size` becomes the
+  tokenizer's length, as mergekit does. Files are copied byte for byte (mergekit re-saves the tokenizer with
+  transformers when a chat template or a tokenizer source is given; the vocabulary is the same).
 - a chat template (`chat_template:`): one of the names mergekit knows (alpaca, chatml, exaone, llama3, mistral;
   our own templates for those formats, centered_merge/io/chat_templates.py), `auto` (the template most input
   models carry, as mergekit picks it), or a literal Jinja string. It is written to chat_template.jinja, which
@@ -16,7 +16,6 @@ and the chat template, taken as mergekit 0.1.5 takes them (facts read from its m
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections import Counter
@@ -27,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..errors import MergeConfigError
+from .vocabulary import has_tokenizer, model_dir, output_vocabulary
 
 CONFIG_FILE = "config.json"
 TEMPLATE_FILE = "chat_template.jinja"
@@ -47,12 +47,14 @@ class ModelFiles:
     """What goes into the output besides the tensors. config_dir: the donor (base, else first model);
     tokenizer_dir: the tokenizer source (None = the donor); chat_template: literal Jinja text to write in, or None;
     config_yaml: the merge's YAML config as given (written to mergekit_config.yml and quoted in the card);
+    vocab_size: the output vocabulary's length, set in config.json (None: left as the donor has it);
     references: the models as the config names them, base first (the card's base_model list is drawn from them)."""
     config_dir: Optional[Path] = None
     tokenizer_dir: Optional[Path] = None
     chat_template: Optional[str] = None
     config_yaml: Optional[str] = None
     references: Tuple[str, ...] = ()
+    vocab_size: Optional[int] = None  # config.json's vocab_size when a tokenizer source re-indexes the embeddings
 
     def with_config_dir(self, config_dir) -> "ModelFiles":
         return replace(self, config_dir=Path(config_dir) if config_dir is not None else None)
@@ -65,8 +67,8 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
-def _write_config(src: Path, dst: Path, out_dtype: Optional[torch.dtype]) -> None:
-    if out_dtype is None:
+def _write_config(src: Path, dst: Path, out_dtype: Optional[torch.dtype], vocab_size: Optional[int] = None) -> None:
+    if out_dtype is None and vocab_size is None:
         shutil.copyfile(src, dst)
         return
     try:
@@ -76,9 +78,12 @@ def _write_config(src: Path, dst: Path, out_dtype: Optional[torch.dtype]) -> Non
     if not isinstance(cfg, dict):
         shutil.copyfile(src, dst)
         return
-    cfg["torch_dtype"] = _dtype_name(out_dtype)
-    if "dtype" in cfg:
-        cfg["dtype"] = _dtype_name(out_dtype)
+    if out_dtype is not None:
+        cfg["torch_dtype"] = _dtype_name(out_dtype)
+        if "dtype" in cfg:
+            cfg["dtype"] = _dtype_name(out_dtype)
+    if vocab_size is not None:
+        cfg["vocab_size"] = vocab_size
     dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -101,7 +106,7 @@ def copy_model_files(src: Union[ModelFiles, Path, str], dst: Path,
     dst = Path(dst)
     written = []
     if files.config_dir is not None and (files.config_dir / CONFIG_FILE).is_file():
-        _write_config(files.config_dir / CONFIG_FILE, dst / CONFIG_FILE, out_dtype)
+        _write_config(files.config_dir / CONFIG_FILE, dst / CONFIG_FILE, out_dtype, files.vocab_size)
         written.append(CONFIG_FILE)
     tok = files.tokenizer_dir if files.tokenizer_dir is not None else files.config_dir
     if tok is not None:
@@ -119,66 +124,6 @@ def copy_model_files(src: Union[ModelFiles, Path, str], dst: Path,
             _write_tokenizer_config(tok / TOKENIZER_CONFIG, dst / TOKENIZER_CONFIG, files.chat_template)
             written.append(TOKENIZER_CONFIG)
     return written
-
-
-def _model_dir(model) -> Optional[Path]:
-    """The directory holding a model's config/tokenizer files (a path or a TensorSource), else None."""
-    d = getattr(model, "config_dir", None)
-    if d is not None:
-        return Path(d)
-    if isinstance(model, (str, Path)):
-        p = Path(model)
-        return p if p.is_dir() else p.parent
-    return None
-
-
-def vocabulary_digest(d: Optional[Path]) -> Optional[str]:
-    """A digest of the token -> id map a model directory's tokenizer defines, or None when it has no tokenizer
-    files (mergekit then assumes the base model's vocabulary). tokenizer.json (vocab + added tokens) first, else
-    vocab.json + added_tokens.json, vocab.txt, or the bytes of a sentencepiece model."""
-    if d is None:
-        return None
-    h = hashlib.sha256()
-    tj = d / "tokenizer.json"
-    if tj.is_file():
-        try:
-            data = json.loads(tj.read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise MergeConfigError(f"{tj}: not valid JSON") from None
-        model = data.get("model") if isinstance(data, dict) else None
-        vocab = model.get("vocab") if isinstance(model, dict) else None
-        if isinstance(vocab, list):  # Unigram: [[piece, score], ...], the id is the position
-            vocab = {str(e[0] if isinstance(e, list) else e): i for i, e in enumerate(vocab)}
-        added = {str(t.get("content")): t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
-        h.update(json.dumps([vocab, added], sort_keys=True).encode())
-        return h.hexdigest()
-    found = False
-    for name in ("vocab.json", "added_tokens.json", "vocab.txt", "tokenizer.model", "spiece.model",
-                 "sentencepiece.bpe.model"):
-        p = d / name
-        if p.is_file():
-            h.update(name.encode() + b"\0" + p.read_bytes())
-            found = True
-    return h.hexdigest() if found else None
-
-
-def check_tokenizer_source(source: Path, models: Sequence, donor) -> None:
-    """Refuse a tokenizer source whose vocabulary differs from an input's: mergekit would then rebuild the
-    embedding and LM-head rows in the new vocabulary (embedding surgery), which this library does not do."""
-    want = vocabulary_digest(source)
-    if want is None:
-        raise MergeConfigError(f"tokenizer_source {source}: no tokenizer files there (tokenizer.json, "
-                               "tokenizer.model, vocab.json or vocab.txt)")
-    ref = vocabulary_digest(_model_dir(donor))
-    for m in list(models) + [donor]:
-        got = vocabulary_digest(_model_dir(m))
-        if got is None:
-            got = ref  # no tokenizer there: the base's vocabulary, as mergekit assumes
-        if got is not None and got != want:
-            label = getattr(m, "label", m)
-            raise MergeConfigError(f"tokenizer_source {source}: its vocabulary differs from that of {label}; "
-                                   "re-indexing the embeddings into another vocabulary is not supported (use "
-                                   "tokenizer_source: base, or a model with the same vocabulary)")
 
 
 def _model_template(d: Optional[Path]) -> Optional[str]:
@@ -208,7 +153,7 @@ def resolve_chat_template(value: Optional[str], models: Sequence) -> Optional[st
     if value is None:
         return None
     if value == "auto":
-        found = [t.strip() for t in (_model_template(_model_dir(m)) for m in models) if t]
+        found = [t.strip() for t in (_model_template(model_dir(m)) for m in models) if t]
         return Counter(found).most_common(1)[0][0] if found else None
     if value in chat_templates.TEMPLATES:
         return chat_templates.TEMPLATES[value]
@@ -225,13 +170,16 @@ def model_files_for(models: Sequence, base, tokenizer_source: Optional[str], cha
     donor = base if base is not None else models[0]
     tok_dir = None
     if tokenizer_source not in (None, "base"):
-        tok_dir = _model_dir(tokenizer_source)
+        tok_dir = model_dir(tokenizer_source)
         if tok_dir is None or not tok_dir.is_dir():
             raise MergeConfigError(f"tokenizer_source {tokenizer_source}: not a model directory")
-        check_tokenizer_source(tok_dir, models, donor)
+    vocab_size = None
+    if tok_dir is not None or (tokenizer_source == "base" and has_tokenizer(model_dir(donor))):
+        # the inputs are re-indexed into it (config.py, io/vocabulary.py)
+        vocab_size = len(output_vocabulary(tok_dir or model_dir(donor), base=tok_dir is None))
     everyone = ([base] if base is not None else []) + list(models)
     template = resolve_chat_template(chat_template, everyone)
-    tc = (tok_dir or _model_dir(donor) or Path("/nonexistent")) / TOKENIZER_CONFIG
+    tc = (tok_dir or model_dir(donor) or Path("/nonexistent")) / TOKENIZER_CONFIG
     if template is not None and tc.is_file():  # refused now rather than after the tensors are written
         try:
             ok = isinstance(json.loads(tc.read_text()), dict)
@@ -239,4 +187,4 @@ def model_files_for(models: Sequence, base, tokenizer_source: Optional[str], cha
             ok = False
         if not ok:
             raise MergeConfigError(f"{tc}: not a JSON object; cannot set its chat_template")
-    return ModelFiles(None, tok_dir, template, config_yaml, tuple(references))
+    return ModelFiles(None, tok_dir, template, config_yaml, tuple(references), vocab_size)

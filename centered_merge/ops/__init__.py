@@ -6,7 +6,7 @@
     finalize(x, dtype, add=None)                                -> (tensor of dtype, non-finite count)
     ties_merge(inputs, base, density, lam, weights=None, normalize=True) -> float32 tensor
     dare(tau, p, seed)                                          -> float32 tensor
-    linear_merge(inputs, weights, out_dtype=None, scale=1.0)    -> (tensor of out_dtype, non-finite count)
+    linear_merge(inputs, weights, out_dtype=None, scale=1.0, divisor=1.0) -> (tensor of out_dtype, non-finite count)
     task_arithmetic_merge(inputs, base, weights, lam, out_dtype=None) -> (tensor of out_dtype, non-finite count)
 """
 from .reference import kept_count, magnitude_threshold  # noqa: F401  (scalar helpers, no native twin needed)

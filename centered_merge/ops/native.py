@@ -116,7 +116,7 @@ def dare(tau: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return out
 
 
-def _fused(inputs, base, weights, lam, out_dtype):
+def _fused(inputs, base, weights, lam, out_dtype, divisor=1.0):
     C = _C()
     first = inputs[0] if base is None else base
     out = torch.empty(first.shape, dtype=out_dtype or F32, device=first.device)
@@ -124,13 +124,13 @@ def _fused(inputs, base, weights, lam, out_dtype):
     ccap, counter = _counter(out)
     bad = C.linear_merge([_cap(x) for x in xs], [float(w) for w in weights],
                          None if base is None else _cap(_contig(base)), float(lam), _cap(out),
-                         stream=_stream(out), counter=ccap)
+                         stream=_stream(out), counter=ccap, divisor=float(divisor))
     return out, int(counter.item()) if counter is not None else int(bad)
 
 
 def linear_merge(inputs: Sequence[torch.Tensor], weights: Sequence[float], out_dtype: Optional[torch.dtype] = None,
-                 scale: float = 1.0):
-    return _fused(inputs, None, weights, scale, out_dtype)
+                 scale: float = 1.0, divisor: float = 1.0):
+    return _fused(inputs, None, weights, scale, out_dtype, divisor)
 
 
 def task_arithmetic_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float], lam: float,

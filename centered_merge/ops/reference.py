@@ -62,15 +62,18 @@ def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = 
 
 
 def linear_merge(inputs: Sequence[torch.Tensor], weights: Sequence[float], out_dtype: Optional[torch.dtype] = None,
-                 scale: float = 1.0):
-    """scale * sum_t weights[t] * inputs[t], accumulated in float32 in input order and then scaled (unit weights
-    with scale 1/T round exactly as mean_fp32), converted to `out_dtype` (float32 when None); returns (result,
-    number of NaN/Inf values in the result), like finalize."""
+                 scale: float = 1.0, divisor: float = 1.0):
+    """(scale * sum_t weights[t] * inputs[t]) / divisor, accumulated in float32 in input order, then scaled
+    (unit weights with scale 1/T round exactly as mean_fp32), then divided (raw weights divided by their float32
+    sum round exactly as mergekit's normalized linear), converted to `out_dtype` (float32 when None); returns
+    (result, number of NaN/Inf values in the result), like finalize."""
     acc = torch.zeros(inputs[0].shape, dtype=F32, device=inputs[0].device)
     for t in range(len(inputs)):
         acc.add_(inputs[t], alpha=float(weights[t]))
     if float(scale) != 1.0:
         acc.mul_(float(scale))
+    if float(divisor) != 1.0:
+        acc.div_(torch.tensor(float(divisor), dtype=F32))
     return finalize(acc, out_dtype or F32)
 
 

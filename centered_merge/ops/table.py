@@ -104,7 +104,7 @@ def _dare_applies(tau, p, seed) -> bool:
     return _native_float(tau) and p > 0.0 and p == p
 
 
-def _linear_applies(inputs, weights, out_dtype=None, scale=1.0) -> bool:
+def _linear_applies(inputs, weights, out_dtype=None, scale=1.0, divisor=1.0) -> bool:
     C = _native.get(warn=False)
     return (C is not None and 0 < len(inputs) <= C.MAX_INPUTS and len(weights) == len(inputs)
             and _native_float(inputs[0]) and (out_dtype is None or out_dtype in NATIVE_DTYPES))
