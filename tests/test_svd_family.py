@@ -333,3 +333,13 @@ def test_a_zero_task_vector_still_merges():
         if method == "iso_c":
             ref = base["layer.weight"].double() + REFS[method](taus, {**get_method(method).defaults, **params})
             torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("frac", [1.0, 0.01])
+def test_iso_cts_all_common_or_almost_all_task_specific(frac):
+    """k_c = r (no task-specific part: the task vectors are read once, for the sum) and k_c small."""
+    base, fts = models({"layer.weight": (20, 12)}, 3, seed=11)
+    out = cm.merge(fts, method="iso_cts", base=base, alpha=1.0, common_fraction=frac)["layer.weight"]
+    taus = [ft["layer.weight"].double() - base["layer.weight"].double() for ft in fts]
+    ref = base["layer.weight"].double() + ref_iso_cts(taus, 1.0, frac)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)

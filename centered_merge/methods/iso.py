@@ -24,7 +24,7 @@ import torch
 
 from .params import Param
 from .registry import register
-from .svd_family import (SELECT_PARAMS, TaskVectorSVDMethod, alpha_param, polar, polar_and_singular_values,
+from .svd_family import (SELECT_PARAMS, TaskVectorSVDMethod, alpha_param, polar_, polar_and_singular_values,
                           randomized_params, svd_flops, top_svd, top_svd_exact)
 
 
@@ -37,7 +37,7 @@ def summed(tau, num_models: int) -> torch.Tensor:
 
 def iso_c_matrix(tau, num_models: int) -> torch.Tensor:
     """The Iso-C merged task vector: mean(S) U V^T of the summed task vectors' full thin SVD."""
-    p, s = polar_and_singular_values(summed(tau, num_models))
+    p, s = polar_and_singular_values(summed(tau, num_models), inplace=True)  # over the sum
     return p.mul_(s.mean())
 
 
@@ -56,30 +56,33 @@ def iso_cts_matrix(tau, num_models: int, shape, common_fraction: float, **svd_kw
     m, n = shape
     k_c, per_task = iso_cts_sizes(m, n, num_models, common_fraction)
     name = svd_kw.pop("name", "")
-    us, ss, vhs = [], [], []
-    u_c = None
+    r = k_c + num_models * per_task
+    first = summed(tau, num_models) if k_c else tau(0)
+    # U, S and V gathered into preallocated factors (no per-task copies and concatenation)
+    u_cat = first.new_empty(m, r)
+    s_cat = first.new_empty(r)
+    vh_cat = first.new_empty(r, n)
+    w = None
     if k_c:
         # The common subspace is most of the spectrum (0.8 by default) and, once made isotropic, each of its
         # directions counts as much as the top one, so a range finder's error in its weak tail directions would
         # show in full; its sketch would be nearly as wide as the matrix anyway. Exact here, in both modes.
-        u_c, s_c, vh_c = top_svd_exact(summed(tau, num_models), k_c)
-        us.append(u_c.clone())
-        ss.append(s_c.clone())
-        vhs.append(vh_c.clone())
-        u_c = us[0]
-    if per_task:
-        for t in range(num_models):
-            w = tau(t)
-            if u_c is not None:
-                w.sub_(u_c @ (u_c.mT @ w))  # in the reused buffer: the task vector is not needed again
-            u, s, vh = top_svd(w, per_task, name=f"{name}/task", **svd_kw)
-            us.append(u.clone())
-            ss.append(s.clone())
-            vhs.append(vh.clone())
-    sigma = torch.cat(ss).mean()
-    u_cat, vh_cat = torch.cat(us, dim=1), torch.cat(vhs, dim=0)
-    del us, vhs
-    return (polar(u_cat) @ polar(vh_cat)).mul_(sigma)
+        u_c, s_c, vh_c = top_svd_exact(first, k_c)
+        u_cat[:, :k_c], s_cat[:k_c], vh_cat[:k_c] = u_c, s_c, vh_c
+        del u_c, s_c, vh_c
+    del first
+    u_c = u_cat[:, :k_c]
+    for t in range(num_models if per_task else 0):
+        w = tau(t)
+        if k_c:
+            w.sub_(u_c @ (u_c.mT @ w))  # in the reused buffer: the task vector is not needed again
+        u, s, vh = top_svd(w, per_task, name=f"{name}/task", **svd_kw)
+        lo = k_c + t * per_task
+        u_cat[:, lo:lo + per_task], s_cat[lo:lo + per_task], vh_cat[lo:lo + per_task] = u, s, vh
+        del u, s, vh
+    sigma = s_cat.mean()
+    # the product goes into tau's buffer when the task loop used it (no task vector is read after it)
+    return torch.matmul(polar_(u_cat), polar_(vh_cat), out=w).mul_(sigma)
 
 
 @register

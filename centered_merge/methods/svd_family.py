@@ -61,15 +61,21 @@ def gram64(a: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def times64(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def times64(a: torch.Tensor, x: torch.Tensor, out=None) -> torch.Tensor:
     """For a tall `a` (m x w) and a float64 (w x c) `x`: a @ x, multiplied in float64 by row blocks, as float32;
-    for a wide `a` (w x n): x^T @ a, i.e. (a^T @ x)^T. So the short side of `a` is the one contracted."""
+    for a wide `a` (w x n): x^T @ a, i.e. (a^T @ x)^T. So the short side of `a` is the one contracted.
+    out=a (when c = w) writes the result over `a`: each row block is read before it is overwritten."""
     t = _tall(a)
-    out = torch.empty(t.shape[0], x.shape[1], dtype=torch.float32, device=a.device)
+    if out is None:
+        res = torch.empty(t.shape[0], x.shape[1], dtype=torch.float32, device=a.device)
+    else:
+        res = _tall(out)
     starts, step = _row_blocks(t.shape[0], max(t.shape[1], x.shape[1]))
     for i in starts:
-        out[i:i + step] = t[i:i + step].to(torch.float64) @ x
-    return out.mT if t is not a else out
+        res[i:i + step] = t[i:i + step].to(torch.float64) @ x
+    if out is not None:
+        return out
+    return res.mT if t is not a else res
 
 
 def short_eigh(a: torch.Tensor):
@@ -115,20 +121,23 @@ def polar(a: torch.Tensor) -> torch.Tensor:
     """The orthonormal polar factor W Z^T of a = W S Z^T (the nearest matrix with orthonormal columns, or rows
     when a is wide): what TSV-M and Iso-CTS use to decorrelate the concatenated singular vectors. a (G^{-1/2})
     from the short side's Gram (G^{-1/2} a for a wide a), the SVD where G is nearly singular."""
-    got = inv_sqrt_gram(a) if a.numel() else None
-    if got is None:
-        w, _, zh = torch.linalg.svd(a, full_matrices=False)
-        return w @ zh
-    return times64(a, got[0])
+    return polar_and_singular_values(a)[0]
 
 
-def polar_and_singular_values(a: torch.Tensor):
-    """(polar(a), singular values of a), as polar() computes them (Iso-C needs both of one matrix)."""
+def polar_(a: torch.Tensor) -> torch.Tensor:
+    """polar(a) written over `a` (one float64 row block of extra memory on the Gram route instead of a copy)."""
+    return polar_and_singular_values(a, inplace=True)[0]
+
+
+def polar_and_singular_values(a: torch.Tensor, inplace: bool = False):
+    """(polar(a), singular values of a), as polar() computes them (Iso-C needs both of one matrix); with
+    inplace=True the polar factor is written over `a`."""
     got = inv_sqrt_gram(a) if a.numel() else None
     if got is None:
         w, s, zh = torch.linalg.svd(a, full_matrices=False)
-        return w @ zh, s
-    return times64(a, got[0]), got[1].to(torch.float32)
+        p = w @ zh
+        return (a.copy_(p) if inplace else p), s
+    return times64(a, got[0], out=a if inplace else None), got[1].to(torch.float32)
 
 
 def task_vectors_mean(inputs, base32: torch.Tensor) -> torch.Tensor:
@@ -180,8 +189,8 @@ class TaskVectorSVDMethod(MergeMethod):
         return merged.mul_(float(self.alpha)).add_(b2).reshape(shape)
 
     def merge_matrix(self, tau, num_models: int, shape, name: str) -> torch.Tensor:
-        """The merged task vector (float32, shape = (m, n), a new tensor) from tau(t), t < num_models, each valid
-        only until the next call."""
+        """The merged task vector (float32, shape = (m, n)) from tau(t), t < num_models, each valid only until the
+        next call: a new tensor, or the buffer tau returns once no task vector is read any more."""
         raise NotImplementedError
 
     def plan_tensor(self, name, shape, dtype, num_models):
