@@ -11,6 +11,10 @@ output of the same size (both cold, the write fsynced like the engine's), and re
 
     python bench/bench_engine.py --T 2 4 8 --size-gb 1 --methods cart
     python bench/bench_engine.py --T 4 --size-gb 0.5 1 2 --methods cart weight_average
+    python bench/bench_engine.py --T 4 --size-gb 0.5 --methods cart tsv iso_c iso_cts
+
+A method that declares needs_base (TSV-M, Iso-C, Iso-CTS, task arithmetic, TIES, ...) also gets a base checkpoint
+of the same shapes (one more random draw), built once per size when any such method is asked for.
 
 Checkpoints go to a temporary directory (under --tmp, default /tmp) that is deleted at the end.
 """
@@ -124,7 +128,8 @@ def child(args) -> None:
     res = {}
     models, out = spec["models"], Path(spec["out"])
     params = spec.get("params", {})
-    plan = plan_merge(models, spec["method"], read_ahead=spec["read_ahead"], **params)
+    base_model = spec.get("base")
+    plan = plan_merge(models, spec["method"], base_model, read_ahead=spec["read_ahead"], **params)
     res["estimate_host_bytes"] = plan["peak_memory_estimate"]["host_bytes"]
     res["largest_tensor_bytes"] = plan["largest_tensor_bytes"]
     res["gflop"] = plan["total_flops"] / 1e9
@@ -147,7 +152,7 @@ def child(args) -> None:
         res["io_seconds"] = time.perf_counter() - t0
         os.unlink(out.parent / "io_baseline.bin")
         del buf
-    evict(models)
+    evict(models + ([base_model] if base_model else []))
     base = _status()
     peak = dict(base)
     stop = threading.Event()
@@ -163,8 +168,8 @@ def child(args) -> None:
     io0 = _io()
     th.start()
     t0 = time.perf_counter()
-    rep = merge_checkpoints(models, out, method=spec["method"], progress=False, read_ahead=spec["read_ahead"],
-                            **params)
+    rep = merge_checkpoints(models, out, method=spec["method"], base=base_model, progress=False,
+                            read_ahead=spec["read_ahead"], **params)
     res["seconds"] = time.perf_counter() - t0
     stop.set()
     th.join()
@@ -204,6 +209,10 @@ def main():
     args = ap.parse_args()
     if args.child:
         return child(args)
+    sys.path.insert(0, str(ROOT))
+    from centered_merge.methods.registry import method_class
+
+    with_base = [m for m in args.methods if method_class(m).needs_base]
 
     def _term(signum, frame):
         raise KeyboardInterrupt
@@ -222,14 +231,20 @@ def main():
                 p = mdir / f"ft{i}"
                 make_checkpoint(p, layers, seed=1000 + i)
                 paths.append(str(p))
+            base_path = None
+            if with_base:
+                base_path = str(mdir / "base")
+                make_checkpoint(Path(base_path), layers, seed=999)
             os.sync()
-            print(f"# built {max(args.T)} checkpoints of {gb(model_bytes(layers))} GB ({layers} layers) "
+            print(f"# built {max(args.T) + bool(base_path)} checkpoints of {gb(model_bytes(layers))} GB "
+                  f"({layers} layers) "
                   f"in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             for T in args.T:
                 for method in args.methods:
                     out = root / "out"
                     params = {"rank": args.rank} if method == "cart" else {}
                     spec = {"models": paths[:T], "out": str(out), "method": method, "params": params,
+                            "base": base_path if method in with_base else None,
                             "read_ahead": args.read_ahead, "io_baseline": method == "weight_average"}
                     r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                        text=True)
@@ -249,13 +264,16 @@ def main():
         shutil.rmtree(root, ignore_errors=True)
 
     print("\n| method | T | model GB | layers | wall s | peak RssAnon above baseline MiB | estimate MiB | "
-          "largest tensor MiB | read from disk GB | written GB | GFLOP | merge ÷ (read+write) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "largest tensor MiB | peak ÷ largest tensor | read from disk GB | written GB | GFLOP | "
+          "merge ÷ (read+write) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['seconds'] / r['io_seconds']:.2f} ({r['io_seconds']:.1f} s)" if "io_seconds" in r else "-"
+        peak = r['peak_anon'] - r['baseline_anon']
         print(f"| {r['method']} | {r['T']} | {gb(r['size'])} | {r['layers']} | {r['seconds']:.1f} | "
-              f"{mb(r['peak_anon'] - r['baseline_anon'])} | {mb(r['estimate_host_bytes'])} | "
-              f"{mb(r['largest_tensor_bytes'])} | {gb(r['read_bytes'])} | {gb(r['bytes_written'])} | "
+              f"{mb(peak)} | {mb(r['estimate_host_bytes'])} | "
+              f"{mb(r['largest_tensor_bytes'])} | {peak / r['largest_tensor_bytes']:.1f} | "
+              f"{gb(r['read_bytes'])} | {gb(r['bytes_written'])} | "
               f"{r['gflop']:.0f} | {ratio} |")
     print(f"\nbaseline RssAnon after imports: {mb(rows[0]['baseline_anon'])} MiB; torch threads: {rows[0]['threads']}; "
           f"element-wise ops: {rows[0].get('backend')}")

@@ -11,9 +11,12 @@ of its task vector with the common subspace projected out, s = round((r - floor(
     out = W_0 + alpha * sigma polar(U) polar(V)^T
 Every other float tensor: out = W_0 + alpha * mean_t tau_t (as in FusionBench's implementation).
 
-Iso-C keeps the whole spectrum, so it needs the full SVD (its result is mean(S) times the polar factor of the
-sum; no truncation for a randomized range finder to approximate). Iso-CTS's common subspace (most of the
-spectrum) uses the exact SVD; its per-task truncated SVDs run exact (default) or randomized. Memory per matrix: the base, the sum, one task-vector buffer and the gathered factors.
+Iso-C keeps the whole spectrum, so there is no truncation for a randomized range finder to approximate: it needs
+all singular values of the sum and its polar factor U V^T, both from the eigendecomposition of the sum's short-side
+Gram matrix in float64 (svd_family.polar_and_singular_values; the SVD where that is nearly singular). Iso-CTS's
+common subspace (most of the spectrum) is exact in both modes (svd_family.top_svd_exact); its per-task truncated
+SVDs run exact (default) or randomized. Memory per matrix: the base, the sum, one task-vector buffer and the
+gathered factors.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ import torch
 
 from .params import Param
 from .registry import register
-from ..linalg import exact_svd
-from .svd_family import SELECT_PARAMS, TaskVectorSVDMethod, alpha_param, randomized_params, polar, svd_flops, top_svd
+from .svd_family import (SELECT_PARAMS, TaskVectorSVDMethod, alpha_param, polar_, polar_and_singular_values,
+                          randomized_params, svd_flops, top_svd, top_svd_exact)
 
 
 def summed(tau, num_models: int) -> torch.Tensor:
@@ -34,8 +37,8 @@ def summed(tau, num_models: int) -> torch.Tensor:
 
 def iso_c_matrix(tau, num_models: int) -> torch.Tensor:
     """The Iso-C merged task vector: mean(S) U V^T of the summed task vectors' full thin SVD."""
-    u, s, vh = torch.linalg.svd(summed(tau, num_models), full_matrices=False)
-    return (u @ vh).mul_(s.mean())
+    p, s = polar_and_singular_values(summed(tau, num_models), inplace=True)  # over the sum
+    return p.mul_(s.mean())
 
 
 def iso_cts_sizes(m: int, n: int, num_models: int, common_fraction: float):
@@ -53,37 +56,42 @@ def iso_cts_matrix(tau, num_models: int, shape, common_fraction: float, **svd_kw
     m, n = shape
     k_c, per_task = iso_cts_sizes(m, n, num_models, common_fraction)
     name = svd_kw.pop("name", "")
-    us, ss, vhs = [], [], []
-    u_c = None
+    r = k_c + num_models * per_task
+    first = summed(tau, num_models) if k_c else tau(0)
+    # U, S and V gathered into preallocated factors (no per-task copies and concatenation)
+    u_cat = first.new_empty(m, r)
+    s_cat = first.new_empty(r)
+    vh_cat = first.new_empty(r, n)
+    w = None
     if k_c:
         # The common subspace is most of the spectrum (0.8 by default) and, once made isotropic, each of its
         # directions counts as much as the top one, so a range finder's error in its weak tail directions would
-        # show in full; its sketch would be nearly as wide as the matrix anyway. Exact SVD here, in both modes.
-        u_c, s_c, vh_c = exact_svd(summed(tau, num_models), k_c)
-        us.append(u_c.clone())
-        ss.append(s_c.clone())
-        vhs.append(vh_c.clone())
-        u_c = us[0]
-    if per_task:
-        for t in range(num_models):
-            w = tau(t)
-            if u_c is not None:
-                w.sub_(u_c @ (u_c.mT @ w))  # in the reused buffer: the task vector is not needed again
-            u, s, vh = top_svd(w, per_task, name=f"{name}/task", **svd_kw)
-            us.append(u.clone())
-            ss.append(s.clone())
-            vhs.append(vh.clone())
-    sigma = torch.cat(ss).mean()
-    u_cat, vh_cat = torch.cat(us, dim=1), torch.cat(vhs, dim=0)
-    del us, vhs
-    return (polar(u_cat) @ polar(vh_cat)).mul_(sigma)
+        # show in full; its sketch would be nearly as wide as the matrix anyway. Exact here, in both modes.
+        u_c, s_c, vh_c = top_svd_exact(first, k_c)
+        u_cat[:, :k_c], s_cat[:k_c], vh_cat[:k_c] = u_c, s_c, vh_c
+        del u_c, s_c, vh_c
+    del first
+    u_c = u_cat[:, :k_c]
+    for t in range(num_models if per_task else 0):
+        w = tau(t)
+        if k_c:
+            w.sub_(u_c @ (u_c.mT @ w))  # in the reused buffer: the task vector is not needed again
+        u, s, vh = top_svd(w, per_task, name=f"{name}/task", **svd_kw)
+        lo = k_c + t * per_task
+        u_cat[:, lo:lo + per_task], s_cat[lo:lo + per_task], vh_cat[lo:lo + per_task] = u, s, vh
+        del u, s, vh
+    sigma = s_cat.mean()
+    # the product goes into tau's buffer when the task loop used it (no task vector is read after it)
+    return torch.matmul(polar_(u_cat), polar_(vh_cat), out=w).mul_(sigma)
 
 
 @register
 class IsoC(TaskVectorSVDMethod):
     name = "iso_c"
     # alpha 1.5: FusionBench's published ViT-B/32 and ViT-L/14 eight-task commands for Iso-C.
-    summary = "Iso-C: SVD of the summed task matrix with an isotropic (mean) spectrum, scaled by alpha"
+    summary = ("Iso-C: SVD of the summed task matrix with an isotropic (mean) spectrum, scaled by alpha, by default on "
+               "every 2-D tensor, embeddings and LM head included (select all2d, as the papers' code); the mean task "
+               "vector elsewhere")
     parameters = (alpha_param(1.5),) + SELECT_PARAMS
 
     def merge_matrix(self, tau, num_models, shape, name):
@@ -102,7 +110,9 @@ class IsoCTS(TaskVectorSVDMethod):
     # top one, so the range finder's error in weak directions shows in full (on decaying test matrices the
     # randomized result differs from the exact one by 5% with 2 power iterations, 0.7% with 4:
     # tests/test_svd_family.py), whereas CART and TSV-M keep the singular values and with them Eckart-Young's bound.
-    summary = "Iso-CTS: Iso-C's common subspace plus task-specific directions orthogonal to it"
+    summary = ("Iso-CTS: Iso-C's common subspace plus task-specific directions orthogonal to it, by default on every "
+               "2-D tensor, embeddings and LM head included (select all2d, as the papers' code); the mean task vector "
+               "elsewhere")
     parameters = ((alpha_param(1.5),
                    Param("common_fraction", "float", 0.8, "fraction of the spectrum given to the common subspace",
                          lo=0.0, hi=1.0, lo_open=True))
