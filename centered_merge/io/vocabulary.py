@@ -130,6 +130,7 @@ class Alignment:
         tokens = sorted(out_vocab, key=out_vocab.get)
         self.perm = [torch.tensor([v.get(t, -1) for t in tokens], dtype=torch.long) for v in vocabs]
         self.sources: List[TensorSource] = []  # the inner sources, set by wrap()
+        self._cache = None  # (key, present, missing ids, default rows) of the last tensor re-indexed
 
     def is_identity(self) -> bool:
         ar = torch.arange(self.size)
@@ -150,24 +151,24 @@ class Alignment:
             rows.append((p >= 0) & (p < n))
         return torch.stack(rows)
 
-    def aligned(self, key: str, i: int) -> torch.Tensor:
-        """Input i's tensor `key` with its rows in the output vocabulary's order (a new tensor)."""
-        src = self.sources[i].get(key)
+    def _defaults(self, key: str):
+        """(present, ids, rows) for tensor `key`: which input has which token, the output ids some input lacks,
+        and their default rows (float32). A token's default row is the same for every input that lacks it, so it
+        is computed once per tensor, not once per input; the last tensor's is kept for the other inputs' reads."""
+        cached = self._cache
+        if cached is not None and cached[0] == key:
+            return cached[1:]
         present = self._present(key)
-        mine = present[i]
-        out = torch.zeros((self.size,) + tuple(src.shape[1:]), dtype=src.dtype)
-        out[mine] = src.index_select(0, self.perm[i][mine])
-        missing = (~mine).nonzero().flatten()
-        if missing.numel() == 0:
-            return out
-        pm = present[:, missing]  # [inputs, missing ids]
+        missing = (~present.all(0)).nonzero().flatten()
+        pm = present[:, missing]  # [inputs, ids some input lacks]
         count = pm.sum(0)
         use_base = torch.zeros_like(count, dtype=torch.bool)
         if self.base_index is not None:
             use_base = (count >= 2) & pm[self.base_index]
         donor = torch.where(use_base, torch.full_like(count, self.base_index or 0), pm.float().argmax(0))
         single = (count == 1) | use_base
-        acc = torch.zeros((missing.numel(),) + tuple(src.shape[1:]), dtype=torch.float32)
+        shape = tuple(self.sources[0].info(key).shape[1:])
+        acc = torch.zeros((missing.numel(),) + shape, dtype=torch.float32)
         for j in range(len(self.sources)):
             take = (single & (donor == j)) | ((count >= 2) & ~use_base & pm[j])
             if not bool(take.any()):
@@ -176,7 +177,19 @@ class Alignment:
             acc[take] += rows
         mean = (count >= 2) & ~use_base
         acc[mean] /= count[mean].unsqueeze(-1).float().reshape((-1,) + (1,) * (acc.dim() - 1))
-        out[missing] = acc.to(src.dtype)  # count 0: zero rows
+        self._cache = (key, present, missing, acc)  # count 0: zero rows
+        return present, missing, acc
+
+    def aligned(self, key: str, i: int) -> torch.Tensor:
+        """Input i's tensor `key` with its rows in the output vocabulary's order (a new tensor)."""
+        src = self.sources[i].get(key)
+        present, missing, defaults = self._defaults(key)
+        mine = present[i]
+        out = torch.zeros((self.size,) + tuple(src.shape[1:]), dtype=src.dtype)
+        out[mine] = src.index_select(0, self.perm[i][mine])
+        lacks = ~mine[missing]  # of the ids some input lacks, those input i lacks
+        if bool(lacks.any()):
+            out[missing[lacks]] = defaults[lacks].to(src.dtype)
         return out
 
 
