@@ -23,7 +23,9 @@ vocab 32000; the number of layers sets the size), then, in one run:
 hints, pread/readinto into a reused buffer with and without read-ahead by bytes), cold and warm: the figures that
 chose the engine's reading path (docs/engine.md, "Reading at the floor").
 
-Checkpoints go to a temporary directory under --tmp (default /tmp), deleted at the end.
+Checkpoints go to a temporary directory under --tmp (default /tmp), deleted at the end; with --work DIR they are
+built in DIR and kept there, and a later run with the same --size-gb and --T reuses them (a stamp file records
+how they were made), so repeated measurements skip the minutes of building.
 """
 from __future__ import annotations
 
@@ -308,6 +310,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="--compare-reads: best of this many runs")
     ap.add_argument("--compare-reads", action="store_true")
     ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--work", help="build the checkpoints here and keep them; reused when --size-gb and --T match")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -317,20 +320,36 @@ def main():
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)  # so the temporary checkpoints are deleted on kill
-    root = Path(tempfile.mkdtemp(prefix="cm_floor_", dir=args.tmp))
+    layers = layers_for(args.size_gb)
+    stamp_text = json.dumps({"layers": layers, "T": args.T, "seeds": 2000})
+    if args.work:
+        root = Path(args.work)
+        root.mkdir(parents=True, exist_ok=True)
+        stamp = root / "checkpoints.json"
+        reuse = stamp.exists() and stamp.read_text() == stamp_text
+    else:
+        root = Path(tempfile.mkdtemp(prefix="cm_floor_", dir=args.tmp))
+        stamp, reuse = None, False
+    scratch = [root / "out", root / "wfloor"]  # what a run writes besides the checkpoints
     try:
-        layers = layers_for(args.size_gb)
+        for p in scratch:
+            shutil.rmtree(p, ignore_errors=True)
         t0 = time.perf_counter()
-        paths = []
-        for i in range(args.T + 1):
-            p = root / ("base" if i == args.T else f"ft{i}")
-            make_checkpoint(p, layers, seed=2000 + i)
-            paths.append(str(p))
-        os.sync()
+        paths = [str(root / ("base" if i == args.T else f"ft{i}")) for i in range(args.T + 1)]
+        if not reuse:
+            if stamp is not None and stamp.exists():
+                stamp.unlink()
+            for i, p in enumerate(paths):
+                shutil.rmtree(p, ignore_errors=True)
+                make_checkpoint(Path(p), layers, seed=2000 + i)
+            os.sync()
+            if stamp is not None:
+                stamp.write_text(stamp_text)
         models, base = paths[:-1], paths[-1]
         size = model_bytes(layers)
-        print(f"# built {args.T} + 1 checkpoints of {size / 1e9:.2f} GB ({layers} layers) in "
-              f"{time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+        print(f"# {'reused' if reuse else 'built'} {args.T} + 1 checkpoints of {size / 1e9:.2f} GB ({layers} layers) "
+              f"in {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.2f}", file=sys.stderr,
+              flush=True)
         if args.compare_reads:
             return compare_reads(models, args.repeats)
         rows = {}
@@ -368,7 +387,11 @@ def main():
                   f"{r['peak_anon'] / largest:.1f} | {r['minor_faults']} | "
                   + " / ".join(f"{t.get(k, 0):.2f}" for k in ("read", "compute", "write", "finish")) + " |")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if args.work:
+            for p in scratch:
+                shutil.rmtree(p, ignore_errors=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

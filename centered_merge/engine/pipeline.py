@@ -4,7 +4,8 @@ Per tensor name, in output layout order:
 
     reader thread            main thread                          writer thread
     views of T inputs   ->   core.merge_tensor (float32)     ->   pwrite at the planned offset, fsync,
-    (mmap; NaN/Inf scan;     -> output dtype (+ NaN/Inf count)     journal line (resume)
+    (mmap; NaN/Inf scan;     -> output dtype (+ NaN/Inf count;     journal line (resume)
+     not for the fused        inputs scanned only when not 0)
      CUDA: staged copies)
 
 Memory: inputs are mmap views (page cache, not anonymous memory); the method's workspace is a few float32
@@ -86,7 +87,7 @@ def run_tensors(req: MergeRequest, sink) -> Dict[str, Any]:
                     for t in list(item.inputs) + ([item.base] if item.base is not None else []):
                         t.record_stream(torch.cuda.current_stream(dev))
                 out, found = merge_tensor(req.method, item.key, item.inputs, item.base, out_info[item.key],
-                                          req.allow_nonfinite, item.nonfinite)
+                                          req.allow_nonfinite, item.nonfinite, item.labels)
                 stats["nonfinite"] += found
                 if out.device.type != "cpu":
                     out = out.cpu()

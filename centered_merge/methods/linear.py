@@ -18,6 +18,7 @@ class Linear(MergeMethod):
     name = "linear"
     summary = "linear: sum_t w_t theta_t (/ sum_t w_t with normalize)"
     parameters = (weight_param(), normalize_param(True))
+    counts_nonfinite_inputs = True  # the fused kernel (ops) sums every input element
 
     def weights(self, name, num_models):
         """(the weights, the divisor): the raw weights and their float32 sum with normalize, else 1."""

@@ -17,6 +17,7 @@ from .registry import register
 class WeightAverage(MergeMethod):
     name = "weight_average"
     summary = "weight averaging (model soup): sum_t w_t * theta_t / sum_t w_t"
+    counts_nonfinite_inputs = True  # the fused kernel (ops) sums every input element
     parameters = (
         Param("weight", "float", 1.0, "each model's weight (normalised to sum to one)", lo=0.0, per_model=True,
               aliases=("weights",), flag="--weights"),
