@@ -59,12 +59,14 @@ def scan_inputs(key: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]
 
 def merge_tensor(method, key: str, inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], want: TensorInfo,
                  allow_nonfinite: bool, nonfinite_inputs: Sequence[str] = (),
-                 labels: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, List[str]]:
+                 labels: Optional[Sequence[str]] = None,
+                 out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[str]]:
     """The merged tensor in the output dtype (on the compute device) and the non-finite messages it adds.
 
     nonfinite_inputs: the messages of the up-front scan (check_inputs). labels: where the inputs and then the base
     come from, for the scan made here when the reader did not scan (scans_inputs_upfront) and the result holds
-    NaN/Inf; its messages are returned (or raised) like the up-front scan's."""
+    NaN/Inf; its messages are returned (or raised) like the up-front scan's. out: a buffer of the output's shape
+    and dtype to write the result into, for methods that take one (MergeMethod.writes_into)."""
     if nonfinite_inputs:
         plan = method.plan_tensor(key, tuple(want.shape), inputs[0].dtype, len(inputs))
         if plan.get("lowrank"):  # an SVD of a matrix holding NaN/Inf is undefined (LAPACK fails or returns NaN)
@@ -72,7 +74,10 @@ def merge_tensor(method, key: str, inputs: Sequence[torch.Tensor], base: Optiona
                                   "undefined for NaN/Inf values, so --allow-nonfinite cannot merge it with "
                                   f"{method.name}: repair the input or use a method without an SVD")
     try:
-        out, bad = method.merge_tensor_to(key, inputs, base, want.dtype)
+        if out is not None:
+            out, bad = method.merge_tensor_to(key, inputs, base, want.dtype, out=out)
+        else:
+            out, bad = method.merge_tensor_to(key, inputs, base, want.dtype)
     except torch.cuda.OutOfMemoryError as e:
         raise MergeError(f"tensor {key!r} {want.shape}: out of GPU memory ({str(e).splitlines()[0]}); "
                          "try --device cpu") from None
