@@ -5,7 +5,8 @@ vocab 32000; the number of layers sets the size), then, in one run:
 
   read floor    every input byte read once, file by file in file order, into one reused buffer (readinto)
   write floor   the output's bytes written shard by shard from a reused buffer and fsynced, as the writer does
-                (the faster of fsync-at-end and writeback started per chunk)
+                (the fastest of fsync-at-end, writeback started per chunk, and that plus synced batches dropped
+                from the page cache)
   merges        weight_average, task_arithmetic and ties through cm.merge_checkpoints, each in its own child
                 process, timed inside that process after imports; peak anonymous memory (RssAnon polled every
                 5 ms) above the child's RssAnon after imports
@@ -97,7 +98,9 @@ def read_floor(models) -> float:
     return time.perf_counter() - t0
 
 
-def _write_once(out: Path, nbytes: int, shard_size: int, early_writeback: bool) -> float:
+def _write_once(out: Path, nbytes: int, shard_size: int, early_writeback: bool, drop: bool = False) -> float:
+    from centered_merge.io.writer import SYNC_BYTES
+
     out.mkdir(parents=True, exist_ok=True)
     buf = memoryview(bytearray(CHUNK))
     t0 = time.perf_counter()
@@ -106,12 +109,16 @@ def _write_once(out: Path, nbytes: int, shard_size: int, early_writeback: bool) 
         n = min(left, shard_size)
         fd = os.open(out / f"shard{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            off = 0
+            off, synced = 0, 0
             while off < n:
                 w = os.pwrite(fd, buf[:min(CHUNK, n - off)], off)
                 if early_writeback:  # start this chunk's writeback now, as the engine's writer does
                     os.posix_fadvise(fd, off, w, os.POSIX_FADV_DONTNEED)
                 off += w
+                if drop and off - synced >= SYNC_BYTES:  # the writer's batches: on disk, then out of the cache
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, synced, off - synced, os.POSIX_FADV_DONTNEED)
+                    synced = off
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -127,10 +134,12 @@ def _write_once(out: Path, nbytes: int, shard_size: int, early_writeback: bool) 
 
 def write_floor(out: Path, nbytes: int, shard_size: int) -> float:
     """nbytes written in shard_size files with pwrite from one reused buffer, each file fsynced, then the
-    directory, as the engine's writer does with the merged bytes. Timed twice, plain (fsync at the end of each
-    file) and with each chunk's writeback started as it is written (the writer's way since 2026-12-01); the
-    faster is the floor, so a merge is never measured against a slower way of writing than it uses itself."""
-    return min(_write_once(out, nbytes, shard_size, False), _write_once(out, nbytes, shard_size, True))
+    directory, as the engine's writer does with the merged bytes. Timed three ways: plain (fsync at the end of
+    each file); each chunk's writeback started as it is written; and that plus, every SYNC_BYTES, fdatasync and
+    the synced pages dropped from the page cache (the writer's way since 2026-12-01 19:10 UTC). The fastest is the
+    floor, so a merge is never measured against a slower way of writing than it uses itself."""
+    return min(_write_once(out, nbytes, shard_size, False), _write_once(out, nbytes, shard_size, True),
+               _write_once(out, nbytes, shard_size, True, drop=True))
 
 
 # --- ways of reading (--compare-reads) ---------------------------------------------------------------------------
@@ -260,9 +269,8 @@ METHODS = {
 
 
 def child(spec) -> None:
+    import centered_merge as cm  # first, as the CLI does: it sets the OpenMP wait policy before torch loads (threads.py)
     import torch
-
-    import centered_merge as cm
 
     models, base, out = spec["models"], spec["base"], Path(spec["out"])
     method = spec["method"]

@@ -167,6 +167,19 @@ def writeback_now(fd: int, offset: int, length: int) -> None:
         pass
 
 
+def drop_written(fd: int, offset: int, length: int) -> None:
+    """Drop [offset, offset + length) of `fd` from the page cache once it is on disk (posix_fadvise DONTNEED
+    frees clean pages). The next writes then get pages just freed instead of fresh ones: on this project's VM,
+    pwrite of 1 GB into fresh page-cache pages took 2.2-2.9 CPU-s, into pages freed this way 0.30-0.33 CPU-s
+    (docs/engine.md, "The writer drops what is on disk"); and the output, which is not read again by the merge,
+    does not push the inputs' pages out of the cache. Only a hint: errors are ignored."""
+    if length > 0 and hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory by path."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
@@ -488,11 +501,15 @@ class ShardedWriter:
                 self._sync_slots.release()
 
     def _sync(self, batch, touched) -> None:
-        """The batch's bytes to disk, then its journal lines (the order that makes the journal trustworthy)."""
+        """The batch's bytes to disk, then its journal lines (the order that makes the journal trustworthy); then
+        the batch's pages, clean now, are dropped from the page cache (drop_written)."""
         if self.fsync:
             for shard in sorted(touched):
                 os.fdatasync(self._fds[shard])
         self.journal.record(batch)
+        if self.fsync:
+            for _, shard, offset, length, _ in batch:
+                drop_written(self._fds[shard], offset, length)
 
     def _stop_thread(self) -> None:
         if self._thread is not None and self._thread.is_alive():
