@@ -147,14 +147,20 @@ def test_pool_merge_writes_the_same_bytes(tmp_path, monkeypatch, method, params,
     class Recording(OutputPool):
         def __init__(self, n):
             super().__init__(n)
+            self.most = 0  # buffers held at once (in use or free), at its highest
             made.append(self)
+
+        def take(self, name, shape, dtype):
+            t = super().take(name, shape, dtype)
+            self.most = max(self.most, len(self._free) + len(self._used))
+            return t
 
     base, models = make_state_dicts(T=3)
     bpath, paths = save_models(tmp_path, base, models, "file")
     kw = dict(method=method, base=bpath, progress=False, write_queue=write_queue, shard_size=4000, **params)
     monkeypatch.setattr(pipeline, "OutputPool", Recording)
     merge_checkpoints(paths, tmp_path / "pool", **kw)
-    assert len(made) == 1 and 1 <= made[0].allocated <= write_queue + 2
+    assert len(made) == 1 and made[0].allocated >= 1 and 1 <= made[0].most <= write_queue + 2
     assert made[0]._used == {}  # every buffer came back
     monkeypatch.setattr(pipeline, "OutputPool", lambda n: None)
     merge_checkpoints(paths, tmp_path / "fresh", **kw)
