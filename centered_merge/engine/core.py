@@ -44,7 +44,7 @@ def check_inputs(key: str, kind: str, tensors: Sequence[torch.Tensor], labels: S
 
 
 def scan_inputs(key: str, tensors: Sequence[torch.Tensor], labels: Sequence[str],
-                     allow_nonfinite: bool) -> List[str]:
+                allow_nonfinite: bool) -> List[str]:
     """The messages of the inputs holding NaN/Inf, in input order; raises at the first one unless allow_nonfinite."""
     found = []
     for t, where in zip(tensors, labels):

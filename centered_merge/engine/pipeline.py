@@ -12,8 +12,8 @@ Memory: inputs are mmap views (page cache, not anonymous memory); the method's w
 copies of one tensor; `read_ahead` tensors wait in the reader queue (views only on CPU) and at most `write_queue`
 finished tensors wait for the disk. The fused methods write into reused output buffers (buffers.OutputPool, at
 most write_queue + 2 of them), so the pages of each new output tensor are not faulted in and zeroed afresh.
-So the peak is bounded by a small multiple of the largest tensor, whatever
-the number of models T or the size of the model.
+So the peak is bounded by a small multiple of the largest tensor, whatever the number of models T or the size
+of the model.
 
 Determinism: the threads only move data; every tensor is computed by the same code whatever `read_ahead` is,
 and methods seed per (seed, tensor name). Same inputs + seed -> the same bytes, also when a merge is resumed.

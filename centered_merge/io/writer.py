@@ -11,8 +11,8 @@ stays bounded); errors of the thread surface at the next write or at finish.
 
 Atomicity and resume: everything goes to a hidden sibling directory `.NAME.partial`; only a complete output is
 renamed to NAME. After a tensor's bytes are written (and fsynced), a line naming it, its offset, length and a
-checksum (xxh3-64) of its bytes is appended to this rank's journal in the partial directory and fsynced: only then does the
-tensor count as done. The partial directory also keeps a fingerprint of the request. If the process is killed
+checksum (xxh3-64) of its bytes is appended to this rank's journal in the partial directory and fsynced: only
+then does the tensor count as done. The partial directory also keeps a fingerprint of the request. If the process is killed
 (SIGKILL, OOM, power loss), the same request later finds the partial directory, checks the fingerprint and the
 journal's checksums against the bytes on disk, and writes only what is missing. A failure the process sees
 (a bad input, a full disk, Ctrl-C) removes the partial directory, so nothing at NAME ever looks finished.
@@ -170,9 +170,10 @@ def writeback_now(fd: int, offset: int, length: int) -> None:
 def drop_written(fd: int, offset: int, length: int) -> None:
     """Drop [offset, offset + length) of `fd` from the page cache once it is on disk (posix_fadvise DONTNEED
     frees clean pages). The next writes then get pages just freed instead of fresh ones: on this project's VM,
-    pwrite of 1 GB into fresh page-cache pages took 2.2-2.9 CPU-s, into pages freed this way 0.30-0.33 CPU-s
-    (docs/engine.md, "The writer drops what is on disk"); and the output, which is not read again by the merge,
-    does not push the inputs' pages out of the cache. Only a hint: errors are ignored."""
+    pwrite of 1 GB into fresh page-cache pages took 0.9-2.9 CPU-s (2.2-2.9 in five runs of six), into pages freed
+    this way 0.30-0.33 CPU-s (docs/engine.md, "The linear merges' overheads, one at a time", item 4); and the
+    output, which the merge does not read again, does not push the inputs' pages out of the cache. Only a hint:
+    errors are ignored."""
     if length > 0 and hasattr(os, "posix_fadvise"):
         try:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
