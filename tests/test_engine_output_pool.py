@@ -174,3 +174,11 @@ def test_no_pool_for_methods_that_do_not_write_into(tmp_path, monkeypatch):
     bpath, paths = save_models(tmp_path, base, models, "file")
     merge_checkpoints(paths, tmp_path / "ties", method="ties", base=bpath, density=0.5, progress=False)
     assert made == []
+
+
+def test_pool_scalar_and_fused_op_into_it(path):
+    pool = OutputPool(2)
+    o = pool.take("s", (), torch.bfloat16)
+    xs = [torch.tensor(1.5, dtype=torch.bfloat16), torch.tensor(2.5, dtype=torch.bfloat16)]
+    y, n = ops.linear_merge(xs, [1.0, 1.0], torch.bfloat16, scale=0.5, out=o)
+    assert y is o and n == 0 and o.shape == () and float(o) == 2.0
