@@ -403,7 +403,9 @@ uint32_t select_ascending(uint32_t* a, int64_t m, int64_t pos) {
 }
 
 // One block of the sampled select's sweep: returns how many bits[i] > hi, and appends those in [lo, hi] to
-// dst[m..] while m < cap (m counts them all, so an overflow shows as m > cap).
+// dst[m..] while m < cap (m counts them all, so an overflow shows as m > cap). dst has kBandSlack entries past
+// cap, which the vector path may write.
+constexpr int64_t kBandSlack = 16;
 int64_t band_block(const uint32_t* __restrict bits, int64_t len, uint32_t lo, uint32_t hi, uint32_t* __restrict dst,
                    int64_t cap, int64_t& m) {
   const uint32_t w = hi - lo;  // in the band: bits - lo <= w (unsigned)
@@ -414,11 +416,10 @@ int64_t band_block(const uint32_t* __restrict bits, int64_t len, uint32_t lo, ui
     const __m512i v = _mm512_loadu_si512(bits + i);
     above += __builtin_popcount(_mm512_cmpgt_epu32_mask(v, vh));
     const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vl), vw);
-    if (in) {
-      const int c = __builtin_popcount(in);
-      if (mm + c <= cap) _mm512_mask_compressstoreu_epi32(dst + mm, in, v);
-      mm += c;
-    }
+    // compress in a register, then one full store (kBandSlack past cap): vpcompressd to memory is microcoded
+    // and slow on Zen 4 (it was most of this sweep's time there)
+    if (mm <= cap) _mm512_storeu_si512(dst + mm, _mm512_maskz_compress_epi32(in, v));
+    mm += __builtin_popcount(in);
   }
 #endif
   for (; i < len; ++i) {
@@ -446,11 +447,8 @@ int64_t band_bf16(const uint16_t* __restrict x, const float* __restrict bb, int6
     const __m512i v = _mm512_and_si512(_mm512_castps_si512(tau), absmask);
     a += __builtin_popcount(_mm512_cmpgt_epu32_mask(v, vh));
     const __mmask16 inside = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vl), vw);
-    if (inside) {
-      const int c = __builtin_popcount(inside);
-      if (mm + c <= cap) _mm512_mask_compressstoreu_epi32(dst + mm, inside, v);
-      mm += c;
-    }
+    if (mm <= cap) _mm512_storeu_si512(dst + mm, _mm512_maskz_compress_epi32(inside, v));  // as in band_block
+    mm += __builtin_popcount(inside);
   }
   m = mm;
   above += a;
@@ -504,10 +502,11 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
   Buf<int64_t> base_off(size_t(ch.count) * T, 0);
   int64_t total = 0;
   for (int t = 0; t < T; ++t) {
-    if (todo[t] && cap[t] > 0 && (total + cap[t] * ch.count) * int64_t(sizeof(uint32_t)) > kBandBudget) cap[t] = 0;
+    if (todo[t] && cap[t] > 0 && (total + (cap[t] + kBandSlack) * ch.count) * int64_t(sizeof(uint32_t)) > kBandBudget)
+      cap[t] = 0;
     for (int64_t j = 0; j < ch.count; ++j) {
       base_off[size_t(j) * T + t] = total;
-      if (todo[t]) total += cap[t];
+      if (todo[t] && cap[t] > 0) total += cap[t] + kBandSlack;
     }
   }
   bool any = false;
