@@ -576,19 +576,20 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
       uint64_t run = 0;
       int64_t pos = 0;
       for (int64_t j = 0; j < ch.count; ++j) {
-        before[size_t(t) * ch.count + j] = run;
+        before[size_t(t) * (ch.count + 1) + j] = run;
         const int64_t c = count[size_t(j) * T + t];
         for (int64_t i = 0; i < c; ++i) run += all[pos + i] == th ? 1 : 0;
         pos += c;
       }
+      before[size_t(t) * (ch.count + 1) + ch.count] = run;
     }
     rule[t] = r;
     todo[t] = false;
   }
 }
 
-// Per task, the rule keeping exactly k[t] entries, and before[t * chunks + j] = how many entries equal to the
-// threshold lie before chunk j (only for tasks whose rule trims). Each digit is ONE parallel sweep over the
+// Per task, the rule keeping exactly k[t] entries, and before[t * (chunks + 1) + j] = how many entries equal to the
+// threshold lie before chunk j, j <= chunks (only for tasks whose rule trims). Each digit is ONE parallel sweep over the
 // chunks reading base once and every task's input once; between sweeps the digit holding the k-th largest value
 // is picked per task and becomes the prefix of the next.
 void select_radix(const InputList& in, const void* base, int32_t bd, int64_t n, const int64_t* k,
@@ -659,9 +660,10 @@ void select_radix(const InputList& in, const void* base, int32_t bd, int64_t n, 
         if (rule[t].trim) {
           uint64_t run = 0;
           for (int64_t j = 0; j < ch.count; ++j) {
-            before[size_t(t) * ch.count + j] = run;
+            before[size_t(t) * (ch.count + 1) + j] = run;
             run += hist[size_t(j) * per_chunk + size_t(t) * bins + chosen];
           }
+          before[size_t(t) * (ch.count + 1) + ch.count] = run;
         }
       }
     }
@@ -689,15 +691,32 @@ void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_
     if (k[t] > 0 && k[t] < n && !todo[t]) rule[t] = done[t];
 }
 
+// Entries of task t in [off, off + len) whose |tau| has the bit pattern th.
+int64_t count_equal(const void* x, int32_t xd, const float* __restrict bb, int64_t off, int64_t len, uint32_t th,
+                    float* tmp) {
+  const float* __restrict xv = as_f32(x, xd, off, len, tmp);
+  int64_t c = 0;
+#pragma omp simd reduction(+ : c)
+  for (int64_t i = 0; i < len; ++i) c += (f32_bits(xv[i] - bb[i]) & 0x7FFFFFFFu) == th ? 1 : 0;
+  return c;
+}
+
+// Elements per tile of the merge pass: every task's weighted kept entries of a tile stay in L1 between the
+// election and the mean.
+constexpr int64_t kTile = 512;
+
 // TIES in mergekit's order of operations (the twin, ops/reference.py ties_merge, is the spec): per element,
 // d_t = w_t * kept_t(tau_t); the elected sign is +1 where sum_t d_t >= 0 (summed in input order), else -1;
 // mixed = sum of the agreeing d_t, divisor = sum of their w_t; out = base + lam * mixed [/ divisor].
+// One pass over the inputs, tile by tile: d_t is formed once per entry (input read once, in registers for
+// bfloat16) and kept in L1 for the mean. Of a trimming task's entries equal to its threshold, the first `need` in
+// flat order are kept: `before` says which chunk holds the last kept one, and only in that chunk are they counted.
 int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out, int32_t od, int64_t n, const int64_t* k,
                    float lam, bool normalize, float* thresholds_out) {
   const int T = in.count;
   Buf<KeepRule> rule(T);
   const Chunks ch = chunks_for(n, T, 1 << radix_plan(n).width[0]);
-  Buf<uint64_t> before(size_t(T) * ch.count, 0);
+  Buf<uint64_t> before(size_t(T) * (ch.count + 1), 0);
   select_thresholds(in, base, bd, n, k, ch, rule.data(), before);
   if (thresholds_out)
     for (int t = 0; t < T; ++t)
@@ -705,106 +724,122 @@ int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out,
   int64_t bad = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad) if (ch.count > 1)
   for (int64_t j = 0; j < ch.count; ++j) {
-    uint64_t seen[kMaxInputs];  // per trimming task: entries equal to its threshold before the current block
-    for (int t = 0; t < T; ++t) seen[t] = rule[t].trim ? before[size_t(t) * ch.count + j] : 0;
+    // per trimming task: entries equal to its threshold before the current block, and whether this chunk must
+    // count them (the one where the kept ones run out); elsewhere all or none of them are kept
+    uint64_t seen[kMaxInputs];
+    bool counting[kMaxInputs];
+    for (int t = 0; t < T; ++t) {
+      const uint64_t* bt = before.data() + size_t(t) * (ch.count + 1);
+      seen[t] = rule[t].trim ? bt[j] : 0;
+      counting[t] = rule[t].trim && bt[j] < rule[t].need && bt[j + 1] > rule[t].need;
+    }
     int64_t cut[kMaxInputs];
+    // base, elected sign, mixed, divisor: one tile each; d: one tile per task; then two blocks for converting a
+    // non-bfloat16 input and base ((4 + T) * kTile + 2 * kBlock floats fit in (4 + T) * kBlock)
+    float* tb = scratch(4 + T);
+    float* el = tb + kTile;
+    float* mixed = el + kTile;
+    float* div = mixed + kTile;
+    float* dts = div + kTile;
+    float* conv = dts + size_t(T) * kTile;
     for (int64_t b = ch.first(j); b < ch.first(j + 1); ++b) {
-      // per block: base, the elected sign, the sums, and every task's tau (formed once, read twice from cache)
-      float* tb = scratch(4 + T);
-      float* el = tb + kBlock;
-      float* mixed = el + kBlock;
-      float* div = mixed + kBlock;
-      float* taus = div + kBlock;
       const int64_t off = b * kBlock, len = imin(kBlock, n - off);
-      const float* __restrict bb = as_f32(base, bd, off, len, tb);
-      for (int t = 0; t < T; ++t) {
-        float* tau = taus + size_t(t) * kBlock;  // 16-bit inputs are converted into it, then made tau in place
-        const float* xv = as_f32(in.ptr[t], in.dtype[t], off, len, tau);
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) tau[i] = xv[i] - bb[i];
-      }
       // the equal entries kept in this block: those at positions below cut[t]
       for (int t = 0; t < T; ++t) {
         cut[t] = len;
         if (!rule[t].trim) continue;
-        const uint32_t th = rule[t].bits;
         const uint64_t need = rule[t].need;
         if (seen[t] >= need) {
           cut[t] = 0;
           continue;
         }
-        const float* __restrict tau = taus + size_t(t) * kBlock;
-        int64_t c = 0;
-#pragma omp simd reduction(+ : c)
-        for (int64_t i = 0; i < len; ++i) c += (f32_bits(tau[i]) & 0x7FFFFFFFu) == th ? 1 : 0;
-        if (seen[t] + uint64_t(c) > need) {  // the block where the count completes
+        if (!counting[t]) continue;  // all of this chunk's equal entries are kept
+        const float* bbk = as_f32(base, bd, off, len, conv + kBlock);
+        const uint32_t th = rule[t].bits;
+        const uint64_t c = uint64_t(count_equal(in.ptr[t], in.dtype[t], bbk, off, len, th, conv));
+        if (seen[t] + c > need) {  // the block where the count completes
+          const float* xv = as_f32(in.ptr[t], in.dtype[t], off, len, conv);
           uint64_t s2 = seen[t];
           int64_t i = 0;
-          for (; i < len && s2 < need; ++i) s2 += (f32_bits(tau[i]) & 0x7FFFFFFFu) == th ? 1 : 0;
+          for (; i < len && s2 < need; ++i) s2 += (f32_bits(xv[i] - bbk[i]) & 0x7FFFFFFFu) == th ? 1 : 0;
           cut[t] = i;
         }
-        seen[t] += uint64_t(c);
+        seen[t] += c;
       }
-      for (int64_t i = 0; i < len; ++i) el[i] = 0.0f;
-      // sign election: the sum of the weighted kept (trimmed) task vectors
-      for (int t = 0; t < T; ++t) {
-        const float* __restrict tau = taus + size_t(t) * kBlock;
-        const uint32_t th = rule[t].bits;
-        const int64_t c = cut[t];
-        const float w = in.weight[t];
+      for (int64_t i0 = 0; i0 < len; i0 += kTile) {
+        const int64_t tl = imin(kTile, len - i0), pos = off + i0;
+        const float* __restrict bb = as_f32(base, bd, pos, tl, tb);
+        for (int64_t i = 0; i < tl; ++i) el[i] = 0.0f;
+        // d_t and the sign election's sum of them (in input order)
+        for (int t = 0; t < T; ++t) {
+          float* __restrict d = dts + size_t(t) * kTile;
+          const uint32_t th = rule[t].bits;
+          const int64_t c = cut[t] - i0;  // equal entries at tile positions below c are kept
+          const float w = in.weight[t];
+          if (in.dtype[t] == kBF16) {
+            const uint16_t* __restrict s = static_cast<const uint16_t*>(in.ptr[t]) + pos;
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const uint32_t u = f32_bits(tau[i]) & 0x7FFFFFFFu;
-          const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;  // NaN is ranked, never kept
-          el[i] += (kept ? tau[i] : 0.0f) * w;
+            for (int64_t i = 0; i < tl; ++i) {
+              const float tau = bf16_to_f32(s[i]) - bb[i];
+              const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
+              const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;  // NaN is ranked, never kept
+              d[i] = (kept ? tau : 0.0f) * w;
+              el[i] += d[i];
+            }
+          } else {
+            const float* __restrict xv = as_f32(in.ptr[t], in.dtype[t], pos, tl, conv);
+#pragma omp simd
+            for (int64_t i = 0; i < tl; ++i) {
+              const float tau = xv[i] - bb[i];
+              const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
+              const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;
+              d[i] = (kept ? tau : 0.0f) * w;
+              el[i] += d[i];
+            }
+          }
         }
-      }
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        el[i] = el[i] >= 0.0f ? 1.0f : -1.0f;  // now the elected sign (a zero sum elects +1; NaN -1)
-        mixed[i] = 0.0f;
-        div[i] = 0.0f;
-      }
-      // the agreeing weighted entries and their weights
-      for (int t = 0; t < T; ++t) {
-        const float* __restrict tau = taus + size_t(t) * kBlock;
-        const uint32_t th = rule[t].bits;
-        const int64_t c = cut[t];
-        const float w = in.weight[t];
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const uint32_t u = f32_bits(tau[i]) & 0x7FFFFFFFu;
-          const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;
-          const float d = (kept ? tau[i] : 0.0f) * w;
-          const bool agree = sign_of(d) == el[i];
-          mixed[i] += agree ? d : 0.0f;
-          div[i] += agree ? w : 0.0f;
+        for (int64_t i = 0; i < tl; ++i) {
+          el[i] = el[i] >= 0.0f ? 1.0f : -1.0f;  // now the elected sign (a zero sum elects +1; NaN -1)
+          mixed[i] = 0.0f;
+          div[i] = 0.0f;
         }
-      }
-      // the float32 result: straight into a float32 out, else into `el` (no longer needed), then converted
-      float* __restrict o = od == kF32 ? static_cast<float*>(out) + off : el;
-      if (normalize) {
+        // the agreeing weighted entries and their weights
+        for (int t = 0; t < T; ++t) {
+          const float* __restrict d = dts + size_t(t) * kTile;
+          const float w = in.weight[t];
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const float q = mixed[i] / (div[i] == 0.0f ? 1.0f : div[i]);
-          const float s = q * lam;
-          o[i] = s + bb[i];
+          for (int64_t i = 0; i < tl; ++i) {
+            const bool agree = sign_of(d[i]) == el[i];
+            mixed[i] += agree ? d[i] : 0.0f;
+            div[i] += agree ? w : 0.0f;
+          }
         }
-      } else {
+        // the float32 result: straight into a float32 out, else into `el` (no longer needed), then converted
+        float* __restrict o = od == kF32 ? static_cast<float*>(out) + pos : el;
+        if (normalize) {
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const float s = mixed[i] * lam;
-          o[i] = s + bb[i];
+          for (int64_t i = 0; i < tl; ++i) {
+            const float q = mixed[i] / (div[i] == 0.0f ? 1.0f : div[i]);
+            const float s = q * lam;
+            o[i] = s + bb[i];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < tl; ++i) {
+            const float s = mixed[i] * lam;
+            o[i] = s + bb[i];
+          }
         }
-      }
-      int64_t c = 0;
-      if (od == kF32) {
+        int64_t c = 0;
+        if (od == kF32) {
 #pragma omp simd reduction(+ : c)
-        for (int64_t i = 0; i < len; ++i) c += is_nonfinite(o[i]) ? 1 : 0;
-      } else {
-        c = store16_count_nonfinite(o, static_cast<uint16_t*>(out) + off, od, len);
+          for (int64_t i = 0; i < tl; ++i) c += is_nonfinite(o[i]) ? 1 : 0;
+        } else {
+          c = store16_count_nonfinite(o, static_cast<uint16_t*>(out) + pos, od, tl);
+        }
+        bad += c;
       }
-      bad += c;
     }
   }
   return bad;
