@@ -362,6 +362,7 @@ inline Chunks chunks_for(int64_t n, int T, int bins) {
 // kept, and each chunk's count of equal entries before it) is the radix select's exactly; where the band misses
 // the k-th largest or overflows its buffer (many equal magnitudes), that task falls back to the radix select.
 constexpr int64_t kSample = int64_t(1) << 16;
+constexpr int64_t kRun = 8;  // consecutive entries per sampled stratum
 constexpr double kSigma = 6.0;
 constexpr double kMaxShare = 0.05;                     // widest band (fraction of the tensor) worth sweeping
 constexpr int64_t kBandBudget = int64_t(128) << 20;   // bytes of band buffers per call, all tasks together
@@ -468,14 +469,24 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
   bool some = false;
   for (int t = 0; t < T; ++t) some = some || todo[t];
   if (!some) return;
-  // one position drawn in each of kSample equal strata: increasing addresses (few TLB misses), base read once
-  const int64_t stride = n / kSample;
-  for (int64_t s = 0; s < kSample; ++s) {
-    const int64_t i = s * stride + int64_t(mix64(uint64_t(s)) % uint64_t(stride));
-    const float b = load_f32(base, bd, i);
-    for (int t = 0; t < T; ++t)
-      if (todo[t]) samples[size_t(t) * kSample + s] = f32_bits(load_f32(in.ptr[t], in.dtype[t], i) - b) & 0x7FFFFFFFu;
+  // a run of kRun consecutive entries at a pseudo-random offset in each of kSample / kRun equal strata: each run
+  // is one cache line of a 16-bit input, so the sample touches kRun times fewer lines than single positions would
+  // (it was a third of this select's time on 4 Mi-element tensors); increasing addresses (few TLB misses), base
+  // read once per run; strata in parallel (the reads are latency-bound)
+  const int64_t strata = kSample / kRun;
+  const int64_t stride = n / strata / kRun * kRun;  // >= 2^20 / 2^13, a multiple of kRun: runs stay aligned
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < strata; ++s) {
+    const int64_t i0 = s * stride + int64_t(mix64(uint64_t(s)) % uint64_t(stride / kRun)) * kRun;
+    float b[kRun];
+    for (int64_t r = 0; r < kRun; ++r) b[r] = load_f32(base, bd, i0 + r);
+    for (int t = 0; t < T; ++t) {
+      if (!todo[t]) continue;
+      uint32_t* dst = samples.data() + size_t(t) * kSample + s * kRun;
+      for (int64_t r = 0; r < kRun; ++r) dst[r] = f32_bits(load_f32(in.ptr[t], in.dtype[t], i0 + r) - b[r]) & 0x7FFFFFFFu;
+    }
   }
+#pragma omp parallel for schedule(dynamic, 1)
   for (int t = 0; t < T; ++t) {
     if (!todo[t]) continue;
     uint32_t* sample = samples.data() + size_t(t) * kSample;
