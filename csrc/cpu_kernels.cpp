@@ -61,6 +61,14 @@ struct Buf {
     grow(count);
     for (size_t i = 0; i < count; ++i) p[i] = fill;
   }
+  // at least `count` elements, contents discarded (no copy on growth)
+  void fresh(size_t count) {
+    if (count <= n) return;
+    std::free(p);
+    p = nullptr;
+    n = 0;
+    grow(count);
+  }
   void grow(size_t count) {
     if (count <= n) return;
     void* q = std::realloc(p, (count ? count : 1) * sizeof(E));
@@ -523,7 +531,11 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
   bool any = false;
   for (int t = 0; t < T; ++t) any = any || (todo[t] && cap[t] > 0);
   if (!any) return;
-  Buf<uint32_t> band(size_t(total ? total : 1));
+  // the band buffers: kept per calling thread between calls (most of it is never written, and what is written
+  // is faulted in once, not once per tensor)
+  static thread_local Buf<uint32_t> band_store;
+  band_store.fresh(size_t(total ? total : 1));
+  uint32_t* const band = band_store.data();
   Buf<int64_t> above(size_t(ch.count) * T, 0), count(size_t(ch.count) * T, 0);
 #pragma omp parallel for schedule(dynamic, 1) if (ch.count > 1)
   for (int64_t j = 0; j < ch.count; ++j) {
@@ -540,15 +552,17 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
 #if defined(__AVX512F__)
         if (in.dtype[t] == kBF16)  // |tau| bits formed in registers (same arithmetic as abs_tau_bits)
           done = band_bf16(static_cast<const uint16_t*>(in.ptr[t]) + off, bb, len, lo[t], hi[t],
-                           band.data() + base_off[slot], cap[t], count[slot], above[slot]);
+                           band + base_off[slot], cap[t], count[slot], above[slot]);
 #endif
         if (done < len) {
           abs_tau_bits(in.ptr[t], in.dtype[t], bb + done, off + done, len - done, tmp, bits);
-          above[slot] += band_block(bits, len - done, lo[t], hi[t], band.data() + base_off[slot], cap[t], count[slot]);
+          above[slot] += band_block(bits, len - done, lo[t], hi[t], band + base_off[slot], cap[t], count[slot]);
         }
       }
     }
   }
+  // per task, in parallel: the exact threshold among its band entries
+#pragma omp parallel for schedule(dynamic, 1)
   for (int t = 0; t < T; ++t) {
     if (!todo[t] || cap[t] <= 0) continue;
     int64_t n_above = 0, n_band = 0;
@@ -561,16 +575,17 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
     }
     if (overflow || n_above >= k[t] || n_above + n_band < k[t]) continue;  // the band missed: radix select
     // gather the band entries (the per-chunk buffers, packed in place towards the first) and select in them
-    uint32_t* all = band.data() + base_off[t];
+    uint32_t* all = band + base_off[t];
     int64_t m = 0;
     for (int64_t j = 0; j < ch.count; ++j) {
       const size_t slot = size_t(j) * T + t;
-      const uint32_t* src = band.data() + base_off[slot];
+      const uint32_t* src = band + base_off[slot];
       if (src != all + m) std::memmove(all + m, src, size_t(count[slot]) * sizeof(uint32_t));
       m += count[slot];
     }
     const int64_t want = k[t] - n_above;  // the want-th largest of the band is the threshold
-    Buf<uint32_t> copy{size_t(m)};
+    static thread_local Buf<uint32_t> copy;  // reordered by the select; `all` keeps the flat order
+    copy.fresh(size_t(m ? m : 1));
     std::memcpy(copy.data(), all, size_t(m) * sizeof(uint32_t));
     const uint32_t th = select_ascending(copy.data(), m, m - want);
     // how many band entries lie above it, and (per chunk, in flat order) how many equal it
