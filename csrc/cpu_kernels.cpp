@@ -504,8 +504,11 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
     const double margin = kSigma * std::sqrt(double(kSample) * p * (1.0 - p)) + 8.0;
     const int64_t a_hi = int64_t(std::floor(above - margin));  // sample entries kept above hi
     const int64_t a_lo = int64_t(std::ceil(above + margin));   // sample entries at or above lo
-    hi[t] = a_hi < 1 ? 0xFFFFFFFFu : select_ascending(sample, kSample, kSample - a_hi - 1);
-    lo[t] = a_lo >= kSample ? 0u : select_ascending(sample, kSample, kSample - a_lo);
+    // the select leaves sample[0:pos] <= sample[pos], so lo (a lower position) is selected among those only
+    const int64_t ph = a_hi < 1 ? kSample : kSample - a_hi - 1;
+    hi[t] = a_hi < 1 ? 0xFFFFFFFFu : select_ascending(sample, kSample, ph);
+    const int64_t pl = kSample - a_lo;
+    lo[t] = a_lo >= kSample ? 0u : (pl < ph ? select_ascending(sample, ph, pl) : hi[t]);
     if (lo[t] > hi[t]) lo[t] = hi[t];
     int64_t inside = 0;
     for (int64_t s = 0; s < kSample; ++s) inside += (sample[s] - lo[t]) <= (hi[t] - lo[t]) ? 1 : 0;
