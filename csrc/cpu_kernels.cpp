@@ -388,27 +388,33 @@ inline float load_f32(const void* p, int32_t dtype, int64_t i) {
   return dtype == kBF16 ? bf16_to_f32(h) : f16_to_f32(h);
 }
 
-// The element at ascending position `pos` of a[0:m] (a is reordered): an iterative quickselect, Hoare partition
-// around the median of three (equal values split evenly, so many ties stay linear).
-uint32_t select_ascending(uint32_t* a, int64_t m, int64_t pos) {
-  int64_t lo = 0, hi = m - 1;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    uint32_t x = a[lo], y = a[mid], z = a[hi];
-    const uint32_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
-    int64_t i = lo - 1, j = hi + 1;
-    while (true) {
-      do ++i; while (a[i] < pivot);
-      do --j; while (a[j] > pivot);
-      if (i >= j) break;
-      const uint32_t t = a[i];
-      a[i] = a[j];
-      a[j] = t;
+// The element at ascending position `pos` (< m) of a[0:m], whose entries all lie in [lo, lo + span]: a radix
+// select on a[i] - lo, 11-bit digits from span's top bit down; each pass histograms the entries that share the
+// digits chosen so far and compacts them to the front, with no data-dependent branch (the Hoare quickselect it
+// replaced mispredicted about every other comparison). a is overwritten.
+uint32_t select_in_range(uint32_t* a, int64_t m, int64_t pos, uint32_t lo, uint32_t span) {
+  uint32_t hist[1 << 11];
+  int top = span ? 32 - __builtin_clz(span) : 0;  // bits of a[i] - lo still undecided
+  while (top > 0 && m > 1) {
+    const int width = top < 11 ? top : 11;
+    const int shift = top - width;
+    const uint32_t mask = (1u << width) - 1u;
+    for (uint32_t b = 0; b <= mask; ++b) hist[b] = 0;
+    for (int64_t i = 0; i < m; ++i) ++hist[((a[i] - lo) >> shift) & mask];
+    uint32_t b = 0;
+    int64_t below = 0;
+    while (below + int64_t(hist[b]) <= pos) below += hist[b++];
+    pos -= below;
+    int64_t w = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      const uint32_t v = a[i];
+      a[w] = v;
+      w += (((v - lo) >> shift) & mask) == b ? 1 : 0;
     }
-    if (pos <= j) hi = j;
-    else lo = j + 1;
+    m = w;
+    top = shift;
   }
-  return a[pos];
+  return a[pos];  // the survivors are equal (or one is left)
 }
 
 // One block of the sampled select's sweep: returns how many bits[i] > hi, and appends those in [lo, hi] to
@@ -504,11 +510,18 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
     const double margin = kSigma * std::sqrt(double(kSample) * p * (1.0 - p)) + 8.0;
     const int64_t a_hi = int64_t(std::floor(above - margin));  // sample entries kept above hi
     const int64_t a_lo = int64_t(std::ceil(above + margin));   // sample entries at or above lo
-    // the select leaves sample[0:pos] <= sample[pos], so lo (a lower position) is selected among those only
-    const int64_t ph = a_hi < 1 ? kSample : kSample - a_hi - 1;
-    hi[t] = a_hi < 1 ? 0xFFFFFFFFu : select_ascending(sample, kSample, ph);
-    const int64_t pl = kSample - a_lo;
-    lo[t] = a_lo >= kSample ? 0u : (pl < ph ? select_ascending(sample, ph, pl) : hi[t]);
+    static thread_local Buf<uint32_t> work;  // the select overwrites its input
+    work.fresh(size_t(kSample));
+    hi[t] = 0xFFFFFFFFu;
+    if (a_hi >= 1) {
+      std::memcpy(work.data(), sample, size_t(kSample) * sizeof(uint32_t));
+      hi[t] = select_in_range(work.data(), kSample, kSample - a_hi - 1, 0u, 0xFFFFFFFFu);
+    }
+    lo[t] = 0u;
+    if (a_lo < kSample) {
+      std::memcpy(work.data(), sample, size_t(kSample) * sizeof(uint32_t));
+      lo[t] = select_in_range(work.data(), kSample, kSample - a_lo, 0u, 0xFFFFFFFFu);
+    }
     if (lo[t] > hi[t]) lo[t] = hi[t];
     int64_t inside = 0;
     for (int64_t s = 0; s < kSample; ++s) inside += (sample[s] - lo[t]) <= (hi[t] - lo[t]) ? 1 : 0;
@@ -587,10 +600,10 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
       m += count[slot];
     }
     const int64_t want = k[t] - n_above;  // the want-th largest of the band is the threshold
-    static thread_local Buf<uint32_t> copy;  // reordered by the select; `all` keeps the flat order
+    static thread_local Buf<uint32_t> copy;  // overwritten by the select; `all` keeps the flat order
     copy.fresh(size_t(m ? m : 1));
     std::memcpy(copy.data(), all, size_t(m) * sizeof(uint32_t));
-    const uint32_t th = select_ascending(copy.data(), m, m - want);
+    const uint32_t th = select_in_range(copy.data(), m, m - want, lo[t], hi[t] - lo[t]);  // band: in [lo, hi]
     // how many band entries lie above it, and (per chunk, in flat order) how many equal it
     int64_t gt = 0, eq = 0;
     for (int64_t i = 0; i < m; ++i) {
