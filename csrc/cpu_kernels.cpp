@@ -61,6 +61,14 @@ struct Buf {
     grow(count);
     for (size_t i = 0; i < count; ++i) p[i] = fill;
   }
+  // at least `count` elements, contents discarded (no copy on growth)
+  void fresh(size_t count) {
+    if (count <= n) return;
+    std::free(p);
+    p = nullptr;
+    n = 0;
+    grow(count);
+  }
   void grow(size_t count) {
     if (count <= n) return;
     void* q = std::realloc(p, (count ? count : 1) * sizeof(E));
@@ -362,6 +370,7 @@ inline Chunks chunks_for(int64_t n, int T, int bins) {
 // kept, and each chunk's count of equal entries before it) is the radix select's exactly; where the band misses
 // the k-th largest or overflows its buffer (many equal magnitudes), that task falls back to the radix select.
 constexpr int64_t kSample = int64_t(1) << 16;
+constexpr int64_t kRun = 8;  // consecutive entries per sampled stratum
 constexpr double kSigma = 6.0;
 constexpr double kMaxShare = 0.05;                     // widest band (fraction of the tensor) worth sweeping
 constexpr int64_t kBandBudget = int64_t(128) << 20;   // bytes of band buffers per call, all tasks together
@@ -379,31 +388,39 @@ inline float load_f32(const void* p, int32_t dtype, int64_t i) {
   return dtype == kBF16 ? bf16_to_f32(h) : f16_to_f32(h);
 }
 
-// The element at ascending position `pos` of a[0:m] (a is reordered): an iterative quickselect, Hoare partition
-// around the median of three (equal values split evenly, so many ties stay linear).
-uint32_t select_ascending(uint32_t* a, int64_t m, int64_t pos) {
-  int64_t lo = 0, hi = m - 1;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    uint32_t x = a[lo], y = a[mid], z = a[hi];
-    const uint32_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
-    int64_t i = lo - 1, j = hi + 1;
-    while (true) {
-      do ++i; while (a[i] < pivot);
-      do --j; while (a[j] > pivot);
-      if (i >= j) break;
-      const uint32_t t = a[i];
-      a[i] = a[j];
-      a[j] = t;
+// The element at ascending position `pos` (< m) of a[0:m], whose entries all lie in [lo, lo + span]: a radix
+// select on a[i] - lo, 11-bit digits from span's top bit down; each pass histograms the entries that share the
+// digits chosen so far and compacts them to the front, with no data-dependent branch (the Hoare quickselect it
+// replaced mispredicted about every other comparison). a is overwritten.
+uint32_t select_in_range(uint32_t* a, int64_t m, int64_t pos, uint32_t lo, uint32_t span) {
+  uint32_t hist[1 << 11];
+  int top = span ? 32 - __builtin_clz(span) : 0;  // bits of a[i] - lo still undecided
+  while (top > 0 && m > 1) {
+    const int width = top < 11 ? top : 11;
+    const int shift = top - width;
+    const uint32_t mask = (1u << width) - 1u;
+    for (uint32_t b = 0; b <= mask; ++b) hist[b] = 0;
+    for (int64_t i = 0; i < m; ++i) ++hist[((a[i] - lo) >> shift) & mask];
+    uint32_t b = 0;
+    int64_t below = 0;
+    while (below + int64_t(hist[b]) <= pos) below += hist[b++];
+    pos -= below;
+    int64_t w = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      const uint32_t v = a[i];
+      a[w] = v;
+      w += (((v - lo) >> shift) & mask) == b ? 1 : 0;
     }
-    if (pos <= j) hi = j;
-    else lo = j + 1;
+    m = w;
+    top = shift;
   }
-  return a[pos];
+  return a[pos];  // the survivors are equal (or one is left)
 }
 
 // One block of the sampled select's sweep: returns how many bits[i] > hi, and appends those in [lo, hi] to
-// dst[m..] while m < cap (m counts them all, so an overflow shows as m > cap).
+// dst[m..] while m < cap (m counts them all, so an overflow shows as m > cap). dst has kBandSlack entries past
+// cap, which the vector path may write.
+constexpr int64_t kBandSlack = 16;
 int64_t band_block(const uint32_t* __restrict bits, int64_t len, uint32_t lo, uint32_t hi, uint32_t* __restrict dst,
                    int64_t cap, int64_t& m) {
   const uint32_t w = hi - lo;  // in the band: bits - lo <= w (unsigned)
@@ -414,11 +431,10 @@ int64_t band_block(const uint32_t* __restrict bits, int64_t len, uint32_t lo, ui
     const __m512i v = _mm512_loadu_si512(bits + i);
     above += __builtin_popcount(_mm512_cmpgt_epu32_mask(v, vh));
     const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vl), vw);
-    if (in) {
-      const int c = __builtin_popcount(in);
-      if (mm + c <= cap) _mm512_mask_compressstoreu_epi32(dst + mm, in, v);
-      mm += c;
-    }
+    // compress in a register, then one full store (kBandSlack past cap): vpcompressd to memory is microcoded
+    // and slow on Zen 4 (it was most of this sweep's time there)
+    if (mm <= cap) _mm512_storeu_si512(dst + mm, _mm512_maskz_compress_epi32(in, v));
+    mm += __builtin_popcount(in);
   }
 #endif
   for (; i < len; ++i) {
@@ -446,11 +462,8 @@ int64_t band_bf16(const uint16_t* __restrict x, const float* __restrict bb, int6
     const __m512i v = _mm512_and_si512(_mm512_castps_si512(tau), absmask);
     a += __builtin_popcount(_mm512_cmpgt_epu32_mask(v, vh));
     const __mmask16 inside = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vl), vw);
-    if (inside) {
-      const int c = __builtin_popcount(inside);
-      if (mm + c <= cap) _mm512_mask_compressstoreu_epi32(dst + mm, inside, v);
-      mm += c;
-    }
+    if (mm <= cap) _mm512_storeu_si512(dst + mm, _mm512_maskz_compress_epi32(inside, v));  // as in band_block
+    mm += __builtin_popcount(inside);
   }
   m = mm;
   above += a;
@@ -470,14 +483,24 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
   bool some = false;
   for (int t = 0; t < T; ++t) some = some || todo[t];
   if (!some) return;
-  // one position drawn in each of kSample equal strata: increasing addresses (few TLB misses), base read once
-  const int64_t stride = n / kSample;
-  for (int64_t s = 0; s < kSample; ++s) {
-    const int64_t i = s * stride + int64_t(mix64(uint64_t(s)) % uint64_t(stride));
-    const float b = load_f32(base, bd, i);
-    for (int t = 0; t < T; ++t)
-      if (todo[t]) samples[size_t(t) * kSample + s] = f32_bits(load_f32(in.ptr[t], in.dtype[t], i) - b) & 0x7FFFFFFFu;
+  // a run of kRun consecutive entries at a pseudo-random offset in each of kSample / kRun equal strata: each run
+  // is one cache line of a 16-bit input, so the sample touches kRun times fewer lines than single positions would
+  // (it was a third of this select's time on 4 Mi-element tensors); increasing addresses (few TLB misses), base
+  // read once per run; strata in parallel (the reads are latency-bound)
+  const int64_t strata = kSample / kRun;
+  const int64_t stride = n / strata / kRun * kRun;  // >= 2^20 / 2^13, a multiple of kRun: runs stay aligned
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < strata; ++s) {
+    const int64_t i0 = s * stride + int64_t(mix64(uint64_t(s)) % uint64_t(stride / kRun)) * kRun;
+    float b[kRun];
+    for (int64_t r = 0; r < kRun; ++r) b[r] = load_f32(base, bd, i0 + r);
+    for (int t = 0; t < T; ++t) {
+      if (!todo[t]) continue;
+      uint32_t* dst = samples.data() + size_t(t) * kSample + s * kRun;
+      for (int64_t r = 0; r < kRun; ++r) dst[r] = f32_bits(load_f32(in.ptr[t], in.dtype[t], i0 + r) - b[r]) & 0x7FFFFFFFu;
+    }
   }
+#pragma omp parallel for schedule(dynamic, 1)
   for (int t = 0; t < T; ++t) {
     if (!todo[t]) continue;
     uint32_t* sample = samples.data() + size_t(t) * kSample;
@@ -487,8 +510,18 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
     const double margin = kSigma * std::sqrt(double(kSample) * p * (1.0 - p)) + 8.0;
     const int64_t a_hi = int64_t(std::floor(above - margin));  // sample entries kept above hi
     const int64_t a_lo = int64_t(std::ceil(above + margin));   // sample entries at or above lo
-    hi[t] = a_hi < 1 ? 0xFFFFFFFFu : select_ascending(sample, kSample, kSample - a_hi - 1);
-    lo[t] = a_lo >= kSample ? 0u : select_ascending(sample, kSample, kSample - a_lo);
+    static thread_local Buf<uint32_t> work;  // the select overwrites its input
+    work.fresh(size_t(kSample));
+    hi[t] = 0xFFFFFFFFu;
+    if (a_hi >= 1) {
+      std::memcpy(work.data(), sample, size_t(kSample) * sizeof(uint32_t));
+      hi[t] = select_in_range(work.data(), kSample, kSample - a_hi - 1, 0u, 0xFFFFFFFFu);
+    }
+    lo[t] = 0u;
+    if (a_lo < kSample) {
+      std::memcpy(work.data(), sample, size_t(kSample) * sizeof(uint32_t));
+      lo[t] = select_in_range(work.data(), kSample, kSample - a_lo, 0u, 0xFFFFFFFFu);
+    }
     if (lo[t] > hi[t]) lo[t] = hi[t];
     int64_t inside = 0;
     for (int64_t s = 0; s < kSample; ++s) inside += (sample[s] - lo[t]) <= (hi[t] - lo[t]) ? 1 : 0;
@@ -504,16 +537,21 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
   Buf<int64_t> base_off(size_t(ch.count) * T, 0);
   int64_t total = 0;
   for (int t = 0; t < T; ++t) {
-    if (todo[t] && cap[t] > 0 && (total + cap[t] * ch.count) * int64_t(sizeof(uint32_t)) > kBandBudget) cap[t] = 0;
+    if (todo[t] && cap[t] > 0 && (total + (cap[t] + kBandSlack) * ch.count) * int64_t(sizeof(uint32_t)) > kBandBudget)
+      cap[t] = 0;
     for (int64_t j = 0; j < ch.count; ++j) {
       base_off[size_t(j) * T + t] = total;
-      if (todo[t]) total += cap[t];
+      if (todo[t] && cap[t] > 0) total += cap[t] + kBandSlack;
     }
   }
   bool any = false;
   for (int t = 0; t < T; ++t) any = any || (todo[t] && cap[t] > 0);
   if (!any) return;
-  Buf<uint32_t> band(size_t(total ? total : 1));
+  // the band buffers: kept per calling thread between calls (most of it is never written, and what is written
+  // is faulted in once, not once per tensor)
+  static thread_local Buf<uint32_t> band_store;
+  band_store.fresh(size_t(total ? total : 1));
+  uint32_t* const band = band_store.data();
   Buf<int64_t> above(size_t(ch.count) * T, 0), count(size_t(ch.count) * T, 0);
 #pragma omp parallel for schedule(dynamic, 1) if (ch.count > 1)
   for (int64_t j = 0; j < ch.count; ++j) {
@@ -530,15 +568,17 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
 #if defined(__AVX512F__)
         if (in.dtype[t] == kBF16)  // |tau| bits formed in registers (same arithmetic as abs_tau_bits)
           done = band_bf16(static_cast<const uint16_t*>(in.ptr[t]) + off, bb, len, lo[t], hi[t],
-                           band.data() + base_off[slot], cap[t], count[slot], above[slot]);
+                           band + base_off[slot], cap[t], count[slot], above[slot]);
 #endif
         if (done < len) {
           abs_tau_bits(in.ptr[t], in.dtype[t], bb + done, off + done, len - done, tmp, bits);
-          above[slot] += band_block(bits, len - done, lo[t], hi[t], band.data() + base_off[slot], cap[t], count[slot]);
+          above[slot] += band_block(bits, len - done, lo[t], hi[t], band + base_off[slot], cap[t], count[slot]);
         }
       }
     }
   }
+  // per task, in parallel: the exact threshold among its band entries
+#pragma omp parallel for schedule(dynamic, 1)
   for (int t = 0; t < T; ++t) {
     if (!todo[t] || cap[t] <= 0) continue;
     int64_t n_above = 0, n_band = 0;
@@ -551,18 +591,19 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
     }
     if (overflow || n_above >= k[t] || n_above + n_band < k[t]) continue;  // the band missed: radix select
     // gather the band entries (the per-chunk buffers, packed in place towards the first) and select in them
-    uint32_t* all = band.data() + base_off[t];
+    uint32_t* all = band + base_off[t];
     int64_t m = 0;
     for (int64_t j = 0; j < ch.count; ++j) {
       const size_t slot = size_t(j) * T + t;
-      const uint32_t* src = band.data() + base_off[slot];
+      const uint32_t* src = band + base_off[slot];
       if (src != all + m) std::memmove(all + m, src, size_t(count[slot]) * sizeof(uint32_t));
       m += count[slot];
     }
     const int64_t want = k[t] - n_above;  // the want-th largest of the band is the threshold
-    Buf<uint32_t> copy{size_t(m)};
+    static thread_local Buf<uint32_t> copy;  // overwritten by the select; `all` keeps the flat order
+    copy.fresh(size_t(m ? m : 1));
     std::memcpy(copy.data(), all, size_t(m) * sizeof(uint32_t));
-    const uint32_t th = select_ascending(copy.data(), m, m - want);
+    const uint32_t th = select_in_range(copy.data(), m, m - want, lo[t], hi[t] - lo[t]);  // band: in [lo, hi]
     // how many band entries lie above it, and (per chunk, in flat order) how many equal it
     int64_t gt = 0, eq = 0;
     for (int64_t i = 0; i < m; ++i) {
@@ -577,19 +618,20 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
       uint64_t run = 0;
       int64_t pos = 0;
       for (int64_t j = 0; j < ch.count; ++j) {
-        before[size_t(t) * ch.count + j] = run;
+        before[size_t(t) * (ch.count + 1) + j] = run;
         const int64_t c = count[size_t(j) * T + t];
         for (int64_t i = 0; i < c; ++i) run += all[pos + i] == th ? 1 : 0;
         pos += c;
       }
+      before[size_t(t) * (ch.count + 1) + ch.count] = run;
     }
     rule[t] = r;
     todo[t] = false;
   }
 }
 
-// Per task, the rule keeping exactly k[t] entries, and before[t * chunks + j] = how many entries equal to the
-// threshold lie before chunk j (only for tasks whose rule trims). Each digit is ONE parallel sweep over the
+// Per task, the rule keeping exactly k[t] entries, and before[t * (chunks + 1) + j] = how many entries equal to the
+// threshold lie before chunk j, j <= chunks (only for tasks whose rule trims). Each digit is ONE parallel sweep over the
 // chunks reading base once and every task's input once; between sweeps the digit holding the k-th largest value
 // is picked per task and becomes the prefix of the next.
 void select_radix(const InputList& in, const void* base, int32_t bd, int64_t n, const int64_t* k,
@@ -660,9 +702,10 @@ void select_radix(const InputList& in, const void* base, int32_t bd, int64_t n, 
         if (rule[t].trim) {
           uint64_t run = 0;
           for (int64_t j = 0; j < ch.count; ++j) {
-            before[size_t(t) * ch.count + j] = run;
+            before[size_t(t) * (ch.count + 1) + j] = run;
             run += hist[size_t(j) * per_chunk + size_t(t) * bins + chosen];
           }
+          before[size_t(t) * (ch.count + 1) + ch.count] = run;
         }
       }
     }
@@ -690,15 +733,32 @@ void select_thresholds(const InputList& in, const void* base, int32_t bd, int64_
     if (k[t] > 0 && k[t] < n && !todo[t]) rule[t] = done[t];
 }
 
+// Entries of task t in [off, off + len) whose |tau| has the bit pattern th.
+int64_t count_equal(const void* x, int32_t xd, const float* __restrict bb, int64_t off, int64_t len, uint32_t th,
+                    float* tmp) {
+  const float* __restrict xv = as_f32(x, xd, off, len, tmp);
+  int64_t c = 0;
+#pragma omp simd reduction(+ : c)
+  for (int64_t i = 0; i < len; ++i) c += (f32_bits(xv[i] - bb[i]) & 0x7FFFFFFFu) == th ? 1 : 0;
+  return c;
+}
+
+// Elements per tile of the merge pass: every task's weighted kept entries of a tile stay in L1 between the
+// election and the mean.
+constexpr int64_t kTile = 512;
+
 // TIES in mergekit's order of operations (the twin, ops/reference.py ties_merge, is the spec): per element,
 // d_t = w_t * kept_t(tau_t); the elected sign is +1 where sum_t d_t >= 0 (summed in input order), else -1;
 // mixed = sum of the agreeing d_t, divisor = sum of their w_t; out = base + lam * mixed [/ divisor].
+// One pass over the inputs, tile by tile: d_t is formed once per entry (input read once, in registers for
+// bfloat16) and kept in L1 for the mean. Of a trimming task's entries equal to its threshold, the first `need` in
+// flat order are kept: `before` says which chunk holds the last kept one, and only in that chunk are they counted.
 int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out, int32_t od, int64_t n, const int64_t* k,
                    float lam, bool normalize, float* thresholds_out) {
   const int T = in.count;
   Buf<KeepRule> rule(T);
   const Chunks ch = chunks_for(n, T, 1 << radix_plan(n).width[0]);
-  Buf<uint64_t> before(size_t(T) * ch.count, 0);
+  Buf<uint64_t> before(size_t(T) * (ch.count + 1), 0);
   select_thresholds(in, base, bd, n, k, ch, rule.data(), before);
   if (thresholds_out)
     for (int t = 0; t < T; ++t)
@@ -706,106 +766,122 @@ int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out,
   int64_t bad = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad) if (ch.count > 1)
   for (int64_t j = 0; j < ch.count; ++j) {
-    uint64_t seen[kMaxInputs];  // per trimming task: entries equal to its threshold before the current block
-    for (int t = 0; t < T; ++t) seen[t] = rule[t].trim ? before[size_t(t) * ch.count + j] : 0;
+    // per trimming task: entries equal to its threshold before the current block, and whether this chunk must
+    // count them (the one where the kept ones run out); elsewhere all or none of them are kept
+    uint64_t seen[kMaxInputs];
+    bool counting[kMaxInputs];
+    for (int t = 0; t < T; ++t) {
+      const uint64_t* bt = before.data() + size_t(t) * (ch.count + 1);
+      seen[t] = rule[t].trim ? bt[j] : 0;
+      counting[t] = rule[t].trim && bt[j] < rule[t].need && bt[j + 1] > rule[t].need;
+    }
     int64_t cut[kMaxInputs];
+    // base, elected sign, mixed, divisor: one tile each; d: one tile per task; then two blocks for converting a
+    // non-bfloat16 input and base ((4 + T) * kTile + 2 * kBlock floats fit in (4 + T) * kBlock)
+    float* tb = scratch(4 + T);
+    float* el = tb + kTile;
+    float* mixed = el + kTile;
+    float* div = mixed + kTile;
+    float* dts = div + kTile;
+    float* conv = dts + size_t(T) * kTile;
     for (int64_t b = ch.first(j); b < ch.first(j + 1); ++b) {
-      // per block: base, the elected sign, the sums, and every task's tau (formed once, read twice from cache)
-      float* tb = scratch(4 + T);
-      float* el = tb + kBlock;
-      float* mixed = el + kBlock;
-      float* div = mixed + kBlock;
-      float* taus = div + kBlock;
       const int64_t off = b * kBlock, len = imin(kBlock, n - off);
-      const float* __restrict bb = as_f32(base, bd, off, len, tb);
-      for (int t = 0; t < T; ++t) {
-        float* tau = taus + size_t(t) * kBlock;  // 16-bit inputs are converted into it, then made tau in place
-        const float* xv = as_f32(in.ptr[t], in.dtype[t], off, len, tau);
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) tau[i] = xv[i] - bb[i];
-      }
       // the equal entries kept in this block: those at positions below cut[t]
       for (int t = 0; t < T; ++t) {
         cut[t] = len;
         if (!rule[t].trim) continue;
-        const uint32_t th = rule[t].bits;
         const uint64_t need = rule[t].need;
         if (seen[t] >= need) {
           cut[t] = 0;
           continue;
         }
-        const float* __restrict tau = taus + size_t(t) * kBlock;
-        int64_t c = 0;
-#pragma omp simd reduction(+ : c)
-        for (int64_t i = 0; i < len; ++i) c += (f32_bits(tau[i]) & 0x7FFFFFFFu) == th ? 1 : 0;
-        if (seen[t] + uint64_t(c) > need) {  // the block where the count completes
+        if (!counting[t]) continue;  // all of this chunk's equal entries are kept
+        const float* bbk = as_f32(base, bd, off, len, conv + kBlock);
+        const uint32_t th = rule[t].bits;
+        const uint64_t c = uint64_t(count_equal(in.ptr[t], in.dtype[t], bbk, off, len, th, conv));
+        if (seen[t] + c > need) {  // the block where the count completes
+          const float* xv = as_f32(in.ptr[t], in.dtype[t], off, len, conv);
           uint64_t s2 = seen[t];
           int64_t i = 0;
-          for (; i < len && s2 < need; ++i) s2 += (f32_bits(tau[i]) & 0x7FFFFFFFu) == th ? 1 : 0;
+          for (; i < len && s2 < need; ++i) s2 += (f32_bits(xv[i] - bbk[i]) & 0x7FFFFFFFu) == th ? 1 : 0;
           cut[t] = i;
         }
-        seen[t] += uint64_t(c);
+        seen[t] += c;
       }
-      for (int64_t i = 0; i < len; ++i) el[i] = 0.0f;
-      // sign election: the sum of the weighted kept (trimmed) task vectors
-      for (int t = 0; t < T; ++t) {
-        const float* __restrict tau = taus + size_t(t) * kBlock;
-        const uint32_t th = rule[t].bits;
-        const int64_t c = cut[t];
-        const float w = in.weight[t];
+      for (int64_t i0 = 0; i0 < len; i0 += kTile) {
+        const int64_t tl = imin(kTile, len - i0), pos = off + i0;
+        const float* __restrict bb = as_f32(base, bd, pos, tl, tb);
+        for (int64_t i = 0; i < tl; ++i) el[i] = 0.0f;
+        // d_t and the sign election's sum of them (in input order)
+        for (int t = 0; t < T; ++t) {
+          float* __restrict d = dts + size_t(t) * kTile;
+          const uint32_t th = rule[t].bits;
+          const int64_t c = cut[t] - i0;  // equal entries at tile positions below c are kept
+          const float w = in.weight[t];
+          if (in.dtype[t] == kBF16) {
+            const uint16_t* __restrict s = static_cast<const uint16_t*>(in.ptr[t]) + pos;
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const uint32_t u = f32_bits(tau[i]) & 0x7FFFFFFFu;
-          const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;  // NaN is ranked, never kept
-          el[i] += (kept ? tau[i] : 0.0f) * w;
+            for (int64_t i = 0; i < tl; ++i) {
+              const float tau = bf16_to_f32(s[i]) - bb[i];
+              const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
+              const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;  // NaN is ranked, never kept
+              d[i] = (kept ? tau : 0.0f) * w;
+              el[i] += d[i];
+            }
+          } else {
+            const float* __restrict xv = as_f32(in.ptr[t], in.dtype[t], pos, tl, conv);
+#pragma omp simd
+            for (int64_t i = 0; i < tl; ++i) {
+              const float tau = xv[i] - bb[i];
+              const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
+              const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;
+              d[i] = (kept ? tau : 0.0f) * w;
+              el[i] += d[i];
+            }
+          }
         }
-      }
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        el[i] = el[i] >= 0.0f ? 1.0f : -1.0f;  // now the elected sign (a zero sum elects +1; NaN -1)
-        mixed[i] = 0.0f;
-        div[i] = 0.0f;
-      }
-      // the agreeing weighted entries and their weights
-      for (int t = 0; t < T; ++t) {
-        const float* __restrict tau = taus + size_t(t) * kBlock;
-        const uint32_t th = rule[t].bits;
-        const int64_t c = cut[t];
-        const float w = in.weight[t];
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const uint32_t u = f32_bits(tau[i]) & 0x7FFFFFFFu;
-          const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;
-          const float d = (kept ? tau[i] : 0.0f) * w;
-          const bool agree = sign_of(d) == el[i];
-          mixed[i] += agree ? d : 0.0f;
-          div[i] += agree ? w : 0.0f;
+        for (int64_t i = 0; i < tl; ++i) {
+          el[i] = el[i] >= 0.0f ? 1.0f : -1.0f;  // now the elected sign (a zero sum elects +1; NaN -1)
+          mixed[i] = 0.0f;
+          div[i] = 0.0f;
         }
-      }
-      // the float32 result: straight into a float32 out, else into `el` (no longer needed), then converted
-      float* __restrict o = od == kF32 ? static_cast<float*>(out) + off : el;
-      if (normalize) {
+        // the agreeing weighted entries and their weights
+        for (int t = 0; t < T; ++t) {
+          const float* __restrict d = dts + size_t(t) * kTile;
+          const float w = in.weight[t];
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const float q = mixed[i] / (div[i] == 0.0f ? 1.0f : div[i]);
-          const float s = q * lam;
-          o[i] = s + bb[i];
+          for (int64_t i = 0; i < tl; ++i) {
+            const bool agree = sign_of(d[i]) == el[i];
+            mixed[i] += agree ? d[i] : 0.0f;
+            div[i] += agree ? w : 0.0f;
+          }
         }
-      } else {
+        // the float32 result: straight into a float32 out, else into `el` (no longer needed), then converted
+        float* __restrict o = od == kF32 ? static_cast<float*>(out) + pos : el;
+        if (normalize) {
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const float s = mixed[i] * lam;
-          o[i] = s + bb[i];
+          for (int64_t i = 0; i < tl; ++i) {
+            const float q = mixed[i] / (div[i] == 0.0f ? 1.0f : div[i]);
+            const float s = q * lam;
+            o[i] = s + bb[i];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < tl; ++i) {
+            const float s = mixed[i] * lam;
+            o[i] = s + bb[i];
+          }
         }
-      }
-      int64_t c = 0;
-      if (od == kF32) {
+        int64_t c = 0;
+        if (od == kF32) {
 #pragma omp simd reduction(+ : c)
-        for (int64_t i = 0; i < len; ++i) c += is_nonfinite(o[i]) ? 1 : 0;
-      } else {
-        c = store16_count_nonfinite(o, static_cast<uint16_t*>(out) + off, od, len);
+          for (int64_t i = 0; i < tl; ++i) c += is_nonfinite(o[i]) ? 1 : 0;
+        } else {
+          c = store16_count_nonfinite(o, static_cast<uint16_t*>(out) + pos, od, tl);
+        }
+        bad += c;
       }
-      bad += c;
     }
   }
   return bad;

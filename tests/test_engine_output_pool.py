@@ -139,7 +139,7 @@ def test_pool_empty_tensor():
 
 # --- merges through the pool ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,params", [("weight_average", {}), ("task_arithmetic", {"lam": 0.4}),
-                                           ("linear", {"weight": [1.0, 2.0, 0.5]})])
+                                           ("linear", {"weight": [1.0, 2.0, 0.5]}), ("ties", {"density": 0.5})])
 @pytest.mark.parametrize("write_queue", [1, 3])
 def test_pool_merge_writes_the_same_bytes(tmp_path, monkeypatch, method, params, write_queue):
     made = []
@@ -172,7 +172,7 @@ def test_no_pool_for_methods_that_do_not_write_into(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "OutputPool", lambda n: made.append(n))
     base, models = make_state_dicts(T=2)
     bpath, paths = save_models(tmp_path, base, models, "file")
-    merge_checkpoints(paths, tmp_path / "ties", method="ties", base=bpath, density=0.5, progress=False)
+    merge_checkpoints(paths, tmp_path / "dare_ties", method="dare_ties", base=bpath, density=0.5, progress=False)
     assert made == []
 
 

@@ -43,3 +43,26 @@ def test_native_and_torch_backends_agree(monkeypatch):
         monkeypatch.setenv("CENTERED_MERGE_BACKEND", backend)
         got[backend] = {k: m.merge_tensor(k, [sd[k] for sd in models], base[k]) for k in base}
     assert all(torch.equal(got["torch"][k], got["auto"][k]) for k in base)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_ties_merge_to_into_a_callers_buffer(backend, out_dtype, monkeypatch):
+    """out= (the engine's reused buffers): the same bits and non-finite count as a fresh result, every stale value
+    overwritten; a buffer that does not fit is refused by the twin's check."""
+    monkeypatch.setenv("CENTERED_MERGE_BACKEND", backend)
+    from centered_merge import ops
+    g = torch.Generator().manual_seed(4)
+    shape = (300, 130)  # several blocks and threads
+    base = torch.randn(shape, generator=g).to(torch.bfloat16)
+    xs = [(base.float() + torch.randn(shape, generator=g) * 0.01).to(torch.bfloat16) for _ in range(3)]
+    xs[1][0, 0] = float("inf")
+    args = (xs, base, [0.2, 0.5, 0.9], 1.3)
+    kw = dict(weights=[0.7, 1.0, -0.4], normalize=True, out_dtype=out_dtype)
+    want, want_bad = ops.ties_merge_to(*args, **kw)
+    o = torch.full(shape, 7.0, dtype=out_dtype)
+    got, bad = ops.ties_merge_to(*args, **kw, out=o)
+    assert got is o and bad == want_bad
+    assert torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
+    with pytest.raises(ValueError, match="out must be a"):
+        ops.ties_merge_to(*args, **kw, out=torch.empty(3, dtype=out_dtype))

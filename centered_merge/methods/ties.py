@@ -23,6 +23,7 @@ from .task_arithmetic import TaskVectorMerge
 class Ties(TaskVectorMerge):
     name = "ties"
     consensus = True
+    writes_into = True  # the engine's reused output buffers (no fresh pages per tensor)
     summary = "TIES: trim each task vector to its top-density magnitudes, elect signs, (weighted) disjoint mean"
     parameters = (
         density_param(0.2, yaml_default=1.0),
@@ -34,12 +35,13 @@ class Ties(TaskVectorMerge):
     def sparsify(self, tau, name, t, v):
         return sparsify.magnitude(tau, float(v.density[t]))
 
-    def merge_tensor_to(self, name, inputs, base, dtype):
-        # one kernel that writes the output dtype and counts NaN/Inf (no float32 tensor, no finalize pass)
+    def merge_tensor_to(self, name, inputs, base, dtype, out=None):
+        # one kernel that writes the output dtype (into `out` when given) and counts NaN/Inf (no float32 tensor, no
+        # finalize pass)
         v = self.values(name, len(inputs))
         return ops.ties_merge_to(inputs, base, [float(d) for d in v.density], float(v.lam),
                                  weights=[float(w) for w in v.weight], normalize=bool(v.get("normalize", False)),
-                                 out_dtype=dtype)
+                                 out_dtype=dtype, out=out)
 
     def merge_tensor(self, name, inputs, base):
         return self.merge_tensor_to(name, inputs, base, torch.float32)[0]

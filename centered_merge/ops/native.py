@@ -92,13 +92,14 @@ def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = 
     return (x if out is None else out), count
 
 
-def _ties(inputs, base, density, lam, weights, normalize, out_dtype):
+def _ties(inputs, base, density, lam, weights, normalize, out_dtype, out=None):
     C = _C()
     T = len(inputs)
     ks = [reference.kept_count(base.numel(), d) for d in reference.per_task(density, T, "density")]
     xs = [_contig(inputs[t]) for t in range(T)]
     bc = _contig(base)
-    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    if out is None:  # else the caller's buffer (checked by the table: shape, dtype, device, contiguous, no overlap)
+        out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     ws = None
     if base.device.type == "cuda":
         ws = _cap(torch.empty(C.ties_workspace_bytes(T, base.numel()), dtype=torch.uint8, device=base.device))
@@ -113,12 +114,17 @@ def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam:
 
 
 def ties_merge_to(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam: float,
-                  weights: Optional[Sequence[float]] = None, normalize: bool = True, out_dtype=F32):
-    """TIES written in out_dtype, with its non-finite count. On the CPU in one kernel; the CUDA kernel writes
-    float32, converted by finalize."""
+                  weights: Optional[Sequence[float]] = None, normalize: bool = True, out_dtype=F32,
+                  out: Optional[torch.Tensor] = None):
+    """TIES written in out_dtype (into `out` when given), with its non-finite count. On the CPU in one kernel; the
+    CUDA kernel writes float32, converted by finalize (and copied into `out`)."""
     if base.device.type != "cpu":
-        return finalize(ties_merge(inputs, base, density, lam, weights, normalize), out_dtype)
-    return _ties(inputs, base, density, lam, weights, normalize, out_dtype)
+        y, bad = finalize(ties_merge(inputs, base, density, lam, weights, normalize), out_dtype)
+        if out is None:
+            return y, bad
+        out.copy_(y)
+        return out, bad
+    return _ties(inputs, base, density, lam, weights, normalize, out_dtype, out)
 
 
 def dare(tau: torch.Tensor, p: float, seed: int) -> torch.Tensor:

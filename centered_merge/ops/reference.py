@@ -217,9 +217,11 @@ def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam:
 
 
 def ties_merge_to(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam: float,
-                  weights: Optional[Sequence[float]] = None, normalize: bool = True, out_dtype=F32):
-    """ties_merge converted to out_dtype by finalize: (result, its non-finite count)."""
-    return finalize(ties_merge(inputs, base, density, lam, weights, normalize), out_dtype)
+                  weights: Optional[Sequence[float]] = None, normalize: bool = True, out_dtype=F32,
+                  out: Optional[torch.Tensor] = None):
+    """ties_merge converted to out_dtype by finalize: (result, its non-finite count); copied into `out` when one
+    is given (as linear_merge's out)."""
+    return _into(finalize(ties_merge(inputs, base, density, lam, weights, normalize), out_dtype), out)
 
 
 def disjoint_merge(task, T: int, ws, base32: torch.Tensor, lam32, normalize: bool) -> torch.Tensor:

@@ -99,8 +99,9 @@ def _ties_applies(inputs, base, density, lam, weights=None, normalize=True) -> b
             and math.isfinite(float(lam)))
 
 
-def _ties_to_applies(inputs, base, density, lam, weights=None, normalize=True, out_dtype=F32) -> bool:
-    return out_dtype in NATIVE_DTYPES and _ties_applies(inputs, base, density, lam, weights, normalize)
+def _ties_to_applies(inputs, base, density, lam, weights=None, normalize=True, out_dtype=F32, out=None) -> bool:
+    return (out_dtype in NATIVE_DTYPES and _ties_applies(inputs, base, density, lam, weights, normalize)
+            and _out_for(out, base, out_dtype, list(inputs) + [base]))
 
 
 def _dare_applies(tau, p, seed) -> bool:
