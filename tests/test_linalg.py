@@ -70,6 +70,23 @@ def test_default_randomized_svd_is_near_optimal_on_every_spectrum(shape, kind, s
         assert_near_optimal(a, usv, k, (kind, sketch_dtype))
 
 
+@pytest.mark.parametrize("sketch_dtype", ["auto", "bfloat16"])
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)])
+@pytest.mark.parametrize("kind", ["1/sqrt(i)", "0.9^i"])
+def test_randomized_svd_is_near_optimal_with_outlier_entries(shape, kind, sketch_dtype):
+    """A few entries 30-300x the largest (outlier features): rows that hold one are rounded coarsely by the int8
+    range finder's per-row scales, which the refinement must still absorb."""
+    for frac, mag in ((0.02, 30.0), (0.1, 100.0), (0.5, 300.0)):
+        a = spectrum_matrix(*shape, kind, seed=5)
+        g = torch.Generator().manual_seed(6)
+        rows = torch.randperm(shape[0], generator=g)[: max(1, int(frac * shape[0]))]
+        a[rows, torch.randint(0, shape[1], (len(rows),), generator=g)] += mag * a.abs().max()
+        half = min(shape) // 2
+        for k in sorted({1, 5, half // 4, half}):
+            usv = randomized_svd(a, k, generator=torch.Generator().manual_seed(k), sketch_dtype=sketch_dtype)
+            assert_near_optimal(a, usv, k, (kind, frac, sketch_dtype))
+
+
 @pytest.mark.parametrize("sketch_dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("kind", ["1/sqrt(i)", "0.9^i", "0.5^i"])
 def test_each_sketch_dtype_is_near_optimal(kind, sketch_dtype):
