@@ -209,7 +209,7 @@ def main(argv=None):
     def ours(**kw):
         return lambda sub: cm.cart(sub, rank=args.rank, lam=args.lam, select="all2d", **kw)
 
-    auto = str(resolve_sketch_dtype("auto", 1, 1 << 20, 1 << 20, "cpu")).replace("torch.", "")
+    auto = str(resolve_sketch_dtype("auto", 1, *SHAPES["mlp.c_fc.weight"], "cpu")).replace("torch.", "")
     approaches = {  # label -> function of a list of single-matrix state dicts
         "official approach (full SVD, then slice)": lambda sub: official_style(sub, args.rank, args.lam),
         f"centered_merge, randomized, default ({auto} sketch)": ours(),

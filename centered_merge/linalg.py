@@ -167,23 +167,34 @@ def _f32_times(big: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (x.mT @ big.mT).mT
 
 
-def _int8_rows(a: torch.Tensor, out: Optional[torch.Tensor] = None):
-    """a (m x n float32, any 2-D layout) as s * q: q int8 in a's layout with |q| <= 127, s (m x 1) each row's
-    largest magnitude / 127 (1 for a zero row). Each entry is rounded to 1/254 of its row's largest magnitude.
-    Rounded in blocks of ~2 MiB along a's storage order, so that no float32 temporary as large as a is made;
-    `out` (int8, a's shape and strides) is reused when given (a fresh one costs its page faults every task)."""
+INT8_BLOCK = 1 << 19  # float32 entries of _int8_rows's rounding block (2 MiB)
+
+
+def _int8_rows(a: torch.Tensor, workspace: Optional[dict] = None):
+    """a (m x n float32, row- or column-major) as s * q: q int8 in a's layout with |q| <= 127, s (m x 1) each
+    row's largest magnitude / 127 (1 for a zero row). Each entry is rounded to 1/254 of its row's largest
+    magnitude. Rounded in blocks of INT8_BLOCK entries along a's storage order, so that no float32 temporary as
+    large as a is made. With a `workspace` dict, q and the block buffer are kept there and reused by the next
+    call of the same layout (fresh ones cost their page faults on every call)."""
     s = torch.maximum(a.amax(-1, keepdim=True), a.amin(-1, keepdim=True).neg_()).div_(127.0)
     s = torch.where(s > 0, s, 1.0)
-    if out is None or out.shape != a.shape or out.stride() != a.stride():
-        out = torch.empty_like(a, dtype=torch.int8)  # keeps a's strides (dense a)
+    ws = {} if workspace is None else workspace
+    q = ws.get("int8")
+    if q is None or q.shape != a.shape or q.stride() != a.stride():
+        q = ws["int8"] = torch.empty_like(a, dtype=torch.int8)  # keeps a's strides (dense a)
     dim = 0 if a.stride(-1) == 1 else 1  # along the storage-major dimension
     size, other = a.shape[dim], a.shape[1 - dim]
-    step = max(1, (1 << 19) // max(1, other))
+    step = max(1, INT8_BLOCK // max(1, other))
+    block = ws.get("block")
+    if block is None or block.numel() < step * other:
+        block = ws["block"] = torch.empty(step * other, dtype=torch.float32, device=a.device)
     for i in range(0, size, step):
         j = min(step, size - i)
+        tmp = block[: j * other].view(j, other) if dim == 0 else block[: j * other].view(j, other).mT
         part = s.narrow(0, i, j) if dim == 0 else s
-        out.narrow(dim, i, j).copy_(torch.div(a.narrow(dim, i, j), part).round_())
-    return out, s
+        torch.div(a.narrow(dim, i, j), part, out=tmp).round_()
+        q.narrow(dim, i, j).copy_(tmp)
+    return q, s
 
 
 def _int8_lines(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -207,10 +218,7 @@ def _range_finder_int8(a: torch.Tensor, omega: torch.Tensor, power_iters: int, w
     a a^T Q up to column scales, which the next QR does not see."""
     if a.dim() == 3:
         return torch.stack([_range_finder_int8(x, omega, power_iters, workspace) for x in a])
-    buf = None if workspace is None else workspace.get("int8")
-    q, s = _int8_rows(a, buf)
-    if workspace is not None:
-        workspace["int8"] = q
+    q, s = _int8_rows(a, workspace)
     y = torch.mul(torch._int_mm(q, _int8_lines(omega[: a.shape[-1]], 0)), s)
     for _ in range(power_iters):
         xt = torch._int_mm(_int8_lines(_orth(y).mul_(s), 0).mT, q)  # (w x n) int32: (s Q)^T q, q in its layout
@@ -332,7 +340,8 @@ def randomized_lowrank_factors(
     batched GEMM/QR/eigh per step replaces T small launches; lt and r are then (T, k, m) and (T, k, n).
 
     `workspace`: a dict the caller keeps for successive calls (one per thread), in which the int8 range finder
-    keeps its copy of the matrix instead of allocating (and page-faulting) a fresh one per call.
+    keeps its copy of the matrix and its rounding block instead of allocating (and page-faulting) fresh ones per
+    call.
     """
     p, b, top, _, flipped = _sketched(a, omega, k, power_iters, sketch_dtype, workspace)
     lt_out, r_out = (None, None) if out is None else out

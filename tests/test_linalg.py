@@ -1,6 +1,9 @@
+import functools
+
 import pytest
 import torch
 
+from centered_merge import linalg
 from centered_merge.errors import MergeConfigError
 from centered_merge.linalg import (
     INT8_MAX_INNER,
@@ -98,6 +101,7 @@ def test_each_sketch_dtype_is_near_optimal(kind, sketch_dtype):
         assert_near_optimal(a, usv, k, (kind, sketch_dtype))
 
 
+@functools.lru_cache(maxsize=1)  # trained once for the test's parametrizations
 def _digits_task_vectors(tasks=4, steps=40):
     """Real fine-tune differences: a small MLP trained on scikit-learn's digits, then fine-tuned `steps` Adam
     steps on each of `tasks` class subsets; returns each weight matrix's centered task matrices."""
@@ -196,8 +200,8 @@ def test_auto_sketch_dtype_rule():
 
 
 @pytest.mark.parametrize("layout", ["row-major", "column-major", "empty", "1xn", "zero rows"])
-def test_int8_rows_round_each_entry_to_its_rows_scale(layout):
-    """a = s q with |q| <= 127, each entry within half a step (s) of a, in a's layout; a reused buffer."""
+def test_int8_rows_round_each_entry_to_its_rows_scale(layout, monkeypatch):
+    """a = s q with |q| <= 127, each entry within half a step (s) of a, in a's layout; reused buffers."""
     g = torch.Generator().manual_seed(0)
     a = {"row-major": lambda: torch.randn(37, 2000, generator=g),
          "column-major": lambda: torch.randn(2000, 37, generator=g).mT,
@@ -205,11 +209,13 @@ def test_int8_rows_round_each_entry_to_its_rows_scale(layout):
          "1xn": lambda: torch.randn(1, 9, generator=g),
          "zero rows": lambda: torch.cat([torch.zeros(3, 50), torch.randn(2, 50, generator=g) * 1e-30]),
          }[layout]()
-    for out in (None, torch.empty_like(a, dtype=torch.int8)):
-        q, s = _int8_rows(a, out)
+    monkeypatch.setattr(linalg, "INT8_BLOCK", 3000)  # several rounding blocks, the last one partial
+    workspace = {}
+    for ws in (None, workspace, workspace):  # without, then with a workspace whose buffers the second call reuses
+        q, s = _int8_rows(a, ws)
         assert q.dtype == torch.int8 and q.shape == a.shape and q.stride() == a.stride()
-        if out is not None:
-            assert q.data_ptr() == out.data_ptr()
+        if ws is not None:
+            assert q.data_ptr() == ws["int8"].data_ptr()
         if a.numel():
             assert int(q.abs().max()) <= 127
             assert bool(((q.double() * s.double() - a.double()).abs() <= 0.5 * s.double() * (1 + 1e-6)).all())
