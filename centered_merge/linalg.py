@@ -150,6 +150,14 @@ def sketch(shape, width: int, generator: torch.Generator, device) -> torch.Tenso
     return omega.to(device)
 
 
+def sketch_in(omega: torch.Tensor, sketch_dtype: torch.dtype) -> torch.Tensor:
+    """The sketch as the range finder's first GEMM takes it, converted once for the T tasks that share it:
+    `sketch_dtype` for the float dtypes, int8 per column (_int8_lines) for int8."""
+    if sketch_dtype == torch.int8:
+        return omega if omega.dtype == torch.int8 else _int8_lines(omega.to(torch.float32), 0)
+    return omega.to(sketch_dtype)
+
+
 def _big_times(big: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """big @ x for a large bf16 `big` and a thin `x`, ordered so that big enters the GEMM in its stored
     row-major layout: when big is a transposed view, (x^T big^T)^T. oneDNN's bf16 GEMM runs ~25% slower when its
@@ -219,7 +227,7 @@ def _range_finder_int8(a: torch.Tensor, omega: torch.Tensor, power_iters: int, w
     if a.dim() == 3:
         return torch.stack([_range_finder_int8(x, omega, power_iters, workspace) for x in a])
     q, s = _int8_rows(a, workspace)
-    y = torch.mul(torch._int_mm(q, _int8_lines(omega[: a.shape[-1]], 0)), s)
+    y = torch.mul(torch._int_mm(q, sketch_in(omega[: a.shape[-1]], torch.int8)), s)
     for _ in range(power_iters):
         xt = torch._int_mm(_int8_lines(_orth(y).mul_(s), 0).mT, q)  # (w x n) int32: (s Q)^T q, q in its layout
         y = torch.mul(torch._int_mm(q, _int8_lines(xt, 1).mT), s)

@@ -19,6 +19,7 @@ from centered_merge.linalg import (
     randomized_svd_from_sketch,
     resolve_rank,
     resolve_sketch_dtype,
+    sketch_in,
 )
 
 from conftest import decaying_matrix
@@ -238,6 +239,9 @@ def test_lowrank_factors_equal_the_svd_route(shape, sketch_dtype):
     u, s, vh = randomized_svd_from_sketch(a, omega, k, 2, sketch_dtype)
     lt, r = randomized_lowrank_factors(a, omega, k, 2, sketch_dtype)
     assert lt.shape == (k, shape[0]) and r.shape == (k, shape[1])
+    # the sketch converted once (as CART does for its T tasks) gives the same factors
+    shared = randomized_lowrank_factors(a, sketch_in(omega, sketch_dtype), k, 2, sketch_dtype)
+    assert torch.equal(shared[0], lt) and torch.equal(shared[1], r)
     want = (u * s) @ vh
     assert torch.allclose(lt.mT @ r, want, atol=1e-5 * want.abs().max().item())
     bufs = (torch.full((k, shape[0]), float("nan")), torch.full((k, shape[1]), float("nan")))

@@ -31,6 +31,7 @@ from ..linalg import (
     resolve_rank,
     resolve_sketch_dtype,
     sketch,
+    sketch_in,
     sketch_width,
 )
 from ..seeding import generator, in_content_order
@@ -172,8 +173,7 @@ class Cart(MergeMethod):
             # One sketch per tensor, shared by the T tasks: the merge then does not depend on model order.
             omega = sketch((m, c), sketch_width(k, self.oversample), generator(int(self.seed), name), mean.device)
             sketch_dt = resolve_sketch_dtype(self.sketch_dtype, k, m, c, mean.device)
-            if sketch_dt.is_floating_point:  # converted once for the T tasks (int8 rounds it per column itself)
-                omega = omega.to(sketch_dt)
+            omega = sketch_in(omega, sketch_dt)  # converted once for the T tasks
             q = power_iterations(k, m, c, self.power_iters)
         in_memory = isinstance(inputs, list)  # else lazy: never more than one input read at a time
         if omega is not None and mean.device.type == "cuda" and in_memory and terms.whole_batch(T, k):
