@@ -61,7 +61,7 @@ def _cpu_has_bf16_gemm() -> bool:
 
 
 def _cpu_has_int8_gemm() -> bool:
-    # VNNI (AVX512 or AVX) or AMX int8 dot products, which oneDNN's u8s8 GEMM behind torch._int_mm uses
+    # VNNI (AVX512 or AVX) or AMX int8 dot products, which torch._int_mm's CPU GEMM runs on
     flags = _cpu_flags()
     return any(f in flags for f in (" avx512_vnni", " avx_vnni", " amx_int8"))
 
@@ -89,9 +89,9 @@ def resolve_sketch_dtype(choice: str, k: int, rows: int, cols: int, device) -> t
     *finds* the subspace: the float32 refinement step that follows (_refined_projection) removes its rounding
     floor at every rank, so k does not enter the choice. int8 needs the long side below INT8_MAX_INNER.
 
-    Measured 2026-12-01 (one thread, 768x3072 @ 3072x115: int8 1.7 ms at ~330 Gop/s, bf16 3.0 ms at ~180
-    GFLOP/s, float32 7 ms at ~77; 2048x5632 @ 5632x312: 19 / 38 / 92 ms), with the same rank-k errors as the bf16
-    range finder on every spectrum of tests/test_linalg.py (README, CART speed)."""
+    Measured 2026-12-01 (one thread, 768x3072 @ 3072x120: int8 1.73 ms, ~330 Gop/s; bf16 3.28 ms; float32 7.81;
+    2048x5632 @ 5632x312: 19.2 / 38.4 / 91.9 ms), with the same rank-k errors as the bf16 range finder on every
+    spectrum of tests/test_linalg.py and at the real sizes (README, CART speed)."""
     if choice != "auto":
         return SKETCH_DTYPES[choice]
     if fast_int8_matmul(device) and max(rows, cols) <= INT8_MAX_INNER:
@@ -217,7 +217,7 @@ def _int8_lines(x: torch.Tensor, dim: int) -> torch.Tensor:
 def _range_finder_int8(a: torch.Tensor, omega: torch.Tensor, power_iters: int, workspace: Optional[dict]):
     """_range_finder with int8 GEMMs (torch._int_mm, exact int32 sums) for a wide float32 `a` (m <= n <=
     INT8_MAX_INNER): a = s q with per-row scales (_int8_rows), and each thin operand rounded to int8 per column
-    (_int8_lines). oneDNN's int8 GEMM runs ~1.8x the bf16 one on AVX512-VNNI (resolve_sketch_dtype); rounding a
+    (_int8_lines). torch._int_mm ran at ~1.8x the bf16 GEMM on AVX512-VNNI (resolve_sketch_dtype); rounding a
     to 1/254 of each row's largest entry is coarser than bf16 for small entries, a floor that the float32
     refinement removes as it removes bf16's (same rank-k errors in tests/test_linalg.py). A leading batch
     dimension runs task by task.
