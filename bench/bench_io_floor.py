@@ -5,7 +5,8 @@ vocab 32000; the number of layers sets the size), then, in one run:
 
   read floor    every input byte read once, file by file in file order, into one reused buffer (readinto)
   write floor   the output's bytes written shard by shard from a reused buffer and fsynced, as the writer does
-                (the faster of fsync-at-end and writeback started per chunk)
+                (the fastest of fsync-at-end, writeback started per chunk, and that plus synced batches dropped
+                from the page cache)
   merges        weight_average, task_arithmetic and ties through cm.merge_checkpoints, each in its own child
                 process, timed inside that process after imports; peak anonymous memory (RssAnon polled every
                 5 ms) above the child's RssAnon after imports
@@ -23,7 +24,9 @@ vocab 32000; the number of layers sets the size), then, in one run:
 hints, pread/readinto into a reused buffer with and without read-ahead by bytes), cold and warm: the figures that
 chose the engine's reading path (docs/engine.md, "Reading at the floor").
 
-Checkpoints go to a temporary directory under --tmp (default /tmp), deleted at the end.
+Checkpoints go to a temporary directory under --tmp (default /tmp), deleted at the end; with --work DIR they are
+built in DIR and kept there, and a later run with the same --size-gb and --T reuses them (a stamp file records
+how they were made), so repeated measurements skip the minutes of building.
 """
 from __future__ import annotations
 
@@ -95,7 +98,9 @@ def read_floor(models) -> float:
     return time.perf_counter() - t0
 
 
-def _write_once(out: Path, nbytes: int, shard_size: int, early_writeback: bool) -> float:
+def _write_once(out: Path, nbytes: int, shard_size: int, early_writeback: bool, drop: bool = False) -> float:
+    from centered_merge.io.writer import SYNC_BYTES
+
     out.mkdir(parents=True, exist_ok=True)
     buf = memoryview(bytearray(CHUNK))
     t0 = time.perf_counter()
@@ -104,12 +109,16 @@ def _write_once(out: Path, nbytes: int, shard_size: int, early_writeback: bool) 
         n = min(left, shard_size)
         fd = os.open(out / f"shard{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            off = 0
+            off, synced = 0, 0
             while off < n:
                 w = os.pwrite(fd, buf[:min(CHUNK, n - off)], off)
                 if early_writeback:  # start this chunk's writeback now, as the engine's writer does
                     os.posix_fadvise(fd, off, w, os.POSIX_FADV_DONTNEED)
                 off += w
+                if drop and off - synced >= SYNC_BYTES:  # the writer's batches: on disk, then out of the cache
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, synced, off - synced, os.POSIX_FADV_DONTNEED)
+                    synced = off
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -125,10 +134,12 @@ def _write_once(out: Path, nbytes: int, shard_size: int, early_writeback: bool) 
 
 def write_floor(out: Path, nbytes: int, shard_size: int) -> float:
     """nbytes written in shard_size files with pwrite from one reused buffer, each file fsynced, then the
-    directory, as the engine's writer does with the merged bytes. Timed twice, plain (fsync at the end of each
-    file) and with each chunk's writeback started as it is written (the writer's way since 2026-12-01); the
-    faster is the floor, so a merge is never measured against a slower way of writing than it uses itself."""
-    return min(_write_once(out, nbytes, shard_size, False), _write_once(out, nbytes, shard_size, True))
+    directory, as the engine's writer does with the merged bytes. Timed three ways: plain (fsync at the end of
+    each file); each chunk's writeback started as it is written; and that plus, every SYNC_BYTES, fdatasync and
+    the synced pages dropped from the page cache (the writer's way since 2026-12-01 19:10 UTC). The fastest is the
+    floor, so a merge is never measured against a slower way of writing than it uses itself."""
+    return min(_write_once(out, nbytes, shard_size, False), _write_once(out, nbytes, shard_size, True),
+               _write_once(out, nbytes, shard_size, True, drop=True))
 
 
 # --- ways of reading (--compare-reads) ---------------------------------------------------------------------------
@@ -258,9 +269,8 @@ METHODS = {
 
 
 def child(spec) -> None:
+    import centered_merge as cm  # first, as the CLI does: it sets the OpenMP wait policy before torch loads (threads.py)
     import torch
-
-    import centered_merge as cm
 
     models, base, out = spec["models"], spec["base"], Path(spec["out"])
     method = spec["method"]
@@ -308,6 +318,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="--compare-reads: best of this many runs")
     ap.add_argument("--compare-reads", action="store_true")
     ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--work", help="build the checkpoints here and keep them; reused when --size-gb and --T match")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -317,20 +328,36 @@ def main():
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)  # so the temporary checkpoints are deleted on kill
-    root = Path(tempfile.mkdtemp(prefix="cm_floor_", dir=args.tmp))
+    layers = layers_for(args.size_gb)
+    stamp_text = json.dumps({"layers": layers, "T": args.T, "seeds": 2000})
+    if args.work:
+        root = Path(args.work)
+        root.mkdir(parents=True, exist_ok=True)
+        stamp = root / "checkpoints.json"
+        reuse = stamp.exists() and stamp.read_text() == stamp_text
+    else:
+        root = Path(tempfile.mkdtemp(prefix="cm_floor_", dir=args.tmp))
+        stamp, reuse = None, False
+    scratch = [root / "out", root / "wfloor"]  # what a run writes besides the checkpoints
     try:
-        layers = layers_for(args.size_gb)
+        for p in scratch:
+            shutil.rmtree(p, ignore_errors=True)
         t0 = time.perf_counter()
-        paths = []
-        for i in range(args.T + 1):
-            p = root / ("base" if i == args.T else f"ft{i}")
-            make_checkpoint(p, layers, seed=2000 + i)
-            paths.append(str(p))
-        os.sync()
+        paths = [str(root / ("base" if i == args.T else f"ft{i}")) for i in range(args.T + 1)]
+        if not reuse:
+            if stamp is not None and stamp.exists():
+                stamp.unlink()
+            for i, p in enumerate(paths):
+                shutil.rmtree(p, ignore_errors=True)
+                make_checkpoint(Path(p), layers, seed=2000 + i)
+            os.sync()
+            if stamp is not None:
+                stamp.write_text(stamp_text)
         models, base = paths[:-1], paths[-1]
         size = model_bytes(layers)
-        print(f"# built {args.T} + 1 checkpoints of {size / 1e9:.2f} GB ({layers} layers) in "
-              f"{time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+        print(f"# {'reused' if reuse else 'built'} {args.T} + 1 checkpoints of {size / 1e9:.2f} GB ({layers} layers) "
+              f"in {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.2f}", file=sys.stderr,
+              flush=True)
         if args.compare_reads:
             return compare_reads(models, args.repeats)
         rows = {}
@@ -368,7 +395,11 @@ def main():
                   f"{r['peak_anon'] / largest:.1f} | {r['minor_faults']} | "
                   + " / ".join(f"{t.get(k, 0):.2f}" for k in ("read", "compute", "write", "finish")) + " |")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if args.work:
+            for p in scratch:
+                shutil.rmtree(p, ignore_errors=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

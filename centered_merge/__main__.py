@@ -1,7 +1,6 @@
 """`python -m centered_merge ...` is the `centered-merge` command."""
-import sys
 
-from .cli import main
+from .cli import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

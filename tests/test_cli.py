@@ -183,6 +183,14 @@ def test_python_dash_m(tmp_path, ckpts):
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stderr and "100%" in r.stderr
     assert load_file(str(tmp_path / "o" / "model.safetensors"))["lm_head.weight"].dtype == torch.bfloat16
+    # the command leaves through os._exit after merge/info: what it printed must still all arrive, through a pipe
+    r = subprocess.run([sys.executable, "-m", "centered_merge", "info", str(tmp_path / "o")], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("tensor") and "tensors," in r.stdout.splitlines()[-1]
+    r = subprocess.run([sys.executable, "-m", "centered_merge", "merge", *models[:2], "--method", "weight_average",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("centered-merge: error:"), r.stderr  # exists: refused, code kept
 
 
 def test_cart_indices_from_flags_and_yaml(tmp_path, ckpts, capsys):

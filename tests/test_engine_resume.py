@@ -117,3 +117,47 @@ def test_no_resume_discards(setup, capsys):
     err = capsys.readouterr().err
     assert "starting over" in err and "--no-resume was given" in err and "resuming" not in err
     assert tree(out) == reference
+
+
+def test_old_crc32_journal_lines_are_written_again(setup, capsys):
+    """Journals of before 2026-12-01 recorded zlib CRC-32s ("crc32"); the checksum is now xxh3-64: such lines do
+    not count, so those tensors are written again and the output is the same."""
+    import json
+
+    tmp, args, reference = setup
+    out = tmp / "out-oldjournal"
+    kill(tmp, args, out, "tensors", 4)
+    part = tmp / f".{out.name}.partial"
+    (journal,) = [p for p in part.iterdir() if p.name.startswith(".centered_merge-journal")]
+    lines = [json.loads(ln) for ln in journal.read_text().splitlines() if ln]
+    assert len(lines) == 4 and all("xxh3_64" in e for e in lines)
+    old = [{k: v for k, v in e.items() if k != "xxh3_64"} | {"crc32": 0} for e in lines[:2]]
+    journal.write_text("".join(json.dumps(e) + "\n" for e in old + lines[2:]))
+    capsys.readouterr()
+    assert main(["merge", *[a for a in args if a != "-q"], "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "resuming an interrupted merge: 2 of 9 tensors already written" in err, err
+    assert tree(out) == reference
+
+
+def test_changed_bytes_fail_the_checksum(setup, capsys):
+    """A journaled tensor whose bytes on disk changed after the kill is written again."""
+    import json
+
+    tmp, args, reference = setup
+    out = tmp / "out-flipped"
+    kill(tmp, args, out, "tensors", 3)
+    part = tmp / f".{out.name}.partial"
+    (journal,) = [p for p in part.iterdir() if p.name.startswith(".centered_merge-journal")]
+    e = json.loads(journal.read_text().splitlines()[0])
+    shard = sorted(p for p in part.iterdir() if p.suffix == ".safetensors")[e["shard"]]
+    with open(shard, "r+b") as f:
+        f.seek(e["offset"])
+        b = f.read(1)
+        f.seek(e["offset"])
+        f.write(bytes([b[0] ^ 0x40]))
+    capsys.readouterr()
+    assert main(["merge", *[a for a in args if a != "-q"], "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "resuming an interrupted merge: 2 of 9 tensors already written" in err, err
+    assert tree(out) == reference

@@ -1,9 +1,14 @@
 """The per-tensor core, the one copy shared by the in-memory API and the on-disk engine.
 
 For each tensor name: the group check (shapes, float-ness; equal values for tensors copied through) and the
-non-finite check of the inputs (`check_inputs`, run by the reader as it pages the data in), then the method's
-merge_tensor_to (the merge in float32 and the conversion to the output dtype, counting NaN/Inf: one fused pass
-for the linear merges) and the checks of the result (`merge_tensor`).
+non-finite check of the inputs (`check_inputs`, run by the reader), then the method's merge_tensor_to (the merge
+in float32 and the conversion to the output dtype, counting NaN/Inf: one fused pass for the linear merges) and
+the checks of the result (`merge_tensor`).
+
+Methods whose count sees every non-finite input (MergeMethod.counts_nonfinite_inputs: the fused linear merges)
+are not scanned up front: only when the merged tensor's count is not 0 are its inputs scanned, to name the file
+and tensor with the same words as the up-front scan, before anything of that tensor is written. That saves a
+read of every input byte (a min/max pass over T + 1 tensors) per tensor.
 """
 from __future__ import annotations
 
@@ -20,13 +25,27 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def scans_inputs_upfront(method) -> bool:
+    """Whether the reader scans a float tensor's inputs for NaN/Inf before the merge (else merge_tensor does,
+    only when the method's count says there is something to find)."""
+    return not method.counts_nonfinite_inputs
+
+
 def check_inputs(key: str, kind: str, tensors: Sequence[torch.Tensor], labels: Sequence[str],
-                 allow_nonfinite: bool) -> List[str]:
+                 allow_nonfinite: bool, scan: bool = True) -> List[str]:
     """Raise if the tensors called `key` cannot be merged; return the messages of inputs holding NaN/Inf (which
-    raise unless allow_nonfinite)."""
+    raise unless allow_nonfinite). scan=False: float tensors are not scanned (see scans_inputs_upfront)."""
     if kind != FLOAT:
         check_group(key, tensors, labels)
         return []
+    if not scan:
+        return []
+    return scan_inputs(key, tensors, labels, allow_nonfinite)
+
+
+def scan_inputs(key: str, tensors: Sequence[torch.Tensor], labels: Sequence[str],
+                allow_nonfinite: bool) -> List[str]:
+    """The messages of the inputs holding NaN/Inf, in input order; raises at the first one unless allow_nonfinite."""
     found = []
     for t, where in zip(tensors, labels):
         bad = count_nonfinite(t)
@@ -39,8 +58,15 @@ def check_inputs(key: str, kind: str, tensors: Sequence[torch.Tensor], labels: S
 
 
 def merge_tensor(method, key: str, inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], want: TensorInfo,
-                 allow_nonfinite: bool, nonfinite_inputs: Sequence[str] = ()) -> Tuple[torch.Tensor, List[str]]:
-    """The merged tensor in the output dtype (on the compute device) and the non-finite messages it adds."""
+                 allow_nonfinite: bool, nonfinite_inputs: Sequence[str] = (),
+                 labels: Optional[Sequence[str]] = None,
+                 out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[str]]:
+    """The merged tensor in the output dtype (on the compute device) and the non-finite messages it adds.
+
+    nonfinite_inputs: the messages of the up-front scan (check_inputs). labels: where the inputs and then the base
+    come from, for the scan made here when the reader did not scan (scans_inputs_upfront) and the result holds
+    NaN/Inf; its messages are returned (or raised) like the up-front scan's. out: a buffer of the output's shape
+    and dtype to write the result into, for methods that take one (MergeMethod.writes_into)."""
     if nonfinite_inputs:
         plan = method.plan_tensor(key, tuple(want.shape), inputs[0].dtype, len(inputs))
         if plan.get("lowrank"):  # an SVD of a matrix holding NaN/Inf is undefined (LAPACK fails or returns NaN)
@@ -48,7 +74,10 @@ def merge_tensor(method, key: str, inputs: Sequence[torch.Tensor], base: Optiona
                                   "undefined for NaN/Inf values, so --allow-nonfinite cannot merge it with "
                                   f"{method.name}: repair the input or use a method without an SVD")
     try:
-        out, bad = method.merge_tensor_to(key, inputs, base, want.dtype)
+        if out is not None:
+            out, bad = method.merge_tensor_to(key, inputs, base, want.dtype, out=out)
+        else:
+            out, bad = method.merge_tensor_to(key, inputs, base, want.dtype)
     except torch.cuda.OutOfMemoryError as e:
         raise MergeError(f"tensor {key!r} {want.shape}: out of GPU memory ({str(e).splitlines()[0]}); "
                          "try --device cpu") from None
@@ -59,6 +88,11 @@ def merge_tensor(method, key: str, inputs: Sequence[torch.Tensor], base: Optiona
     if bad:
         if nonfinite_inputs:  # carried over from inputs already reported (allow_nonfinite)
             return out, found
+        if labels is not None and not scans_inputs_upfront(method):  # the lazy scan: name the input
+            group = list(inputs) + ([base] if base is not None else [])
+            found = scan_inputs(key, group, labels, allow_nonfinite)
+            if found:
+                return out, found
         if _overflowed_in_float32(method, key, inputs, base, out):  # the computation, not the conversion
             msg = (f"merged tensor {key!r} has {bad} NaN/Inf value(s): its inputs are finite, but the float32 "
                    "computation overflowed (values beyond float32's range, about 3.4e38)")

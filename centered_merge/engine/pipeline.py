@@ -4,13 +4,16 @@ Per tensor name, in output layout order:
 
     reader thread            main thread                          writer thread
     views of T inputs   ->   core.merge_tensor (float32)     ->   pwrite at the planned offset, fsync,
-    (mmap; NaN/Inf scan;     -> output dtype (+ NaN/Inf count)     journal line (resume)
+    (mmap; NaN/Inf scan;     -> output dtype (+ NaN/Inf count;     journal line (resume)
+     not for the fused        inputs scanned only when not 0)
      CUDA: staged copies)
 
 Memory: inputs are mmap views (page cache, not anonymous memory); the method's workspace is a few float32
 copies of one tensor; `read_ahead` tensors wait in the reader queue (views only on CPU) and at most `write_queue`
-finished tensors wait for the disk. So the peak is bounded by a small multiple of the largest tensor, whatever
-the number of models T or the size of the model.
+finished tensors wait for the disk. The fused methods write into reused output buffers (buffers.OutputPool, at
+most write_queue + 2 of them), so the pages of each new output tensor are not faulted in and zeroed afresh.
+So the peak is bounded by a small multiple of the largest tensor, whatever the number of models T or the size
+of the model.
 
 Determinism: the threads only move data; every tensor is computed by the same code whatever `read_ahead` is,
 and methods seed per (seed, tensor name). Same inputs + seed -> the same bytes, also when a merge is resumed.
@@ -31,6 +34,7 @@ from ..errors import MergeConfigError, MergeOutputError
 from ..io.model_files import ModelFiles
 from ..io.writer import ShardedWriter, check_output_path
 from . import card
+from .buffers import OutputPool
 from .core import merge_tensor
 from .lock import OutputLock
 from .memory_sink import DictSink
@@ -57,8 +61,9 @@ class MergeReport:
     notes: List[str] = field(default_factory=list)
 
 
-def run_tensors(req: MergeRequest, sink) -> Dict[str, Any]:
-    """Read, merge and hand to `sink` every tensor of `sink.order`; the counts, waits and non-finite messages."""
+def run_tensors(req: MergeRequest, sink, pool: Optional[OutputPool] = None) -> Dict[str, Any]:
+    """Read, merge and hand to `sink` every tensor of `sink.order`; the counts, waits and non-finite messages.
+    pool: where merged tensors are written (reused buffers, given back by the sink once written), or None."""
     out_info = dict(req.items)
     stats = {"read": 0, "merged": 0, "pass": 0, "nonfinite": []}
     waits = {"read": 0.0, "compute": 0.0, "write": 0.0, "finish": 0.0}
@@ -85,8 +90,11 @@ def run_tensors(req: MergeRequest, sink) -> Dict[str, Any]:
                     torch.cuda.current_stream(dev).wait_event(item.event)
                     for t in list(item.inputs) + ([item.base] if item.base is not None else []):
                         t.record_stream(torch.cuda.current_stream(dev))
-                out, found = merge_tensor(req.method, item.key, item.inputs, item.base, out_info[item.key],
-                                          req.allow_nonfinite, item.nonfinite)
+                want = out_info[item.key]
+                buf = pool.take(item.key, want.shape, want.dtype) if pool is not None else None
+                out, found = merge_tensor(req.method, item.key, item.inputs, item.base, want,
+                                          req.allow_nonfinite, item.nonfinite, item.labels, out=buf)
+                del buf
                 stats["nonfinite"] += found
                 if out.device.type != "cpu":
                     out = out.cpu()
@@ -177,7 +185,12 @@ def merge_checkpoints(models, out_dir, method="cart", base=None, *, out_dtype=No
             owner = assign([(k, req.cost(k)) for k, _ in req.items], ctx.world)
         done = [0]
 
+        # outputs in reused buffers (methods that write into one, on the CPU): each comes back once written
+        pool = OutputPool(max(1, write_queue) + 2) if req.method.writes_into and req.device.type == "cpu" else None
+
         def on_written(name, nbytes):
+            if pool is not None:
+                pool.give_back(name)
             done[0] += 1
             if bar is not None:
                 bar.update(nbytes)
@@ -194,7 +207,7 @@ def merge_checkpoints(models, out_dir, method="cart", base=None, *, out_dtype=No
 
             bar = tqdm(total=sum(req.layout.slots[n].length for n in writer.order), unit="B", unit_scale=True,
                        unit_divisor=1024, desc="merging", file=sys.stderr, dynamic_ncols=True)
-        stats = run_tensors(req, writer)
+        stats = run_tensors(req, writer, pool)
         (read,), nonfinite = writer.finish([stats["read"]], stats["nonfinite"])
         for msg in nonfinite:
             warnings.warn(msg + " (merged anyway: allow_nonfinite)", stacklevel=2)

@@ -2,8 +2,10 @@
 
 It produces ReadItems, `read_ahead` of them ahead of the merge (a bounded queue; 0 = read in the main thread).
 On CPU the inputs are mmap views (page cache, not anonymous memory); the non-finite scan of the core pages them
-in. On CUDA they are staged through pinned host buffers and copied on a side stream, or, when the inputs of the
-read-ahead window would take more than a quarter of the device memory, handed over as LazyDeviceInputs.
+in (the inputs of methods whose kernel counts non-finite inputs itself are not scanned here:
+core.scans_inputs_upfront). On CUDA they are staged through pinned host buffers and copied on a side stream, or,
+when the inputs of the read-ahead window would take more than a quarter of the device memory, handed over as
+LazyDeviceInputs.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .core import check_inputs
+from .core import check_inputs, scans_inputs_upfront
 from .request import MergeRequest
 
 _STOP = object()
@@ -30,6 +32,7 @@ class ReadItem:
     nbytes: int
     event: Optional[object]  # a CUDA event the compute stream must wait on, or None
     nonfinite: List[str]  # messages of inputs holding NaN/Inf (allow_nonfinite)
+    labels: List[str]  # where each input, then the base, comes from (for the merge's own non-finite scan)
 
 
 class LazyDeviceInputs(abc.Sequence):
@@ -66,6 +69,7 @@ class Reader:
     def __init__(self, req: MergeRequest, order: Sequence[str]):
         self.req, self.order, self.device = req, list(order), req.device
         self.depth = req.read_ahead
+        self.scan = scans_inputs_upfront(req.method)
         self._stop = threading.Event()
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -86,13 +90,15 @@ class Reader:
                 s.prefetch(self.order[i + 1])
         tensors = [s.get(key) for s in group]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        nonfinite = check_inputs(key, kind, tensors, inputs.labels(key), self.req.allow_nonfinite)
+        labels = inputs.labels(key)
+        nonfinite = check_inputs(key, kind, tensors, labels, self.req.allow_nonfinite, self.scan)
         event = None
         staged = self.cuda and kind == "float" and any(t.device != self.device for t in tensors)
         if staged and nbytes > self.stage_budget:
             host = tensors[:-1] if inputs.use_base else tensors
             base_t = tensors[-1].to(self.device) if inputs.use_base else None  # current stream: ordered
-            return ReadItem(key, kind, LazyDeviceInputs(host, self.device), base_t, nbytes, None, nonfinite)
+            return ReadItem(key, kind, LazyDeviceInputs(host, self.device), base_t, nbytes, None, nonfinite,
+                            labels)
         if staged:
             # pinned host staging + async H2D copy on a side stream; the compute stream waits on `event`
             out = []
@@ -105,8 +111,8 @@ class Reader:
                 event.record(self.copy_stream)
             tensors = out
         if inputs.use_base:
-            return ReadItem(key, kind, tensors[:-1], tensors[-1], nbytes, event, nonfinite)
-        return ReadItem(key, kind, tensors, None, nbytes, event, nonfinite)
+            return ReadItem(key, kind, tensors[:-1], tensors[-1], nbytes, event, nonfinite, labels)
+        return ReadItem(key, kind, tensors, None, nbytes, event, nonfinite, labels)
 
     def _run(self):
         try:

@@ -18,6 +18,8 @@ class Linear(MergeMethod):
     name = "linear"
     summary = "linear: sum_t w_t theta_t (/ sum_t w_t with normalize)"
     parameters = (weight_param(), normalize_param(True))
+    counts_nonfinite_inputs = True  # the fused kernel (ops) sums every input element
+    writes_into = True
 
     def weights(self, name, num_models):
         """(the weights, the divisor): the raw weights and their float32 sum with normalize, else 1."""
@@ -30,9 +32,9 @@ class Linear(MergeMethod):
             raise MergeConfigError(f"linear: the weights of tensor {name!r} sum to {total:g}; cannot normalize")
         return w, float(torch.tensor(w, dtype=torch.float32).sum())  # as mergekit sums them
 
-    def merge_tensor_to(self, name, inputs, base, dtype):
+    def merge_tensor_to(self, name, inputs, base, dtype, out=None):
         w, divisor = self.weights(name, len(inputs))
-        return ops.linear_merge(inputs, w, dtype, divisor=divisor)
+        return ops.linear_merge(inputs, w, dtype, divisor=divisor, out=out)
 
     def merge_tensor(self, name, inputs, base=None):
         return self.merge_tensor_to(name, inputs, base, torch.float32)[0]

@@ -69,19 +69,21 @@ class TaskVectorMerge(MergeMethod):
 class TaskArithmetic(TaskVectorMerge):
     name = "task_arithmetic"
     summary = "task arithmetic: theta_0 + lam * sum_t w_t (theta_t - theta_0)"
+    counts_nonfinite_inputs = True  # the fused kernel (ops) sums every input element
+    writes_into = True
     parameters = (
         lam_param(0.3, schedulable=True, yaml_default=1.0),
         weight_param(),
         normalize_param(False),
     )
 
-    def merge_tensor_to(self, name, inputs, base, dtype):
+    def merge_tensor_to(self, name, inputs, base, dtype, out=None):
         v = self.values(name, len(inputs))
         weights = [float(w) for w in v.weight]
         if v.normalize:  # folded into the weights: one pass (a zero divisor counts as 1, as in the family)
             total = sum(weights)
             weights = [w / (total if abs(total) >= 1e-8 else 1.0) for w in weights]
-        return ops.task_arithmetic_merge(inputs, base, weights, float(v.lam), dtype)
+        return ops.task_arithmetic_merge(inputs, base, weights, float(v.lam), dtype, out=out)
 
     def merge_tensor(self, name, inputs, base):
         return self.merge_tensor_to(name, inputs, base, F32)[0]

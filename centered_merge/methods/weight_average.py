@@ -17,6 +17,8 @@ from .registry import register
 class WeightAverage(MergeMethod):
     name = "weight_average"
     summary = "weight averaging (model soup): sum_t w_t * theta_t / sum_t w_t"
+    counts_nonfinite_inputs = True  # the fused kernel (ops) sums every input element
+    writes_into = True
     parameters = (
         Param("weight", "float", 1.0, "each model's weight (normalised to sum to one)", lo=0.0, per_model=True,
               aliases=("weights",), flag="--weights"),
@@ -36,12 +38,12 @@ class WeightAverage(MergeMethod):
         total = sum(w)
         return [x / total for x in w]
 
-    def merge_tensor_to(self, name, inputs, base, dtype):
+    def merge_tensor_to(self, name, inputs, base, dtype, out=None):
         T = len(inputs)
         w = self.normalized_weights(T)
         if w is None:
-            return ops.linear_merge(inputs, [1.0] * T, dtype, scale=1.0 / T)
-        return ops.linear_merge(inputs, w, dtype)
+            return ops.linear_merge(inputs, [1.0] * T, dtype, scale=1.0 / T, out=out)
+        return ops.linear_merge(inputs, w, dtype, out=out)
 
     def merge_tensor(self, name, inputs, base=None):
         return self.merge_tensor_to(name, inputs, base, torch.float32)[0]

@@ -8,8 +8,11 @@
     ties_merge_to(inputs, base, density, lam, weights=None, normalize=True, out_dtype=float32)
                                                                 -> (tensor of out_dtype, non-finite count)
     dare(tau, p, seed)                                          -> float32 tensor
-    linear_merge(inputs, weights, out_dtype=None, scale=1.0, divisor=1.0) -> (tensor of out_dtype, non-finite count)
-    task_arithmetic_merge(inputs, base, weights, lam, out_dtype=None) -> (tensor of out_dtype, non-finite count)
+    linear_merge(inputs, weights, out_dtype=None, scale=1.0, divisor=1.0, out=None)
+                                                                -> (tensor of out_dtype, non-finite count)
+    task_arithmetic_merge(inputs, base, weights, lam, out_dtype=None, out=None)
+                                                                -> (tensor of out_dtype, non-finite count)
+    (out=: a caller's tensor of the result's shape and dtype to write into, e.g. a reused buffer)
 """
 from .reference import kept_count, magnitude_threshold  # noqa: F401  (scalar helpers, no native twin needed)
 from .table import DISPATCH, OPS, choose  # noqa: F401

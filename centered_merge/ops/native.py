@@ -129,10 +129,11 @@ def dare(tau: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return out
 
 
-def _fused(inputs, base, weights, lam, out_dtype, divisor=1.0):
+def _fused(inputs, base, weights, lam, out_dtype, divisor=1.0, out=None):
     C = _C()
     first = inputs[0] if base is None else base
-    out = torch.empty(first.shape, dtype=out_dtype or F32, device=first.device)
+    if out is None:  # else the caller's buffer (checked by the table: shape, dtype, device, contiguous, no overlap)
+        out = torch.empty(first.shape, dtype=out_dtype or F32, device=first.device)
     xs = [_contig(x) for x in inputs]
     ccap, counter = _counter(out)
     bad = C.linear_merge([_cap(x) for x in xs], [float(w) for w in weights],
@@ -142,10 +143,10 @@ def _fused(inputs, base, weights, lam, out_dtype, divisor=1.0):
 
 
 def linear_merge(inputs: Sequence[torch.Tensor], weights: Sequence[float], out_dtype: Optional[torch.dtype] = None,
-                 scale: float = 1.0, divisor: float = 1.0):
-    return _fused(inputs, None, weights, scale, out_dtype, divisor)
+                 scale: float = 1.0, divisor: float = 1.0, out: Optional[torch.Tensor] = None):
+    return _fused(inputs, None, weights, scale, out_dtype, divisor, out)
 
 
 def task_arithmetic_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float], lam: float,
-                          out_dtype: Optional[torch.dtype] = None):
-    return _fused(inputs, base, weights, lam, out_dtype)
+                          out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None):
+    return _fused(inputs, base, weights, lam, out_dtype, out=out)

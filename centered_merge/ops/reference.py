@@ -61,12 +61,26 @@ def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = 
     return y, count_nonfinite(y)
 
 
+def _into(result, out: Optional[torch.Tensor]):
+    """(result, count) of finalize, the result copied into the caller's `out` when one is given (it must have the
+    result's shape, dtype and device)."""
+    y, bad = result
+    if out is None:
+        return y, bad
+    if not isinstance(out, torch.Tensor) or out.shape != y.shape or out.dtype != y.dtype or out.device != y.device:
+        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"out must be a {tuple(y.shape)} {y.dtype} tensor on {y.device}; got {got}")
+    out.copy_(y)
+    return out, bad
+
+
 def linear_merge(inputs: Sequence[torch.Tensor], weights: Sequence[float], out_dtype: Optional[torch.dtype] = None,
-                 scale: float = 1.0, divisor: float = 1.0):
+                 scale: float = 1.0, divisor: float = 1.0, out: Optional[torch.Tensor] = None):
     """(scale * sum_t weights[t] * inputs[t]) / divisor, accumulated in float32 in input order, then scaled
     (unit weights with scale 1/T round exactly as mean_fp32), then divided (raw weights divided by their float32
     sum round exactly as mergekit's normalized linear), converted to `out_dtype` (float32 when None); returns
-    (result, number of NaN/Inf values in the result), like finalize."""
+    (result, number of NaN/Inf values in the result), like finalize. out: a caller's tensor of the result's
+    shape, dtype and device to write it into (then returned as the result)."""
     acc = torch.zeros(inputs[0].shape, dtype=F32, device=inputs[0].device)
     for t in range(len(inputs)):
         acc.add_(inputs[t], alpha=float(weights[t]))
@@ -74,20 +88,20 @@ def linear_merge(inputs: Sequence[torch.Tensor], weights: Sequence[float], out_d
         acc.mul_(float(scale))
     if float(divisor) != 1.0:
         acc.div_(torch.tensor(float(divisor), dtype=F32))
-    return finalize(acc, out_dtype or F32)
+    return _into(finalize(acc, out_dtype or F32), out)
 
 
 def task_arithmetic_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float], lam: float,
-                          out_dtype: Optional[torch.dtype] = None):
+                          out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None):
     """base + lam * sum_t weights[t] * (float32(inputs[t]) - float32(base)), in float32 and in this order
     (task vectors summed one by one, then scaled, then the base added), converted to `out_dtype` (float32 when
-    None); returns (result, number of NaN/Inf values in the result)."""
+    None); returns (result, number of NaN/Inf values in the result). out: as for linear_merge."""
     base32 = base.to(F32)
     acc = torch.zeros_like(base32)
     tau = torch.empty_like(base32)
     for t in range(len(inputs)):
         acc.add_(torch.sub(inputs[t], base32, out=tau), alpha=float(weights[t]))
-    return finalize(acc.mul_(float(lam)).add_(base32), out_dtype or F32)
+    return _into(finalize(acc.mul_(float(lam)).add_(base32), out_dtype or F32), out)
 
 
 def kept_count(numel: int, density: float) -> int:

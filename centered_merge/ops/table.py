@@ -108,16 +108,26 @@ def _dare_applies(tau, p, seed) -> bool:
     return _native_float(tau) and p > 0.0 and p == p
 
 
-def _linear_applies(inputs, weights, out_dtype=None, scale=1.0, divisor=1.0) -> bool:
-    C = _native.get(warn=False)
-    return (C is not None and 0 < len(inputs) <= C.MAX_INPUTS and len(weights) == len(inputs)
-            and _native_float(inputs[0]) and (out_dtype is None or out_dtype in NATIVE_DTYPES))
+def _out_for(out, like, dtype, others) -> bool:
+    """Whether a caller's `out` is one the fused kernels write into: like's shape and device, `dtype`,
+    contiguous, sharing no memory with an input (anything else goes to the twin: its check and message)."""
+    return out is None or (isinstance(out, torch.Tensor) and out.dtype == dtype and out.shape == like.shape
+                           and out.device == like.device and out.is_contiguous()
+                           and not any(overlaps(out, x) for x in others))
 
 
-def _task_arithmetic_applies(inputs, base, weights, lam, out_dtype=None) -> bool:
+def _linear_applies(inputs, weights, out_dtype=None, scale=1.0, divisor=1.0, out=None) -> bool:
     C = _native.get(warn=False)
     return (C is not None and 0 < len(inputs) <= C.MAX_INPUTS and len(weights) == len(inputs)
-            and _native_float(base) and (out_dtype is None or out_dtype in NATIVE_DTYPES))
+            and _native_float(inputs[0]) and (out_dtype is None or out_dtype in NATIVE_DTYPES)
+            and _out_for(out, inputs[0], out_dtype or F32, inputs))
+
+
+def _task_arithmetic_applies(inputs, base, weights, lam, out_dtype=None, out=None) -> bool:
+    C = _native.get(warn=False)
+    return (C is not None and 0 < len(inputs) <= C.MAX_INPUTS and len(weights) == len(inputs)
+            and _native_float(base) and (out_dtype is None or out_dtype in NATIVE_DTYPES)
+            and _out_for(out, base, out_dtype or F32, list(inputs) + [base]))
 
 
 @dataclass(frozen=True)

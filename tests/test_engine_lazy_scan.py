@@ -1,0 +1,118 @@
+"""The lazy non-finite scan: methods whose fused kernel counts every non-finite input (weight_average, linear,
+task_arithmetic) are not scanned up front; when the merged tensor's count is not 0 their inputs are scanned then,
+and the message is the up-front scan's, word for word, with nothing at the output."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import centered_merge.validation as validation
+from centered_merge import ops
+from centered_merge.cli import main
+from centered_merge.engine import core, merge_checkpoints
+from centered_merge.errors import MergeInputError
+from centered_merge.methods import available, method_class
+
+from _engine_util import leftovers, make_state_dicts
+
+KEY = "model.layers.0.mlp.up_proj.weight"
+LAZY = ("weight_average", "linear", "task_arithmetic")
+
+
+def _files(tmp_path, bad_in, value, dtype=torch.float32):
+    """base + 3 models as files; `bad_in` (an index, or 'base') holds `value` at two places of KEY."""
+    base, models = make_state_dicts(T=3, dtype=dtype)
+    sd = base if bad_in == "base" else models[bad_in]
+    sd[KEY][1, 2] = value
+    sd[KEY][5, 0] = value
+    paths = []
+    for name, m in [("base", base)] + [(f"ft{i}", m) for i, m in enumerate(models)]:
+        paths.append(str(tmp_path / f"{name}.safetensors"))
+        save_file(m, paths[-1])
+    return paths[0], paths[1:]
+
+
+def test_flag_declared_by_the_fused_methods_only():
+    lazy = sorted(name for name in available() if method_class(name).counts_nonfinite_inputs)
+    assert lazy == sorted(LAZY)
+
+
+def test_no_upfront_scan_for_fused_methods(tmp_path, monkeypatch):
+    """Finite inputs: weight_average never calls the scan; ties scans every float input."""
+    base, models = _files(tmp_path, 0, 0.5)  # all finite
+    calls = []
+    real = validation.count_nonfinite
+    monkeypatch.setattr(core, "count_nonfinite", lambda t: calls.append(1) or real(t))
+    merge_checkpoints(models, tmp_path / "wa", method="weight_average", progress=False)
+    assert calls == []
+    merge_checkpoints(models, tmp_path / "ties", method="ties", base=base, density=0.5, progress=False)
+    assert len(calls) > 0
+
+
+@pytest.mark.parametrize("method, bad_in", [(m, 1) for m in LAZY] + [("task_arithmetic", "base")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_lazy_scan_names_file_and_tensor(tmp_path, capsys, method, bad_in, value):
+    base, models = _files(tmp_path, bad_in, value)
+    where = "base.safetensors" if bad_in == "base" else f"ft{bad_in}.safetensors"
+    argv = ["merge", *models, "--method", method, "--out", str(tmp_path / "out")]
+    if method == "task_arithmetic":
+        argv += ["--base", base]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("centered-merge: error:")]
+    assert lines == [f"centered-merge: error: tensor {KEY!r} in {tmp_path / where} holds 2 NaN/Inf value(s) of "
+                     "512; pass --allow-nonfinite (API: allow_nonfinite=True) to merge anyway"], err
+    assert leftovers(tmp_path, "out") == []
+    # allowed: merged, one warning per bad input, the same words as the up-front scan's
+    with pytest.warns(UserWarning) as rec:
+        rep = merge_checkpoints(models, tmp_path / "ok", method=method, allow_nonfinite=True, progress=False,
+                                base=base if method == "task_arithmetic" else None)
+    msgs = [str(w.message) for w in rec]
+    assert msgs == [f"tensor {KEY!r} in {tmp_path / where} holds 2 NaN/Inf value(s) of 512 "
+                    "(merged anyway: allow_nonfinite)"]
+    assert rep.nonfinite_inputs == [f"tensor {KEY!r} in {tmp_path / where} holds 2 NaN/Inf value(s) of 512"]
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_zero_weight_and_lam_still_count(monkeypatch, path, dtype, value):
+    """What the flag promises: a non-finite input reaches the count even with weight 0 or lam 0, on the
+    kernel and on its torch twin."""
+    from centered_merge import backend
+
+    if path == "torch":
+        monkeypatch.setattr(backend, "native_allowed", lambda device: False)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(3, 70, generator=g).to(dtype) for _ in range(3)]
+    base = torch.randn(3, 70, generator=g).to(dtype)
+    xs[1][2, 7] = value
+    _, bad = ops.linear_merge(xs, [1.0, 0.0, 1.0], dtype)
+    assert bad >= 1
+    _, bad = ops.task_arithmetic_merge(xs, base, [1.0, 0.0, 1.0], 0.0, dtype)
+    assert bad >= 1
+    xs[1][2, 7] = 0.5
+    base[0, 0] = value
+    _, bad = ops.task_arithmetic_merge(xs, base, [0.0, 0.0, 0.0], 0.0, dtype)
+    assert bad >= 1
+
+
+def test_overflow_still_diagnosed_after_lazy_scan(tmp_path, capsys):
+    """Finite inputs whose merge overflows the output dtype: the lazy scan finds nothing, the overflow message
+    follows as before."""
+    base, models = _files(tmp_path, 0, 1e6)  # finite in float32; the mean (3.3e5) is not in float16
+    rc = main(["merge", *models, "--method", "weight_average", "--out-dtype", "float16",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"merged tensor {KEY!r} has 2 NaN/Inf value(s) after conversion to float16" in err
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_in_memory_api_lazy_scan_message():
+    base, models = make_state_dicts(T=2, dtype=torch.float32, with_int=False)
+    models[1][KEY][0, 0] = float("nan")
+    import centered_merge as cm
+
+    with pytest.raises(MergeInputError, match=rf"'{KEY}' in model 1 holds 1 NaN/Inf value\(s\) of 512"):
+        cm.merge(models, "weight_average")
