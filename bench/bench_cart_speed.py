@@ -24,7 +24,10 @@ OMP_WAIT_POLICY=PASSIVE (the policy threads.py chose before its measurement) and
 (threads.py: a short spin), interleaved.
 
     python bench/bench_cart_speed.py [--blocks 12] [--tasks 8] [--rank 0.12] [--threads N] [--repeats R]
-                                     [--energy 0.9] [--contend] [--ab-tasks]
+                                     [--energy 0.9] [--contend] [--ab-tasks] [--set vit|llama]
+
+--set llama times one Llama layer's q_proj (2048x2048), gate_proj (5632x2048) and down_proj (2048x5632) instead
+(k = 245 at rank 0.12; use --tasks 4 --blocks 1 for the 0.5 B set's shape of work).
 """
 from __future__ import annotations
 
@@ -50,12 +53,22 @@ SHAPES = {
 }
 
 
-def make_models(blocks: int, tasks: int, decay: float, seed: int = 0):
+# --set llama: the large matrices of one layer of the 4 x 0.5 B Llama-shaped set (hidden 2048, MLP 5632; k = 245)
+LLAMA_SHAPES = {
+    "self_attn.q_proj.weight": (2048, 2048),
+    "mlp.gate_proj.weight": (5632, 2048),
+    "mlp.down_proj.weight": (2048, 5632),
+}
+SETS = {"vit": ("visual.transformer.resblocks", SHAPES), "llama": ("model.layers", LLAMA_SHAPES)}
+
+
+def make_models(blocks: int, tasks: int, decay: float, seed: int = 0, which: str = "vit"):
     g = torch.Generator().manual_seed(seed)
     models = [{} for _ in range(tasks)]
+    prefix, shapes = SETS[which]
     for b in range(blocks):
-        for suffix, (m, n) in SHAPES.items():
-            name = f"visual.transformer.resblocks.{b}.{suffix}"
+        for suffix, (m, n) in shapes.items():
+            name = f"{prefix}.{b}.{suffix}"
             base = torch.randn(m, n, generator=g) * 0.02
             r = min(m, n)
             s = torch.arange(1, r + 1, dtype=torch.float32) ** -decay
@@ -178,6 +191,8 @@ def main(argv=None):
     if argv and argv[0] == "--contend-child":
         return contend_child(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", choices=tuple(SETS), default="vit",
+                    help="vit: ViT-B/32's four block matrices; llama: q_proj, gate_proj, down_proj of the 0.5 B set")
     ap.add_argument("--blocks", type=int, default=12)
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--rank", type=float, default=0.12)
@@ -199,7 +214,7 @@ def main(argv=None):
         return ab_tasks(args)
     peaks = {dt: gemm_peak(dt) for dt in (torch.float32, torch.bfloat16, torch.int8)}
 
-    models = make_models(args.blocks, args.tasks, args.decay)
+    models = make_models(args.blocks, args.tasks, args.decay, which=args.set)
     n_mat = len(models[0])
     params = sum(v.numel() for v in models[0].values())
     print(f"{args.tasks} tasks x {n_mat} matrices ({params / 1e6:.1f} M params per model), rank {args.rank}, "
@@ -257,7 +272,7 @@ def main(argv=None):
         e_label = f"centered_merge, energy={args.energy}"
         print(f"energy mode / fixed-rank default: {seconds[e_label] / seconds[default_label]:.2f}x")
     print("default vs official, by matrix shape:")
-    for shape in SHAPES.values():
+    for shape in SETS[args.set][1].values():
         a, b = by_shape[ref_label, shape], by_shape[default_label, shape]
         print(f"  {shape[0]:>5} x {shape[1]:<5} {a:8.2f} s vs {b:6.2f} s  {a / b:6.2f}x")
 
