@@ -166,7 +166,7 @@ def ab_tasks(args):
     """Tasks in parallel (one single-threaded worker per core) vs one task at a time on all threads, in turns."""
     from centered_merge.methods import cart as cart_module
 
-    models = make_models(1, args.tasks, args.decay)
+    models = make_models(1, args.tasks, args.decay, which=args.set)
     parallel = cart_module.task_workers
     ways = {"tasks in parallel (default)": parallel, "one task at a time": lambda count: 1}
     best = dict.fromkeys(ways, math.inf)
@@ -179,7 +179,7 @@ def ab_tasks(args):
                 best[label] = min(best[label], time.perf_counter() - t0)
     finally:
         cart_module.task_workers = parallel
-    print(f"cm.cart, one block x {args.tasks} tasks, {torch.get_num_threads()} threads, best of "
+    print(f"cm.cart, one {args.set} block x {args.tasks} tasks, {torch.get_num_threads()} threads, best of "
           f"{max(args.repeats, 5)}; load after: {os.getloadavg()}")
     for label, sec in best.items():
         print(f"  {label:<30}{sec:8.3f} s")

@@ -192,7 +192,7 @@ def _int8_rows(a: torch.Tensor, workspace: Optional[dict] = None):
         q = ws["int8"] = torch.empty_like(a, dtype=torch.int8)  # keeps a's strides (dense a)
     dim = 0 if a.stride(-1) == 1 else 1  # along the storage-major dimension
     size, other = a.shape[dim], a.shape[1 - dim]
-    step = max(1, INT8_BLOCK // max(1, other))
+    step = max(1, min(size, INT8_BLOCK // max(1, other)))  # never a block larger than the matrix
     block = ws.get("block")
     if block is None or block.numel() < step * other:
         block = ws["block"] = torch.empty(step * other, dtype=torch.float32, device=a.device)

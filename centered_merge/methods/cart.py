@@ -23,6 +23,7 @@ import torch
 from .. import ops
 from ..errors import MergeConfigError
 from ..linalg import (
+    INT8_BLOCK,
     SKETCH_DTYPES,
     energy_svd,
     exact_svd,
@@ -136,8 +137,9 @@ class Cart(MergeMethod):
         # the mean and the centered buffer (float32), a bf16 (or smaller int8) copy for the sketch GEMMs, one task's
         # SVD factors, and the buffers that gather the rank-k terms (energy mode: an accumulator, as its k varies per task)
         terms = LowRankSum.workspace_bytes(m, c, T, k) if k is not None else 4 * (n + T * (m + c))
-        # a centered buffer, its bf16 copy (int8: half that plus a 2 MiB block) and one task's factors
-        per_task = 6 * n + 8 * factors
+        # a centered buffer, its bf16 copy (or an int8 copy and a float32 rounding block of at most
+        # min(n, INT8_BLOCK) entries) and one task's factors
+        per_task = 6 * n + 4 * min(n, INT8_BLOCK) + 8 * factors
         parallel = self._randomized(k, m, c) and not LowRankSum.layout(m, c, T, k)[1]  # as _merge_lowrank on a CPU
         workers = task_workers(T) if parallel else 1
         return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 4 * n + workers * per_task + terms}
