@@ -24,7 +24,10 @@ OMP_WAIT_POLICY=PASSIVE (the policy threads.py chose before its measurement) and
 (threads.py: a short spin), interleaved.
 
     python bench/bench_cart_speed.py [--blocks 12] [--tasks 8] [--rank 0.12] [--threads N] [--repeats R]
-                                     [--energy 0.9] [--contend] [--ab-tasks]
+                                     [--energy 0.9] [--contend] [--ab-tasks] [--set vit|llama]
+
+--set llama times one Llama layer's q_proj (2048x2048), gate_proj (5632x2048) and down_proj (2048x5632) instead
+(k = 245 at rank 0.12; use --tasks 4 --blocks 1 for the 0.5 B set's shape of work).
 """
 from __future__ import annotations
 
@@ -50,12 +53,22 @@ SHAPES = {
 }
 
 
-def make_models(blocks: int, tasks: int, decay: float, seed: int = 0):
+# --set llama: the large matrices of one layer of the 4 x 0.5 B Llama-shaped set (hidden 2048, MLP 5632; k = 245)
+LLAMA_SHAPES = {
+    "self_attn.q_proj.weight": (2048, 2048),
+    "mlp.gate_proj.weight": (5632, 2048),
+    "mlp.down_proj.weight": (2048, 5632),
+}
+SETS = {"vit": ("visual.transformer.resblocks", SHAPES), "llama": ("model.layers", LLAMA_SHAPES)}
+
+
+def make_models(blocks: int, tasks: int, decay: float, seed: int = 0, which: str = "vit"):
     g = torch.Generator().manual_seed(seed)
     models = [{} for _ in range(tasks)]
+    prefix, shapes = SETS[which]
     for b in range(blocks):
-        for suffix, (m, n) in SHAPES.items():
-            name = f"visual.transformer.resblocks.{b}.{suffix}"
+        for suffix, (m, n) in shapes.items():
+            name = f"{prefix}.{b}.{suffix}"
             base = torch.randn(m, n, generator=g) * 0.02
             r = min(m, n)
             s = torch.arange(1, r + 1, dtype=torch.float32) ** -decay
@@ -80,13 +93,18 @@ def official_style(models, rank: float, lam: float):
 
 
 def gemm_peak(dtype, size=2048, repeats=5) -> float:
-    """GFLOP/s of the best of `repeats` size^3 GEMMs in `dtype`."""
-    a = torch.randn(size, size).to(dtype)
-    a @ a
+    """GFLOP/s (int8: Gop/s, torch._int_mm with int32 sums) of the best of `repeats` size^3 GEMMs in `dtype`."""
+    if dtype == torch.int8:
+        a = torch.randint(-127, 128, (size, size), dtype=torch.int8)
+        mm = torch._int_mm
+    else:
+        a = torch.randn(size, size).to(dtype)
+        mm = torch.mm
+    mm(a, a)
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a @ a
+        mm(a, a)
         best = min(best, time.perf_counter() - t0)
     return 2 * size ** 3 / best / 1e9
 
@@ -148,7 +166,7 @@ def ab_tasks(args):
     """Tasks in parallel (one single-threaded worker per core) vs one task at a time on all threads, in turns."""
     from centered_merge.methods import cart as cart_module
 
-    models = make_models(1, args.tasks, args.decay)
+    models = make_models(1, args.tasks, args.decay, which=args.set)
     parallel = cart_module.task_workers
     ways = {"tasks in parallel (default)": parallel, "one task at a time": lambda count: 1}
     best = dict.fromkeys(ways, math.inf)
@@ -161,7 +179,7 @@ def ab_tasks(args):
                 best[label] = min(best[label], time.perf_counter() - t0)
     finally:
         cart_module.task_workers = parallel
-    print(f"cm.cart, one block x {args.tasks} tasks, {torch.get_num_threads()} threads, best of "
+    print(f"cm.cart, one {args.set} block x {args.tasks} tasks, {torch.get_num_threads()} threads, best of "
           f"{max(args.repeats, 5)}; load after: {os.getloadavg()}")
     for label, sec in best.items():
         print(f"  {label:<30}{sec:8.3f} s")
@@ -173,6 +191,8 @@ def main(argv=None):
     if argv and argv[0] == "--contend-child":
         return contend_child(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", choices=tuple(SETS), default="vit",
+                    help="vit: ViT-B/32's four block matrices; llama: q_proj, gate_proj, down_proj of the 0.5 B set")
     ap.add_argument("--blocks", type=int, default=12)
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--rank", type=float, default=0.12)
@@ -192,9 +212,9 @@ def main(argv=None):
         return contend(args)
     if args.ab_tasks:
         return ab_tasks(args)
-    peaks = {dt: gemm_peak(dt) for dt in (torch.float32, torch.bfloat16)}
+    peaks = {dt: gemm_peak(dt) for dt in (torch.float32, torch.bfloat16, torch.int8)}
 
-    models = make_models(args.blocks, args.tasks, args.decay)
+    models = make_models(args.blocks, args.tasks, args.decay, which=args.set)
     n_mat = len(models[0])
     params = sum(v.numel() for v in models[0].values())
     print(f"{args.tasks} tasks x {n_mat} matrices ({params / 1e6:.1f} M params per model), rank {args.rank}, "
@@ -204,12 +224,14 @@ def main(argv=None):
     def ours(**kw):
         return lambda sub: cm.cart(sub, rank=args.rank, lam=args.lam, select="all2d", **kw)
 
-    auto = str(resolve_sketch_dtype("auto", 1, 1 << 20, 1 << 20, "cpu")).replace("torch.", "")
+    auto = str(resolve_sketch_dtype("auto", 1, *SHAPES["mlp.c_fc.weight"], "cpu")).replace("torch.", "")
     approaches = {  # label -> function of a list of single-matrix state dicts
         "official approach (full SVD, then slice)": lambda sub: official_style(sub, args.rank, args.lam),
         f"centered_merge, randomized, default ({auto} sketch)": ours(),
         "centered_merge, randomized, float32 sketch": ours(sketch_dtype="float32"),
     }
+    if auto != "bfloat16":  # the previous CPU default, timed in the same run
+        approaches["centered_merge, randomized, bfloat16 sketch"] = ours(sketch_dtype="bfloat16")
     if args.with_exact:
         approaches["centered_merge, svd=exact"] = ours(svd="exact")
     if args.energy is not None:
@@ -237,11 +259,11 @@ def main(argv=None):
     t_ref = seconds[ref_label]
     for dt in peaks:
         peaks[dt] = max(peaks[dt], gemm_peak(dt))
-    flops = {default_label: planned_flops(models, rank=args.rank),
-             labels[2]: planned_flops(models, rank=args.rank, sketch_dtype="float32")}
+    flops = {label: planned_flops(models, rank=args.rank) for label in labels[1:]
+             if label.startswith("centered_merge, randomized")}  # the plan's count does not depend on the dtype
     print(f"load average after: {os.getloadavg()}")
     print(f"GEMM peak measured in this run: float32 {peaks[torch.float32]:.0f} GFLOP/s, "
-          f"bfloat16 {peaks[torch.bfloat16]:.0f} GFLOP/s")
+          f"bfloat16 {peaks[torch.bfloat16]:.0f} GFLOP/s, int8 {peaks[torch.int8]:.0f} Gop/s")
     print(f"{'approach':<58}{'seconds':>10}{'speed-up':>10}{'GFLOP/s':>10}")
     for label in labels:
         rate = f"{flops[label] / seconds[label] / 1e9:10.0f}" if label in flops else ""
@@ -250,7 +272,7 @@ def main(argv=None):
         e_label = f"centered_merge, energy={args.energy}"
         print(f"energy mode / fixed-rank default: {seconds[e_label] / seconds[default_label]:.2f}x")
     print("default vs official, by matrix shape:")
-    for shape in SHAPES.values():
+    for shape in SETS[args.set][1].values():
         a, b = by_shape[ref_label, shape], by_shape[default_label, shape]
         print(f"  {shape[0]:>5} x {shape[1]:<5} {a:8.2f} s vs {b:6.2f} s  {a / b:6.2f}x")
 

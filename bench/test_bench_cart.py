@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from centered_merge.linalg import exact_svd, randomized_lowrank_factors, randomized_svd, sketch, sketch_width
+from centered_merge.linalg import (exact_svd, randomized_lowrank_factors, randomized_svd, sketch, sketch_in,
+                                   sketch_width)
 
 M, N, RANK = 3072, 768, 0.12
 
@@ -34,8 +35,8 @@ def test_randomized_svd(benchmark, centered, power_iters):
     benchmark(lambda: randomized_svd(centered, K, oversample=10, power_iters=power_iters, generator=g))
 
 
-@pytest.mark.parametrize("sketch_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sketch_dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_lowrank_factors(benchmark, centered, sketch_dtype):
     """The form CART's merge loop uses: factors lt, r with lt^T r the rank-k approximation."""
-    omega = sketch((M, N), sketch_width(K), torch.Generator().manual_seed(0), "cpu").to(sketch_dtype)
+    omega = sketch_in(sketch((M, N), sketch_width(K), torch.Generator().manual_seed(0), "cpu"), sketch_dtype)
     benchmark(lambda: randomized_lowrank_factors(centered, omega, K, 2, sketch_dtype))

@@ -1,18 +1,25 @@
+import functools
+
 import pytest
 import torch
 
+from centered_merge import linalg
 from centered_merge.errors import MergeConfigError
 from centered_merge.linalg import (
+    INT8_MAX_INNER,
+    _int8_rows,
     energy_rank,
     energy_svd,
     exact_svd,
     fast_bf16_matmul,
+    fast_int8_matmul,
     power_iterations,
     randomized_lowrank_factors,
     randomized_svd,
     randomized_svd_from_sketch,
     resolve_rank,
     resolve_sketch_dtype,
+    sketch_in,
 )
 
 from conftest import decaying_matrix
@@ -54,17 +61,37 @@ def assert_near_optimal(a, usv, k, what):
 SPECTRA = ["1/i", "1/sqrt(i)", "0.97^i", "0.9^i", "0.5^i", "rank16+noise", "flat"]
 
 
+@pytest.mark.parametrize("sketch_dtype", ["auto", "bfloat16"])
 @pytest.mark.parametrize("shape", [(300, 120), (120, 300), (200, 200)])
 @pytest.mark.parametrize("kind", SPECTRA)
-def test_default_randomized_svd_is_near_optimal_on_every_spectrum(shape, kind):
-    """Default settings (bf16 range finding where the CPU has it, float32 refinement), k from 1 to min/2."""
+def test_default_randomized_svd_is_near_optimal_on_every_spectrum(shape, kind, sketch_dtype):
+    """Default settings (int8 or bf16 range finding where the CPU has it, float32 refinement), k from 1 to min/2;
+    also bf16 explicitly (the GPU's default and the previous CPU one)."""
     a = spectrum_matrix(*shape, kind, seed=sum(shape))
     half = min(shape) // 2
     for k in sorted({1, 2, 5, half // 8, half // 4, half // 2, half}):
-        assert_near_optimal(a, randomized_svd(a, k, generator=torch.Generator().manual_seed(k)), k, kind)
+        usv = randomized_svd(a, k, generator=torch.Generator().manual_seed(k), sketch_dtype=sketch_dtype)
+        assert_near_optimal(a, usv, k, (kind, sketch_dtype))
 
 
-@pytest.mark.parametrize("sketch_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("sketch_dtype", ["auto", "bfloat16"])
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)])
+@pytest.mark.parametrize("kind", ["1/sqrt(i)", "0.9^i"])
+def test_randomized_svd_is_near_optimal_with_outlier_entries(shape, kind, sketch_dtype):
+    """A few entries 30-300x the largest (outlier features): rows that hold one are rounded coarsely by the int8
+    range finder's per-row scales, which the refinement must still absorb."""
+    for frac, mag in ((0.02, 30.0), (0.1, 100.0), (0.5, 300.0)):
+        a = spectrum_matrix(*shape, kind, seed=5)
+        g = torch.Generator().manual_seed(6)
+        rows = torch.randperm(shape[0], generator=g)[: max(1, int(frac * shape[0]))]
+        a[rows, torch.randint(0, shape[1], (len(rows),), generator=g)] += mag * a.abs().max()
+        half = min(shape) // 2
+        for k in sorted({1, 5, half // 4, half}):
+            usv = randomized_svd(a, k, generator=torch.Generator().manual_seed(k), sketch_dtype=sketch_dtype)
+            assert_near_optimal(a, usv, k, (kind, frac, sketch_dtype))
+
+
+@pytest.mark.parametrize("sketch_dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("kind", ["1/sqrt(i)", "0.9^i", "0.5^i"])
 def test_each_sketch_dtype_is_near_optimal(kind, sketch_dtype):
     """bf16 range finding has no rounding floor once refined in float32: the fast-decaying spectra where the bf16
@@ -75,6 +102,7 @@ def test_each_sketch_dtype_is_near_optimal(kind, sketch_dtype):
         assert_near_optimal(a, usv, k, (kind, sketch_dtype))
 
 
+@functools.lru_cache(maxsize=1)  # trained once for the test's parametrizations
 def _digits_task_vectors(tasks=4, steps=40):
     """Real fine-tune differences: a small MLP trained on scikit-learn's digits, then fine-tuned `steps` Adam
     steps on each of `tasks` class subsets; returns each weight matrix's centered task matrices."""
@@ -107,10 +135,12 @@ def _digits_task_vectors(tasks=4, steps=40):
     return out
 
 
-def test_default_randomized_svd_is_near_optimal_on_real_task_vectors():
+@pytest.mark.parametrize("sketch_dtype", ["auto", "bfloat16"])
+def test_default_randomized_svd_is_near_optimal_on_real_task_vectors(sketch_dtype):
     for i, c in enumerate(_digits_task_vectors()):
         for k in sorted({1, 4, min(c.shape) // 8, min(c.shape) // 4, min(c.shape) // 2}):
-            assert_near_optimal(c, randomized_svd(c, k, generator=torch.Generator().manual_seed(i)), k, c.shape)
+            usv = randomized_svd(c, k, generator=torch.Generator().manual_seed(i), sketch_dtype=sketch_dtype)
+            assert_near_optimal(c, usv, k, (c.shape, sketch_dtype))
 
 
 def test_exact_svd_is_optimal_and_orthonormal():
@@ -160,9 +190,38 @@ def test_energy_mode_picks_smallest_k(mode):
 def test_auto_sketch_dtype_rule():
     assert resolve_sketch_dtype("float32", 5, 100, 100, "cpu") == torch.float32
     assert resolve_sketch_dtype("bfloat16", 50, 100, 100, "cpu") == torch.bfloat16
+    assert resolve_sketch_dtype("int8", 50, 100, 100, "cpu") == torch.int8
     want = torch.bfloat16 if fast_bf16_matmul("cpu") else torch.float32
-    for k in (1, 25, 50):  # the float32 refinement removes bf16's floor at every k
+    if fast_int8_matmul("cpu"):
+        # a long side whose int32 sums could overflow stays with the float dtype
+        assert resolve_sketch_dtype("auto", 5, 100, INT8_MAX_INNER + 1, "cpu") == want
+        want = torch.int8
+    for k in (1, 25, 50):  # the float32 refinement removes the reduced precision's floor at every k
         assert resolve_sketch_dtype("auto", k, 100, 100, "cpu") == want
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "empty", "1xn", "zero rows"])
+def test_int8_rows_round_each_entry_to_its_rows_scale(layout, monkeypatch):
+    """a = s q with |q| <= 127, each entry within half a step (s) of a, in a's layout; reused buffers."""
+    g = torch.Generator().manual_seed(0)
+    a = {"row-major": lambda: torch.randn(37, 2000, generator=g),
+         "column-major": lambda: torch.randn(2000, 37, generator=g).mT,
+         "empty": lambda: torch.empty(0, 5),
+         "1xn": lambda: torch.randn(1, 9, generator=g),
+         "zero rows": lambda: torch.cat([torch.zeros(3, 50), torch.randn(2, 50, generator=g) * 1e-30]),
+         }[layout]()
+    monkeypatch.setattr(linalg, "INT8_BLOCK", 3000)  # several rounding blocks, the last one partial
+    workspace = {}
+    for ws in (None, workspace, workspace):  # without, then with a workspace whose buffers the second call reuses
+        q, s = _int8_rows(a, ws)
+        assert q.dtype == torch.int8 and q.shape == a.shape and q.stride() == a.stride()
+        if ws is not None:
+            assert q.data_ptr() == ws["int8"].data_ptr()
+        if a.numel():
+            assert int(q.abs().max()) <= 127
+            assert bool(((q.double() * s.double() - a.double()).abs() <= 0.5 * s.double() * (1 + 1e-6)).all())
+            nonzero = a.abs().amax(1) > 0
+            assert bool((q.abs().amax(1)[nonzero] == 127).all())  # each row's largest entry uses the full range
 
 
 def test_power_iterations_grow_with_the_rank_ratio():
@@ -171,7 +230,7 @@ def test_power_iterations_grow_with_the_rank_ratio():
 
 
 @pytest.mark.parametrize("shape", [(300, 120), (120, 300), (150, 150)])
-@pytest.mark.parametrize("sketch_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sketch_dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_lowrank_factors_equal_the_svd_route(shape, sketch_dtype):
     """CART's factor form lt^T r is the same rank-k matrix as U S Vh, and writes into the given buffers."""
     a = decaying_matrix(*shape, seed=7)
@@ -180,22 +239,30 @@ def test_lowrank_factors_equal_the_svd_route(shape, sketch_dtype):
     u, s, vh = randomized_svd_from_sketch(a, omega, k, 2, sketch_dtype)
     lt, r = randomized_lowrank_factors(a, omega, k, 2, sketch_dtype)
     assert lt.shape == (k, shape[0]) and r.shape == (k, shape[1])
+    # the sketch converted once (as CART does for its T tasks) gives the same factors
+    shared = randomized_lowrank_factors(a, sketch_in(omega, sketch_dtype), k, 2, sketch_dtype)
+    assert torch.equal(shared[0], lt) and torch.equal(shared[1], r)
     want = (u * s) @ vh
     assert torch.allclose(lt.mT @ r, want, atol=1e-5 * want.abs().max().item())
     bufs = (torch.full((k, shape[0]), float("nan")), torch.full((k, shape[1]), float("nan")))
     got = randomized_lowrank_factors(a, omega, k, 2, sketch_dtype, out=bufs)
     assert got[0].data_ptr() == bufs[0].data_ptr() and got[1].data_ptr() == bufs[1].data_ptr()
     assert torch.equal(bufs[0], lt) and torch.equal(bufs[1], r)
+    workspace = {}
+    for _ in range(2):  # a kept workspace (the int8 copy reused) gives the same factors
+        again = randomized_lowrank_factors(a, omega, k, 2, sketch_dtype, workspace=workspace)
+        assert torch.equal(again[0], lt) and torch.equal(again[1], r)
 
 
+@pytest.mark.parametrize("sketch_dtype", [torch.float32, torch.int8])
 @pytest.mark.parametrize("shape", [(300, 120), (120, 300)])
-def test_lowrank_factors_batched_over_tasks_equal_one_at_a_time(shape):
+def test_lowrank_factors_batched_over_tasks_equal_one_at_a_time(shape, sketch_dtype):
     """The batched form (T, m, n) CART uses on GPUs gives each task's factors as the one-matrix call does."""
     a = torch.stack([decaying_matrix(*shape, seed=s) for s in range(3)])
     omega = torch.randn(max(shape), 22, generator=torch.Generator().manual_seed(1))
-    lt, r = randomized_lowrank_factors(a, omega, 12, 2, torch.float32)
+    lt, r = randomized_lowrank_factors(a, omega, 12, 2, sketch_dtype)
     assert lt.shape == (3, 12, shape[0]) and r.shape == (3, 12, shape[1])
     for t in range(3):
-        lt1, r1 = randomized_lowrank_factors(a[t], omega, 12, 2, torch.float32)
+        lt1, r1 = randomized_lowrank_factors(a[t], omega, 12, 2, sketch_dtype)
         want = lt1.mT @ r1
         assert torch.allclose(lt[t].mT @ r[t], want, atol=1e-5 * want.abs().max().item())

@@ -6,8 +6,8 @@ For each tensor W with inputs W_1..W_T:
     out = M + lam * sum_t SVD_k(C_t)                    (for matrices chosen by the selector)
     out = M                                             (every other tensor)
 No base model is needed. All math runs in float32. Memory per low-rank tensor, whatever T is: M and one
-reusable centering buffer (two float32 copies), a bf16 copy for the range finder, the (m + n)(k + p) factors
-of one task, and LowRankSum's buffers of the T tasks' rank-k terms (at most 1.5 float32 copies, or one copy
+reusable centering buffer (two float32 copies), a bf16 or int8 copy for the range finder, the (m + n)(k + p)
+factors of one task, and LowRankSum's buffers of the T tasks' rank-k terms (at most 1.5 float32 copies, or one copy
 plus one task's factors when those alone exceed half a matrix).
 
 At full rank the low-rank sum is sum_t C_t = 0, so the method returns M without computing SVDs; this is the
@@ -23,6 +23,7 @@ import torch
 from .. import ops
 from ..errors import MergeConfigError
 from ..linalg import (
+    INT8_BLOCK,
     SKETCH_DTYPES,
     energy_svd,
     exact_svd,
@@ -31,6 +32,7 @@ from ..linalg import (
     resolve_rank,
     resolve_sketch_dtype,
     sketch,
+    sketch_in,
     sketch_width,
 )
 from ..seeding import generator, in_content_order
@@ -132,10 +134,12 @@ class Cart(MergeMethod):
             factors = (m + c) * w
         gemm = 2 * m * c * (k if k is not None else small)
         flops = T * (n + svd_flops + gemm) + 2 * n
-        # the mean and the centered buffer (float32), a bf16 copy for the sketch GEMMs, one task's SVD factors,
-        # and the buffers that gather the rank-k terms (energy mode: an accumulator, as its k varies per task)
+        # the mean and the centered buffer (float32), a bf16 (or smaller int8) copy for the sketch GEMMs, one task's
+        # SVD factors, and the buffers that gather the rank-k terms (energy mode: an accumulator, as its k varies per task)
         terms = LowRankSum.workspace_bytes(m, c, T, k) if k is not None else 4 * (n + T * (m + c))
-        per_task = 6 * n + 8 * factors  # a centered buffer, its bf16 copy and one task's factors
+        # a centered buffer, its bf16 copy (or an int8 copy and a float32 rounding block of at most
+        # min(n, INT8_BLOCK) entries) and one task's factors
+        per_task = 6 * n + 4 * min(n, INT8_BLOCK) + 8 * factors
         parallel = self._randomized(k, m, c) and not LowRankSum.layout(m, c, T, k)[1]  # as _merge_lowrank on a CPU
         workers = task_workers(T) if parallel else 1
         return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 4 * n + workers * per_task + terms}
@@ -171,7 +175,7 @@ class Cart(MergeMethod):
             # One sketch per tensor, shared by the T tasks: the merge then does not depend on model order.
             omega = sketch((m, c), sketch_width(k, self.oversample), generator(int(self.seed), name), mean.device)
             sketch_dt = resolve_sketch_dtype(self.sketch_dtype, k, m, c, mean.device)
-            omega = omega.to(sketch_dt)  # converted once for the T tasks
+            omega = sketch_in(omega, sketch_dt)  # converted once for the T tasks
             q = power_iterations(k, m, c, self.power_iters)
         in_memory = isinstance(inputs, list)  # else lazy: never more than one input read at a time
         if omega is not None and mean.device.type == "cuda" and in_memory and terms.whole_batch(T, k):
@@ -194,16 +198,19 @@ class Cart(MergeMethod):
                 buf = getattr(local, "centered", None)
                 if buf is None:
                     buf = local.centered = torch.empty_like(mean2)
+                    local.workspace = {}
                 ops.center_into(inputs[t].reshape(m, c), mean2, buf)
-                randomized_lowrank_factors(buf, omega, k, q, sketch_dt, out=(lt_all[t], r_all[t]))
+                randomized_lowrank_factors(buf, omega, k, q, sketch_dt, out=(lt_all[t], r_all[t]),
+                                           workspace=local.workspace)
 
             run_tasks(one_task, T)
             return terms.finish().reshape(shape)
         centered = torch.empty_like(mean2)
+        workspace = {}
         for t in range(T):
             ops.center_into(inputs[t].reshape(m, c), mean2, centered)
             if omega is not None:
-                randomized_lowrank_factors(centered, omega, k, q, sketch_dt, out=terms.slots(k))
+                randomized_lowrank_factors(centered, omega, k, q, sketch_dt, out=terms.slots(k), workspace=workspace)
             else:
                 u, s, vh = self._truncated(centered, k, name)
                 terms.add(u.mT, s[:, None] * vh)
