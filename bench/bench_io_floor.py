@@ -316,6 +316,7 @@ def main():
     ap.add_argument("--read-ahead", type=int, default=2, help="the merges' read_ahead (tensors; default 2)")
     ap.add_argument("--write-queue", type=int, default=1, help="the merges' write_queue (tensors; default 1)")
     ap.add_argument("--repeats", type=int, default=2, help="--compare-reads: best of this many runs")
+    ap.add_argument("--rounds", type=int, default=3, help="merges: best of this many rounds (default 3)")
     ap.add_argument("--compare-reads", action="store_true")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--work", help="build the checkpoints here and keep them; reused when --size-gb and --T match")
@@ -360,40 +361,55 @@ def main():
               flush=True)
         if args.compare_reads:
             return compare_reads(models, args.repeats)
-        rows = {}
+        # Rounds: every method's floors and merge once per round, rounds interleaved, then the best of each figure.
+        # On this VM one run's figures move by up to 2x with what the previous step left (fresh against reused page
+        # cache pages, writeback of the last output): 20:21-20:31 UTC, two single runs of the same code gave
+        # weight_average 3.01x and 1.83x the floor. Best of N for the floors and for the merge alike.
+        runs = {m: [] for m in args.methods}
         load0 = os.getloadavg()[0]
-        for method in args.methods:
-            inputs = models + ([] if method == "weight_average" else [base])
-            prepare(inputs, args.cache)
-            rf = read_floor(inputs)
-            wf = write_floor(root / "wfloor", size, args.shard_size)
-            spec = {"models": models, "base": base, "out": str(root / "out"), "method": method,
-                    "cache": args.cache, "shard_size": args.shard_size, "device": args.device,
-                    "read_ahead": args.read_ahead, "write_queue": args.write_queue}
-            r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-            line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-            if r.returncode or not line:
-                print(r.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"merge failed: {method}")
-            res = json.loads(line[0][7:])
-            res.update(read_floor=rf, write_floor=wf, inputs=len(inputs))
-            rows[method] = res
-            print(f"# {method}: merge {res['seconds']:.2f} s, read floor {rf:.2f} s, write floor {wf:.2f} s, "
-                  f"peak anon +{res['peak_anon'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+        for rnd in range(args.rounds):
+            for method in args.methods:
+                inputs = models + ([] if method == "weight_average" else [base])
+                prepare(inputs, args.cache)
+                rf = read_floor(inputs)
+                wf = write_floor(root / "wfloor", size, args.shard_size)
+                spec = {"models": models, "base": base, "out": str(root / "out"), "method": method,
+                        "cache": args.cache, "shard_size": args.shard_size, "device": args.device,
+                        "read_ahead": args.read_ahead, "write_queue": args.write_queue}
+                r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                   text=True)
+                line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+                if r.returncode or not line:
+                    print(r.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"merge failed: {method}")
+                res = json.loads(line[0][7:])
+                res.update(read_floor=rf, write_floor=wf, inputs=len(inputs))
+                runs[method].append(res)
+                print(f"# round {rnd + 1}, {method}: merge {res['seconds']:.2f} s, read floor {rf:.2f} s, write floor "
+                      f"{wf:.2f} s, peak anon +{res['peak_anon'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+        rows = {}
+        for method, rs in runs.items():
+            best = dict(min(rs, key=lambda r: r["seconds"]))  # the fastest merge, with its own CPU, faults, timings
+            best.update(read_floor=min(r["read_floor"] for r in rs), write_floor=min(r["write_floor"] for r in rs),
+                        peak_anon=max(r["peak_anon"] for r in rs), all_seconds=[r["seconds"] for r in rs])
+            rows[method] = best
         largest = VOCAB * HIDDEN * 2  # the embedding / head, bf16
         print(f"\n{args.T} models + base, {size / 1e9:.2f} GB each ({layers} layers, bf16), cache {args.cache}; "
               f"largest tensor {largest / 2**20:.0f} MiB; torch threads {next(iter(rows.values()))['threads']}; "
-              f"read_ahead {args.read_ahead}, write_queue {args.write_queue}; "
+              f"read_ahead {args.read_ahead}, write_queue {args.write_queue}; best of {args.rounds} rounds (floors and "
+              f"merges alike; peak memory: the largest of the rounds); "
               f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
         print("\n| method | inputs read | merge s | merge CPU s | read floor s | write floor s | merge ÷ (read + write) | "
-              "peak RssAnon above baseline MiB | ÷ largest tensor | minor faults | main thread read/compute/write/finish s |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "peak RssAnon above baseline MiB | ÷ largest tensor | minor faults | main thread read/compute/write/finish s | "
+              "merge s, each round |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for method, r in rows.items():
             t = r["timings"]
             print(f"| {method} | {r['inputs']} | {r['seconds']:.2f} | {r['cpu']:.2f} | {r['read_floor']:.2f} | {r['write_floor']:.2f} | "
                   f"{r['seconds'] / (r['read_floor'] + r['write_floor']):.2f} | {r['peak_anon'] / 2**20:.0f} | "
                   f"{r['peak_anon'] / largest:.1f} | {r['minor_faults']} | "
-                  + " / ".join(f"{t.get(k, 0):.2f}" for k in ("read", "compute", "write", "finish")) + " |")
+                  + " / ".join(f"{t.get(k, 0):.2f}" for k in ("read", "compute", "write", "finish")) + " | "
+                  + ", ".join(f"{x:.2f}" for x in r["all_seconds"]) + " |")
     finally:
         if args.work:
             for p in scratch:
