@@ -75,7 +75,8 @@ def test_nan_input_is_named_and_can_be_allowed():
     ms[1]["b"][2] = float("nan")
     with pytest.raises(MergeInputError, match=r"'b' in model 1 holds 1 NaN/Inf"):
         cm.merge(ms, "weight_average")
-    out = cm.merge(ms, "weight_average", allow_nonfinite=True)
+    with pytest.warns(UserWarning, match=r"'b' in model 1 holds 1 NaN/Inf value\(s\) of 4 \(merged anyway"):
+        out = cm.merge(ms, "weight_average", allow_nonfinite=True)
     assert torch.isnan(out["b"][2])
 
 
