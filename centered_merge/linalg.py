@@ -178,13 +178,19 @@ def _f32_times(big: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 INT8_BLOCK = 1 << 19  # float32 entries of _int8_rows's rounding block (2 MiB)
 
 
+def _abs_max(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The largest magnitude of each line of x along `dim` (kept as a size-1 dim), from its max and min: no copy
+    of x the size of x, as x.abs() would make."""
+    return torch.maximum(x.amax(dim, keepdim=True), x.amin(dim, keepdim=True).neg_())
+
+
 def _int8_rows(a: torch.Tensor, workspace: Optional[dict] = None):
     """a (m x n float32, row- or column-major) as s * q: q int8 in a's layout with |q| <= 127, s (m x 1) each
     row's largest magnitude / 127 (1 for a zero row). Each entry is rounded to 1/254 of its row's largest
     magnitude. Rounded in blocks of INT8_BLOCK entries along a's storage order, so that no float32 temporary as
     large as a is made. With a `workspace` dict, q and the block buffer are kept there and reused by the next
     call of the same layout (fresh ones cost their page faults on every call)."""
-    s = torch.maximum(a.amax(-1, keepdim=True), a.amin(-1, keepdim=True).neg_()).div_(127.0)
+    s = _abs_max(a, -1).div_(127.0)
     s = torch.where(s > 0, s, 1.0)
     ws = {} if workspace is None else workspace
     q = ws.get("int8")
@@ -209,8 +215,7 @@ def _int8_lines(x: torch.Tensor, dim: int) -> torch.Tensor:
     """x (float32 or int32) rounded to int8 with one scale per line along `dim` (dim=0: per column), each line's
     largest magnitude mapped to 127. The scales are dropped: the range finder only needs each thin operand's
     span, and a column scaling of x scales the product's columns, which neither a QR nor the next rounding sees."""
-    big = torch.maximum(x.amax(dim, keepdim=True), x.amin(dim, keepdim=True).neg_()).to(torch.float32)
-    scale = big.div_(127.0).clamp_(min=torch.finfo(torch.float32).tiny)
+    scale = _abs_max(x, dim).to(torch.float32).div_(127.0).clamp_(min=torch.finfo(torch.float32).tiny)
     return torch.div(x, scale).round_().to(torch.int8)
 
 

@@ -14,6 +14,7 @@ Thread safety: `take` runs on the main thread, `give_back` on the writer thread;
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import Dict, List
 
@@ -31,10 +32,7 @@ class OutputPool:
     def take(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
         """A contiguous CPU tensor of `shape` and `dtype` (contents undefined), a view of a pooled buffer, held
         for `name` until give_back(name)."""
-        numel = 1
-        for s in shape:
-            numel *= int(s)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(int(s) for s in shape) * dtype.itemsize
         with self._lock:
             if name in self._used:
                 raise RuntimeError(f"output pool: tensor {name!r} taken twice (engine bug)")

@@ -154,26 +154,16 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         pos += os.pwrite(fd, data[pos:pos + (1 << 26)], offset + pos)
 
 
-def writeback_now(fd: int, offset: int, length: int) -> None:
-    """Start writing [offset, offset + length) of `fd` to the disk now, without waiting for it (so a later fsync
-    finds it done or under way). Linux's posix_fadvise(DONTNEED) starts writeback of a range's dirty pages
-    (WB_SYNC_NONE) and drops those already clean; Python has no sync_file_range. Only a hint: errors are ignored
-    here, and the fsync that follows reports any real write error."""
-    if length <= 0 or not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
-
-
-def drop_written(fd: int, offset: int, length: int) -> None:
-    """Drop [offset, offset + length) of `fd` from the page cache once it is on disk (posix_fadvise DONTNEED
-    frees clean pages). The next writes then get pages just freed instead of fresh ones: on this project's VM,
-    pwrite of 1 GB into fresh page-cache pages took 0.9-2.9 CPU-s (2.2-2.9 in five runs of six), into pages freed
-    this way 0.30-0.33 CPU-s (docs/engine.md, "The linear merges' overheads, one at a time", item 4); and the
-    output, which the merge does not read again, does not push the inputs' pages out of the cache. Only a hint:
-    errors are ignored."""
+def advise_dontneed(fd: int, offset: int, length: int) -> None:
+    """posix_fadvise(DONTNEED) on [offset, offset + length) of `fd`; only a hint, errors are ignored (the fsync
+    that follows reports any real write error). On Linux it does two things, both used by the writer:
+    - right after a range is written, it starts that range's writeback now (WB_SYNC_NONE) without waiting for it,
+      so a later fsync finds it done or under way (Python has no sync_file_range);
+    - once the range is on disk (after fdatasync), it drops its now-clean pages from the page cache. The next
+      writes then get pages just freed instead of fresh ones: on this project's VM, pwrite of 1 GB into fresh
+      page-cache pages took 0.9-2.9 CPU-s (2.2-2.9 in five runs of six), into pages freed this way 0.30-0.33
+      CPU-s (docs/engine.md, "The linear merges' overheads, one at a time", item 4); and the output, which the
+      merge does not read again, does not push the inputs' pages out of the cache."""
     if length > 0 and hasattr(os, "posix_fadvise"):
         try:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
@@ -423,7 +413,7 @@ class ShardedWriter:
         # The syncs run on a second thread (the syncer), so this one goes on writing the next tensors while the
         # disk takes a batch; at most SYNC_AHEAD batches wait for it, so a kill loses at most SYNC_AHEAD + 1
         # batches. The syncer also starts the writeback of each tensor's range as soon as it is written
-        # (writeback_now), so a batch's fdatasync mostly finds its pages on their way to the disk already and
+        # (advise_dontneed), so a batch's fdatasync mostly finds its pages on their way to the disk already and
         # the last one waits only for the tail; block-layer waits then fall on the syncer, not on this thread.
         name, batch, touched, size, since = None, [], set(), 0, time.monotonic()
         syncs: "queue.Queue" = queue.Queue()  # ("kick", fd, offset, length), ("sync", batch, touched) or None
@@ -496,7 +486,7 @@ class ShardedWriter:
             if job is None:
                 return
             if job[0] == "kick":
-                writeback_now(*job[1:])
+                advise_dontneed(*job[1:])
                 continue
             _, batch, touched = job
             try:
@@ -512,14 +502,14 @@ class ShardedWriter:
 
     def _sync(self, batch, touched) -> None:
         """The batch's bytes to disk, then its journal lines (the order that makes the journal trustworthy); then
-        the batch's pages, clean now, are dropped from the page cache (drop_written)."""
+        the batch's pages, clean now, are dropped from the page cache (advise_dontneed)."""
         if self.fsync:
             for shard in sorted(touched):
                 os.fdatasync(self._fds[shard])
         self.journal.record(batch)
         if self.fsync:
             for _, shard, offset, length, _ in batch:
-                drop_written(self._fds[shard], offset, length)
+                advise_dontneed(self._fds[shard], offset, length)
 
     def _stop_thread(self) -> None:
         """Hand the thread its end mark and wait for it; the mark is offered again until the thread is gone, so a
