@@ -285,11 +285,12 @@ py::object finalize(const py::handle& x_c, const py::handle& add_c, const py::ha
 
 // k: one kept count for every task, or a list of one per task; weights: None (1 each) or one per task.
 // out: float32, or on the CPU also bfloat16 / float16 (converted like finalize). CPU: returns the non-finite count
-// of the written values. CUDA: float32 out only; needs `workspace` (ties_workspace_bytes(T, n) bytes on the
-// device) and returns None.
+// of the written values plus the number of non-finite task-vector entries x_t - base (all tasks, kept or dropped).
+// CUDA: float32 out only; needs `workspace` (ties_workspace_bytes(T, n) bytes on the device) and `counter`, to
+// which the non-finite task-vector entries are added (the output's are finalize's to count); returns None.
 py::object ties_merge(const py::handle& inputs, const py::handle& base_c, const py::handle& out_c, const py::handle& k_h,
                       const py::handle& lam_h, const py::handle& stream_h, const py::handle& workspace_c,
-                      const py::handle& weights_h, const py::handle& normalize_h) {
+                      const py::handle& weights_h, const py::handle& normalize_h, const py::handle& counter_c) {
   const char* fn = "ties_merge";
   const uintptr_t stream = stream_arg(stream_h, fn);
   const float lam = float(finite_arg(lam_h, fn, "lam"));
@@ -333,14 +334,16 @@ py::object ties_merge(const py::handle& inputs, const py::handle& base_c, const 
   const int64_t have = int64_t(ws.nbytes());
   if (have < need) ws.fail("at least " + std::to_string(need) + " bytes", std::to_string(have) + " bytes");
   if (reinterpret_cast<uintptr_t>(ws.data) % 16) ws.fail("a 16-byte aligned buffer", "a misaligned one");
+  TensorView c = counter_arg(counter_c, fn, out);
   {
     py::gil_scoped_release nogil;
     cm::cuda::ties_merge(in, base.data, base.dtype, static_cast<float*>(out.data), out.numel, k.data(), lam, normalize,
-                         ws.data, out.device_id, stream);
+                         ws.data, static_cast<long long*>(c.data), out.device_id, stream);
   }
 #endif
   (void)stream;
   (void)workspace_c;
+  (void)counter_c;
   return py::none();
 }
 
@@ -532,8 +535,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("counter") = none, "out = dtype(x [+ add]); returns the non-finite count on CPU");
   m.def("ties_merge", &ties_merge, py::arg("inputs"), py::arg("base"), py::arg("out"), py::arg("k"), py::arg("lam"),
         py::arg("stream") = 0, py::arg("workspace") = none, py::arg("weights") = none, py::arg("normalize") = true,
+        py::arg("counter") = none,
         "TIES: out = base + lam * the agreeing weighted entries of the trimmed task vectors (exactly k[t] kept per "
-        "task) with the sign elected by their weighted sum, divided by the agreeing weights when normalize");
+        "task) with the sign elected by their weighted sum, divided by the agreeing weights when normalize; returns "
+        "on CPU the non-finite count of out plus that of the task vectors (on CUDA the latter goes to counter)");
   m.def("dare", &dare, py::arg("tau"), py::arg("out"), py::arg("p"), py::arg("scale"), py::arg("seed"), py::arg("stream") = 0,
         "DARE: out = 0 where dare_uniform(seed, i) < p, else float32(tau) * scale");
   m.def("linear_merge", &linear_merge, py::arg("inputs"), py::arg("weights"), py::arg("base"), py::arg("lam"), py::arg("out"),

@@ -753,6 +753,9 @@ constexpr int64_t kTile = 512;
 // One pass over the inputs, tile by tile: d_t is formed once per entry (input read once, in registers for
 // bfloat16) and kept in L1 for the mean. Of a trimming task's entries equal to its threshold, the first `need` in
 // flat order are kept: `before` says which chunk holds the last kept one, and only in that chunk are they counted.
+// Returns the non-finite values written plus the non-finite task-vector entries tau_t = x_t - base of every task,
+// kept or dropped (counted where tau_t is formed, in the same loop): so a NaN/Inf in any input, or in base (then
+// every tau_t is non-finite there), makes the count non-zero even where TIES drops it from the output.
 int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out, int32_t od, int64_t n, const int64_t* k,
                    float lam, bool normalize, float* thresholds_out) {
   const int T = in.count;
@@ -763,8 +766,8 @@ int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out,
   if (thresholds_out)
     for (int t = 0; t < T; ++t)
       thresholds_out[t] = rule[t].bits == 0xFFFFFFFFu ? std::numeric_limits<float>::infinity() : bits_f32(rule[t].bits);
-  int64_t bad = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad) if (ch.count > 1)
+  int64_t bad = 0, bad_tau = 0;  // non-finite output values; non-finite task-vector entries
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad, bad_tau) if (ch.count > 1)
   for (int64_t j = 0; j < ch.count; ++j) {
     // per trimming task: entries equal to its threshold before the current block, and whether this chunk must
     // count them (the one where the kept ones run out); elsewhere all or none of them are kept
@@ -812,7 +815,9 @@ int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out,
         const int64_t tl = imin(kTile, len - i0), pos = off + i0;
         const float* __restrict bb = as_f32(base, bd, pos, tl, tb);
         for (int64_t i = 0; i < tl; ++i) el[i] = 0.0f;
-        // d_t and the sign election's sum of them (in input order)
+        // d_t and the sign election's sum of them (in input order); nf: the tile's non-finite tau_t, all tasks
+        // (32-bit lanes, like u; a tile has kTile * T entries)
+        int32_t nf = 0;
         for (int t = 0; t < T; ++t) {
           float* __restrict d = dts + size_t(t) * kTile;
           const uint32_t th = rule[t].bits;
@@ -820,26 +825,29 @@ int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out,
           const float w = in.weight[t];
           if (in.dtype[t] == kBF16) {
             const uint16_t* __restrict s = static_cast<const uint16_t*>(in.ptr[t]) + pos;
-#pragma omp simd
+#pragma omp simd reduction(+ : nf)
             for (int64_t i = 0; i < tl; ++i) {
               const float tau = bf16_to_f32(s[i]) - bb[i];
               const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
               const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;  // NaN is ranked, never kept
               d[i] = (kept ? tau : 0.0f) * w;
               el[i] += d[i];
+              nf += u >= 0x7F800000u ? 1 : 0;  // NaN or +-Inf
             }
           } else {
             const float* __restrict xv = as_f32(in.ptr[t], in.dtype[t], pos, tl, conv);
-#pragma omp simd
+#pragma omp simd reduction(+ : nf)
             for (int64_t i = 0; i < tl; ++i) {
               const float tau = xv[i] - bb[i];
               const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
               const bool kept = (u > th || (u == th && i < c)) && u <= 0x7F800000u;
               d[i] = (kept ? tau : 0.0f) * w;
               el[i] += d[i];
+              nf += u >= 0x7F800000u ? 1 : 0;
             }
           }
         }
+        bad_tau += nf;
 #pragma omp simd
         for (int64_t i = 0; i < tl; ++i) {
           el[i] = el[i] >= 0.0f ? 1.0f : -1.0f;  // now the elected sign (a zero sum elects +1; NaN -1)
@@ -884,7 +892,7 @@ int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out,
       }
     }
   }
-  return bad;
+  return bad + bad_tau;
 }
 
 void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed) {

@@ -2,7 +2,7 @@
 //
 //   stream   every kernel runs on the caller's stream (torch.cuda.current_stream().cuda_stream, passed in as an
 //            integer), after switching to the tensors' device (restored afterwards). Nothing here synchronises;
-//            the only host sync is the caller's .item() on finalize's counter.
+//            the only host sync is the caller's .item() on the counter of finalize, linear or ties_merge.
 //   block    256 threads (kThreads).
 //   grid     1-D, min(ceil(n / 256), 8 x SM count) blocks, each thread walking the tensor with a grid-stride
 //            loop over flat element indices (so every n, including n >= 2^31, is covered).
@@ -18,8 +18,9 @@
 //                 1-thread kernel that picks the digit; exact k: one more pass per task counting, per tile of
 //                 256, the entries equal to the threshold, and a 1-block scan of those counts (both return at
 //                 once when no equal entry is dropped); merge: one pass over tiles of 256 reading base and the
-//                 T inputs twice (second read mostly from L2) and writing 4. Workspace (ties_workspace_bytes):
-//                 16 KiB histogram + per-task rules + 8 bytes per task per 256 elements.
+//                 T inputs twice (second read mostly from L2) and writing 4, counting the non-finite task-vector
+//                 entries on the way (one atomicAdd per block into the caller's counter). Workspace
+//                 (ties_workspace_bytes): 16 KiB histogram + per-task rules + 8 bytes per task per 256 elements.
 //     linear      T*e (+ base e) read, out element written; non-finite count as finalize
 //   rounding  built with --fmad=false, so a*b+c is never contracted: results round like the CPU kernels.
 #include <cuda_runtime.h>
@@ -241,13 +242,16 @@ __global__ void ties_tie_scan_kernel(const TiesRule* __restrict__ rule, unsigned
 }
 
 // One tile of kThreads elements per block iteration (every thread of a block runs the same iterations, so the
-// block-wide rank of the equal entries can be formed with warp ballots). Launched with kThreads threads.
+// block-wide rank of the equal entries can be formed with warp ballots). Launched with kThreads threads. Adds the
+// number of non-finite tau_t = x_t - base (all tasks, kept or dropped) to *counter: one atomicAdd per block.
 __global__ void ties_merge_kernel(InputList in, const void* __restrict__ base, int32_t bd, const TiesRule* __restrict__ rule,
                                   const unsigned long long* __restrict__ before, float* __restrict__ out, int64_t n,
-                                  float lam, bool normalize) {
+                                  float lam, bool normalize, unsigned long long* __restrict__ counter) {
   __shared__ unsigned int warp_cnt[kThreads / 32];
+  __shared__ unsigned long long warp_bad[kThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t tiles = num_tiles(n);
+  unsigned long long bad = 0;  // this thread's non-finite task-vector entries
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t i = tile * kThreads + threadIdx.x;
     const bool valid = i < n;
@@ -256,6 +260,7 @@ __global__ void ties_merge_kernel(InputList in, const void* __restrict__ base, i
     for (int t = 0; t < in.count; ++t) {
       const TiesRule r = rule[t];
       const uint32_t u = valid ? abs_bits(load_as_f32(in.ptr[t], in.dtype[t], i) - bb) : 0u;
+      bad += u >= 0x7F800000u ? 1ull : 0ull;  // NaN or +-Inf (0 for the padding lanes)
       bool keep = valid && u > r.bits;
       const bool eq = valid && u == r.bits;
       if (r.trim) {  // uniform across the block
@@ -290,6 +295,15 @@ __global__ void ties_merge_kernel(InputList in, const void* __restrict__ base, i
     }
     const float q = normalize ? mixed / (div == 0.0f ? 1.0f : div) : mixed;
     out[i] = q * lam + bb;  // --fmad=false: a rounded product, then a rounded sum
+  }
+  // every thread of the block reaches this point: reduce within each warp, then across the block's warps
+  for (int off = 16; off > 0; off >>= 1) bad += __shfl_down_sync(0xFFFFFFFFu, bad, off);
+  if (lane == 0) warp_bad[warp] = bad;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long sum = 0;
+    for (int w = 0; w < kThreads / 32; ++w) sum += warp_bad[w];
+    if (sum) atomicAdd(counter, sum);
   }
 }
 
@@ -392,7 +406,7 @@ size_t ties_workspace_bytes(int num_inputs, int64_t n) {
 }
 
 void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, int64_t n, const int64_t* kk, float lam,
-                bool normalize, void* workspace, int device, uintptr_t stream) {
+                bool normalize, void* workspace, long long* counter, int device, uintptr_t stream) {
   if (n == 0) return;
   DeviceGuard g(device);
   cudaStream_t s = as_stream(stream);
@@ -423,7 +437,8 @@ void ties_merge(const InputList& in, const void* base, int32_t bd, float* out, i
     ties_tie_scan_kernel<<<1, kScanThreads, 0, s>>>(rule + t, before + size_t(t) * tiles, tiles);
     check_launch("ties tie-scan kernel launch");
   }
-  ties_merge_kernel<<<grid, kThreads, 0, s>>>(in, base, bd, rule, before, out, n, lam, normalize);
+  ties_merge_kernel<<<grid, kThreads, 0, s>>>(in, base, bd, rule, before, out, n, lam, normalize,
+                                              reinterpret_cast<unsigned long long*>(counter));
   check_launch("ties merge kernel launch");
 }
 

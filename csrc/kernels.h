@@ -24,7 +24,10 @@ struct Kernels {
   // (largest |x_t - base|, lowest flat index first among equal magnitudes), weights in.weight[t], sign election
   // by the weighted sum, out = base + lam * sum of the agreeing weighted entries [/ their weights when
   // normalize], written in out_dtype (float32, bfloat16 or float16; the 16-bit ones round like finalize).
-  // thresholds_out[t] = the k[t]-th largest |x_t - base|. Returns the non-finite count of the written values.
+  // thresholds_out[t] = the k[t]-th largest |x_t - base|. Returns the non-finite count of the written values PLUS
+  // the number of non-finite task-vector entries x_t - base over all tasks, kept or dropped (so any NaN/Inf input
+  // or base entry makes it non-zero, although TIES may drop it from the output; an overflowing x_t - base of
+  // finite inputs counts too).
   int64_t (*ties_merge)(const InputList& in, const void* base, int32_t base_dtype, void* out, int32_t out_dtype, int64_t n,
                         const int64_t* k, float lam, bool normalize, float* thresholds_out);
   // DARE: out = (u_i < p) ? 0 : float32(tau_i) * scale, u_i = dare_uniform(seed, i)
@@ -72,9 +75,10 @@ void center(const void* w, int32_t w_dtype, const float* mean, float* out, int64
 void finalize(const float* x, const float* add, void* out, int32_t out_dtype, int64_t n, long long* counter, int device,
               uintptr_t stream);
 size_t ties_workspace_bytes(int num_inputs, int64_t n);
-// k: host array of in.count kept counts.
+// k: host array of in.count kept counts. Writes float32 (the output's count is finalize's); adds the number of
+// non-finite task-vector entries x_t - base (all tasks, kept or dropped) to *counter (device int64).
 void ties_merge(const InputList& in, const void* base, int32_t base_dtype, float* out, int64_t n, const int64_t* k,
-                float lam, bool normalize, void* workspace, int device, uintptr_t stream);
+                float lam, bool normalize, void* workspace, long long* counter, int device, uintptr_t stream);
 void dare(const void* tau, int32_t dtype, float* out, int64_t n, float p, float scale, uint64_t seed, int device,
           uintptr_t stream);
 // Fused linear merge (see cpu::Kernels::linear); adds the non-finite count to *counter.

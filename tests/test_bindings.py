@@ -41,7 +41,7 @@ def _finalize():
 
 def _ties():
     return {"inputs": [_t(), _t(torch.bfloat16)], "base": _t(), "out": _t(), "k": 5, "lam": 0.7, "stream": 0,
-            "workspace": None, "weights": [0.7, -0.3], "normalize": True}
+            "workspace": None, "weights": [0.7, -0.3], "normalize": True, "counter": None}
 
 
 def _dare():

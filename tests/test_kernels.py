@@ -385,6 +385,98 @@ def test_ties_merge_to_writes_the_dtype_and_counts(out_dtype, shape):
         assert bad == want_bad
 
 
+def _nonfinite_tau(xs, base):
+    """The non-finite task-vector entries float32(x_t) - float32(base), all tasks (what the TIES count adds)."""
+    return sum(int((~torch.isfinite(x.float() - base.float())).sum()) for x in xs)
+
+
+def _ties_nonfinite_case(where, dtype, shape, T=3, seed=0):
+    """Inputs, base, density and the expected count for a NaN/Inf placed `where` (see the test below)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    xs = [(base.float() + torch.randn(shape, generator=g) * 0.01).to(dtype) for _ in range(T)]
+    n = base.numel()
+    density = [0.3] * T
+    if n == 0 or where == "clean":
+        return xs, base, density
+    a, b = 0, n - 1
+    if where == "nan":  # NaN is ranked but never kept: dropped wherever it is
+        xs[1].view(-1)[a] = float("nan")
+    elif where == "inf kept":  # the largest magnitude: kept
+        xs[0].view(-1)[b] = float("inf")
+    elif where == "-inf dropped":  # two equal magnitudes, one kept: the lowest flat index keeps, the other drops
+        xs[T - 1].view(-1)[a] = float("-inf")
+        xs[T - 1].view(-1)[b] = float("-inf")
+        density[T - 1] = 1.5 / n  # k = 1
+    elif where == "inf dropped":
+        for p in (a, b):
+            xs[0].view(-1)[p] = float("inf")
+        density[0] = 1.5 / n
+    elif where == "base nan":  # every tau_t is NaN there
+        base.view(-1)[b] = float("nan")
+    elif where == "base inf":
+        base.view(-1)[a] = float("-inf")
+    elif where == "tau overflow":  # finite inputs whose difference overflows float32 (bf16/fp32 only)
+        big = torch.finfo(dtype).max
+        base.view(-1)[a] = -big
+        xs[1].view(-1)[a] = big
+    return xs, base, density
+
+
+NONFINITE_WHERE = ["clean", "nan", "inf kept", "-inf dropped", "inf dropped", "base nan", "base inf", "tau overflow"]
+
+
+@pytest.mark.parametrize("where", NONFINITE_WHERE)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(0,), (1, 7), (37, 129), MID], ids=str)
+def test_ties_merge_to_counts_nonfinite_task_vector_entries(shape, dtype, out_dtype, where):
+    """The count is the result's non-finite values plus the non-finite tau_t of every task, kept or dropped: the
+    same on the kernel and the twin, and non-zero whenever an input or the base holds NaN/Inf, also where TIES drops
+    the entry and the result is finite (what lets the engine skip its up-front scan of TIES's inputs)."""
+    if where == "tau overflow" and dtype == torch.float16:
+        pytest.skip("float16 inputs cannot overflow a float32 difference")
+    xs, base, density = _ties_nonfinite_case(where, dtype, shape)
+    want_tau = _nonfinite_tau(xs, base)
+    for w, norm in ((None, True), ([0.5, -1.0, 2.0], False)):
+        got, bad = N.ties_merge_to(xs, base, density, 1.3, w, norm, out_dtype)
+        want, want_bad = R.ties_merge_to(xs, base, density, 1.3, w, norm, out_dtype)
+        same(got, want, where)
+        out_bad = int((~torch.isfinite(got.float())).sum())
+        assert bad == want_bad == out_bad + want_tau, (where, bad, want_bad, out_bad, want_tau)
+    if base.numel() == 0 or where == "clean":
+        assert want_tau == 0 and bad == 0
+        return
+    expect_tau = {"nan": 1, "inf kept": 1, "-inf dropped": 2, "inf dropped": 2, "base nan": 3, "base inf": 3,
+                  "tau overflow": 1}[where]
+    assert want_tau == expect_tau, where
+    if where in ("nan",):  # dropped, so the result is clean and only the task vector's entry counts
+        assert out_bad == 0 and bad == 1
+    if where in ("-inf dropped", "inf dropped"):  # one kept (non-finite result there), one dropped
+        assert out_bad == 1 and bad == 3
+
+
+@pytest.mark.parametrize("how", ["transposed", "strided"])
+def test_ties_merge_to_counts_noncontiguous_and_mixed_dtypes(how):
+    base = noncontig(make((37, 129), torch.bfloat16, seed=9), how)
+    xs = [noncontig(make((37, 129), dt, "nonfinite" if t == 1 else "randn", seed=t), how)
+          for t, dt in enumerate(DTYPES)]
+    got, bad = N.ties_merge_to(xs, base, [0.2, 0.5, 0.3], 0.8, [0.5, -1.0, 2.0], False, torch.bfloat16)
+    want, want_bad = R.ties_merge_to(xs, base, [0.2, 0.5, 0.3], 0.8, [0.5, -1.0, 2.0], False, torch.bfloat16)
+    same(got, want)
+    assert bad == want_bad == int((~torch.isfinite(got.float())).sum()) + _nonfinite_tau(xs, base)
+    assert _nonfinite_tau(xs, base) > 0
+
+
+def test_ties_merge_to_counts_on_the_wide_path():
+    """>= 2^20 elements (sampled select, several chunks and threads): NaN (never kept) and Inf in every task."""
+    xs, base = _wide_task_vectors("nonfinite", 3, seed=2)
+    got, bad = N.ties_merge_to(xs, base, 0.2, 0.9, out_dtype=torch.bfloat16)
+    want, want_bad = R.ties_merge_to(xs, base, 0.2, 0.9, out_dtype=torch.bfloat16)
+    same(got, want)
+    assert bad == want_bad == int((~torch.isfinite(got.float())).sum()) + _nonfinite_tau(xs, base)
+
+
 def test_ties_zero_vote_elects_plus_and_zero_entries_never_count():
     base = torch.zeros(4)
     xs = [torch.tensor([1.0, 0.0, 2.0, 0.0]), torch.tensor([-1.0, 0.0, -2.0, 0.0])]
@@ -617,6 +709,27 @@ def test_cuda_ties(dtype, shape, density, values):
         xs = [make(shape, dtype, values, seed=t, device="cuda") for t in range(T)]
         got = N.ties_merge(xs, base, density, 0.7)
         same(got, R.ties_merge([x.cpu() for x in xs], base.cpu(), density, 0.7), f"T={T}")
+
+
+@cuda
+@pytest.mark.parametrize("where", NONFINITE_WHERE)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+def test_cuda_ties_merge_to_counts_nonfinite_task_vector_entries(shape, dtype, out_dtype, where):
+    """The CUDA kernel's task-vector count (one atomicAdd per block) plus finalize's: the twin's count."""
+    if where == "tau overflow" and dtype == torch.float16:
+        pytest.skip("float16 inputs cannot overflow a float32 difference")
+    xs, base, density = _ties_nonfinite_case(where, dtype, shape)
+    for w, norm in ((None, True), ([0.5, -1.0, 2.0], False)):
+        got, bad = N.ties_merge_to([x.cuda() for x in xs], base.cuda(), density, 1.3, w, norm, out_dtype)
+        want, want_bad = R.ties_merge_to(xs, base, density, 1.3, w, norm, out_dtype)
+        same(got, want, where)
+        assert bad == want_bad == int((~torch.isfinite(want.float())).sum()) + _nonfinite_tau(xs, base), where
+        o = torch.full(shape, 7.0, dtype=out_dtype, device="cuda")
+        got2, bad2 = N.ties_merge_to([x.cuda() for x in xs], base.cuda(), density, 1.3, w, norm, out_dtype, out=o)
+        assert got2 is o and bad2 == want_bad
+        same(got2, want, where)
 
 
 @cuda

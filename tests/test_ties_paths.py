@@ -66,3 +66,41 @@ def test_ties_merge_to_into_a_callers_buffer(backend, out_dtype, monkeypatch):
     assert torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
     with pytest.raises(ValueError, match="out must be a"):
         ops.ties_merge_to(*args, **kw, out=torch.empty(3, dtype=out_dtype))
+
+
+@pytest.mark.parametrize("where", ["input nan (dropped)", "input inf (kept)", "input -inf (dropped)", "base nan"])
+def test_every_path_counts_a_nonfinite_input(where, monkeypatch):
+    """What Ties.counts_nonfinite_inputs promises: on every path of merge_tensor_to (the native kernel, the twin
+    for lazy inputs, without the extension, and for a dtype the kernel does not take) an input or base NaN/Inf
+    makes the count non-zero, also where TIES drops the entry and the result is finite; all paths agree."""
+    from centered_merge import ops
+    from centered_merge.engine.reader import LazyDeviceInputs
+
+    base, models = make_state_dicts(T=3, dtype=torch.bfloat16, with_int=False)
+    k = next(iter(base))
+    inputs = [sd[k].clone() for sd in models]
+    b = base[k].clone()
+    flat = [x.view(-1) for x in inputs]
+    if where == "input nan (dropped)":
+        flat[1][3] = float("nan")
+    elif where == "input inf (kept)":
+        flat[0][5] = float("inf")
+    elif where == "input -inf (dropped)":  # k = 1 for model 2: the first of its two -inf is kept, the second not
+        flat[2][0] = flat[2][7] = float("-inf")
+    else:
+        b.view(-1)[2] = float("nan")
+    m = get_method("ties", density=[0.5, 0.5, 1.5 / b.numel()])
+    paths = {}
+    monkeypatch.setenv("CENTERED_MERGE_BACKEND", "auto")
+    assert ops.choose("ties_merge_to", inputs, b, 0.5, 1.0) == "native-cpu"
+    paths["native"] = m.merge_tensor_to(k, inputs, b, torch.bfloat16)
+    paths["lazy"] = m.merge_tensor_to(k, LazyDeviceInputs(inputs, torch.device("cpu")), b, torch.bfloat16)
+    paths["float64"] = m.merge_tensor_to(k, [x.double() for x in inputs], b.double(), torch.bfloat16)
+    monkeypatch.setenv("CENTERED_MERGE_BACKEND", "torch")
+    paths["torch"] = m.merge_tensor_to(k, inputs, b, torch.bfloat16)
+    tau = sum(int((~torch.isfinite(x.float() - b.float())).sum()) for x in inputs)
+    for name, (out, bad) in paths.items():
+        torch.testing.assert_close(out, paths["torch"][0], rtol=0, atol=0, equal_nan=True)  # NaN payloads may differ
+        assert bad == int((~torch.isfinite(out.float())).sum()) + tau > 0, (name, bad)
+    if where == "input nan (dropped)":
+        assert int((~torch.isfinite(paths["native"][0].float())).sum()) == 0 and paths["native"][1] == 1

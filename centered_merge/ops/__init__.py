@@ -6,7 +6,8 @@
     finalize(x, dtype, add=None)                                -> (tensor of dtype, non-finite count)
     ties_merge(inputs, base, density, lam, weights=None, normalize=True) -> float32 tensor
     ties_merge_to(inputs, base, density, lam, weights=None, normalize=True, out_dtype=float32, out=None)
-                                                                -> (tensor of out_dtype, non-finite count)
+                                                                -> (tensor of out_dtype, non-finite count of
+                                                                    it + of the task vectors x_t - base)
     dare(tau, p, seed)                                          -> float32 tensor
     linear_merge(inputs, weights, out_dtype=None, scale=1.0, divisor=1.0, out=None)
                                                                 -> (tensor of out_dtype, non-finite count)

@@ -77,22 +77,30 @@ def center_into(w: torch.Tensor, mean: torch.Tensor, out: torch.Tensor) -> torch
 
 
 def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = None):
+    return _finalize(x, dtype, add)
+
+
+def _finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = None, counter=None):
+    """finalize; on CUDA its count is added to `counter` when one is given (a count already there is included)."""
     C = _C()
     xc = _contig(x)
     out = None
     if dtype != F32 or add is not None:
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
     args = (_cap(xc), None if add is None else _cap(_contig(add)), None if out is None else _cap(out))
-    ccap, counter = _counter(x)
-    if counter is not None:
-        C.finalize(*args, stream=_stream(x), counter=ccap)
+    if x.device.type == "cuda":
+        counter = _counter(x)[1] if counter is None else counter
+        C.finalize(*args, stream=_stream(x), counter=_cap(counter))
         count = int(counter.item())
     else:
         count = int(C.finalize(*args))
     return (x if out is None else out), count
 
 
-def _ties(inputs, base, density, lam, weights, normalize, out_dtype, out=None):
+def _ties(inputs, base, density, lam, weights, normalize, out_dtype, out=None, counter=None):
+    """(out, count). CPU: count = the non-finite values written plus the non-finite task-vector entries x_t - base
+    (all tasks, kept or dropped). CUDA (float32 out): the kernel adds the latter to `counter` (a fresh one when None,
+    not read) and count is None; the output's count is finalize's (ties_merge_to)."""
     C = _C()
     T = len(inputs)
     ks = [reference.kept_count(base.numel(), d) for d in reference.per_task(density, T, "density")]
@@ -100,12 +108,14 @@ def _ties(inputs, base, density, lam, weights, normalize, out_dtype, out=None):
     bc = _contig(base)
     if out is None:  # else the caller's buffer (checked by the table: shape, dtype, device, contiguous, no overlap)
         out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
-    ws = None
+    ws = ccap = None
     if base.device.type == "cuda":
         ws = _cap(torch.empty(C.ties_workspace_bytes(T, base.numel()), dtype=torch.uint8, device=base.device))
+        ccap = _cap(_counter(out)[1] if counter is None else counter)
     bad = C.ties_merge([_cap(x) for x in xs], _cap(bc), _cap(out), ks, float(lam), stream=_stream(out), workspace=ws,
-                       weights=None if weights is None else [float(w) for w in weights], normalize=bool(normalize))
-    return out, bad
+                       weights=None if weights is None else [float(w) for w in weights], normalize=bool(normalize),
+                       counter=ccap)
+    return out, None if bad is None else int(bad)
 
 
 def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam: float,
@@ -116,10 +126,14 @@ def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam:
 def ties_merge_to(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam: float,
                   weights: Optional[Sequence[float]] = None, normalize: bool = True, out_dtype=F32,
                   out: Optional[torch.Tensor] = None):
-    """TIES written in out_dtype (into `out` when given), with its non-finite count. On the CPU in one kernel; the
-    CUDA kernel writes float32, converted by finalize (and copied into `out`)."""
+    """TIES written in out_dtype (into `out` when given), with its count: the non-finite values written plus the
+    non-finite task-vector entries (as reference.ties_merge_to). On the CPU one kernel does both; on CUDA the
+    kernel writes float32 and counts the task-vector entries into a counter that finalize (the conversion, copied
+    into `out`) then adds the output's count to, read once."""
     if base.device.type != "cpu":
-        y, bad = finalize(ties_merge(inputs, base, density, lam, weights, normalize), out_dtype)
+        counter = _counter(base)[1]
+        y32, _ = _ties(inputs, base, density, lam, weights, normalize, F32, counter=counter)
+        y, bad = _finalize(y32, out_dtype, counter=counter)
         if out is None:
             return y, bad
         out.copy_(y)

@@ -199,6 +199,12 @@ def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam:
     trims each task vector and sums the weighted kept values (the sign election); pass 2 recomputes each task
     vector and adds the agreeing ones.
     """
+    return _ties_counted(inputs, base, density, lam, weights, normalize)[0]
+
+
+def _ties_counted(inputs, base, density, lam, weights, normalize):
+    """(ties_merge's result, the number of non-finite task-vector entries tau_t over all tasks, kept or dropped:
+    counted in pass 1, where each tau_t is formed first)."""
     T = len(inputs)
     ws = as_f32_scalars(per_task(1.0 if weights is None else weights, T, "weights"))
     dens = per_task(density, T, "density")
@@ -206,22 +212,32 @@ def ties_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam:
     base32 = base.to(F32)
     buf = torch.empty_like(base32)
     rules = {}
+    bad_tau = 0
 
     def trimmed(t):
+        nonlocal bad_tau
         center_into(inputs[t], base32, buf)
-        if t not in rules:  # the keep rule is found in pass 1 and reused in pass 2
+        if t not in rules:  # pass 1: the keep rule is found here and reused in pass 2; tau_t counted once
             rules[t] = _keep_rule(buf, kept_count(base32.numel(), dens[t]))
+            bad_tau += count_nonfinite(buf)
         return torch.where(_kept(buf, rules[t]), buf, 0.0)
 
-    return disjoint_merge(trimmed, T, ws, base32, lam32, normalize)
+    return disjoint_merge(trimmed, T, ws, base32, lam32, normalize), bad_tau
 
 
 def ties_merge_to(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, lam: float,
                   weights: Optional[Sequence[float]] = None, normalize: bool = True, out_dtype=F32,
                   out: Optional[torch.Tensor] = None):
-    """ties_merge converted to out_dtype by finalize: (result, its non-finite count); copied into `out` when one
-    is given (as linear_merge's out)."""
-    return _into(finalize(ties_merge(inputs, base, density, lam, weights, normalize), out_dtype), out)
+    """ties_merge converted to out_dtype by finalize, copied into `out` when one is given (as linear_merge's out):
+    (result, count) where count = the non-finite values of the result PLUS the non-finite task-vector entries
+    tau_t = float32(x_t) - float32(base) of every task, kept or dropped. TIES may drop a NaN/Inf input entry (NaN is
+    never kept; an Inf beyond the top k is not), so the result's count alone would miss it; with the task vectors'
+    a NaN/Inf in any input or in base (then every tau_t is non-finite there) always makes the count non-zero
+    (MergeMethod.counts_nonfinite_inputs). An overflowing tau_t of finite inputs (near float32's range) counts too:
+    a non-zero count says "look", and the result's own count is count_nonfinite(result)."""
+    merged, bad_tau = _ties_counted(inputs, base, density, lam, weights, normalize)
+    y, bad = _into(finalize(merged, out_dtype), out)
+    return y, bad + bad_tau
 
 
 def disjoint_merge(task, T: int, ws, base32: torch.Tensor, lam32, normalize: bool) -> torch.Tensor:
