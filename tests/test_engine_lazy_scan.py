@@ -1,9 +1,10 @@
 """The lazy non-finite scan: methods whose fused kernel counts every non-finite input (weight_average, linear,
-task_arithmetic) are not scanned up front; when the merged tensor's count is not 0 their inputs are scanned then,
-and the message is the up-front scan's, word for word, with nothing at the output."""
+task_arithmetic; ties, whose count adds its non-finite task-vector entries, kept or dropped) are not scanned up
+front; when the merged tensor's count is not 0 their inputs are scanned then, and the message is the up-front
+scan's, word for word, with nothing at the output."""
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import centered_merge.validation as validation
 from centered_merge import ops
@@ -15,7 +16,8 @@ from centered_merge.methods import available, method_class
 from _engine_util import leftovers, make_state_dicts
 
 KEY = "model.layers.0.mlp.up_proj.weight"
-LAZY = ("weight_average", "linear", "task_arithmetic")
+LAZY = ("weight_average", "linear", "task_arithmetic", "ties")
+WITH_BASE = ("task_arithmetic", "ties")
 
 
 def _files(tmp_path, bad_in, value, dtype=torch.float32):
@@ -37,7 +39,7 @@ def test_flag_declared_by_the_fused_methods_only():
 
 
 def test_no_upfront_scan_for_fused_methods(tmp_path, monkeypatch):
-    """Finite inputs: weight_average never calls the scan; ties scans every float input."""
+    """Finite inputs: weight_average and ties never call the scan; dare_ties (no flag) scans every float input."""
     base, models = _files(tmp_path, 0, 0.5)  # all finite
     calls = []
     real = validation.count_nonfinite
@@ -45,16 +47,20 @@ def test_no_upfront_scan_for_fused_methods(tmp_path, monkeypatch):
     merge_checkpoints(models, tmp_path / "wa", method="weight_average", progress=False)
     assert calls == []
     merge_checkpoints(models, tmp_path / "ties", method="ties", base=base, density=0.5, progress=False)
+    assert calls == []
+    merge_checkpoints(models, tmp_path / "dt", method="dare_ties", base=base, density=0.5, progress=False)
     assert len(calls) > 0
 
 
-@pytest.mark.parametrize("method, bad_in", [(m, 1) for m in LAZY] + [("task_arithmetic", "base")])
+@pytest.mark.parametrize("method, bad_in", [(m, 1) for m in LAZY] + [(m, "base") for m in WITH_BASE])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_lazy_scan_names_file_and_tensor(tmp_path, capsys, method, bad_in, value):
+    """(For ties an input NaN is never kept: the merged tensor is finite there, and only the task vectors' count
+    shows it.)"""
     base, models = _files(tmp_path, bad_in, value)
     where = "base.safetensors" if bad_in == "base" else f"ft{bad_in}.safetensors"
     argv = ["merge", *models, "--method", method, "--out", str(tmp_path / "out")]
-    if method == "task_arithmetic":
+    if method in WITH_BASE:
         argv += ["--base", base]
     rc = main(argv)
     err = capsys.readouterr().err
@@ -66,11 +72,56 @@ def test_lazy_scan_names_file_and_tensor(tmp_path, capsys, method, bad_in, value
     # allowed: merged, one warning per bad input, the same words as the up-front scan's
     with pytest.warns(UserWarning) as rec:
         rep = merge_checkpoints(models, tmp_path / "ok", method=method, allow_nonfinite=True, progress=False,
-                                base=base if method == "task_arithmetic" else None)
+                                base=base if method in WITH_BASE else None)
     msgs = [str(w.message) for w in rec]
     assert msgs == [f"tensor {KEY!r} in {tmp_path / where} holds 2 NaN/Inf value(s) of 512 "
                     "(merged anyway: allow_nonfinite)"]
     assert rep.nonfinite_inputs == [f"tensor {KEY!r} in {tmp_path / where} holds 2 NaN/Inf value(s) of 512"]
+    if method == "ties" and bad_in != "base" and value != value:  # NaN: dropped by the trim, a finite result
+        assert bool(torch.isfinite(load_file(str(tmp_path / "ok" / "model.safetensors"))[KEY].float()).all())
+
+
+def _overflow_files(tmp_path):
+    """bfloat16 base + 3 models, all finite, where model 1's task vector at two places of KEY is beyond float32
+    (3e38 - (-3e38))."""
+    base, models = make_state_dicts(T=3, dtype=torch.bfloat16)
+    for p in ((1, 2), (5, 0)):
+        base[KEY][p] = -3e38
+        for i, m in enumerate(models):
+            m[KEY][p] = 3e38 if i == 1 else -3e38
+    paths = []
+    for name, m in [("base", base)] + [(f"ft{i}", m) for i, m in enumerate(models)]:
+        paths.append(str(tmp_path / f"{name}.safetensors"))
+        save_file(m, paths[-1])
+    return paths[0], paths[1:]
+
+
+def test_ties_task_vector_overflow_with_a_finite_result_is_written(tmp_path, recwarn):
+    """Finite inputs whose task vector overflows float32: ties's count is not 0 (the task vector's entries), the
+    lazy scan finds the inputs finite, the output is counted again: finite (model 1 has weight 0, so its kept inf
+    times 0 agrees with no sign), so the merge goes through as before, with no message."""
+    base, models = _overflow_files(tmp_path)
+    rep = merge_checkpoints(models, tmp_path / "out", method="ties", base=base, density=0.5,
+                            weight=[1.0, 0.0, 1.0], progress=False)
+    assert rep.nonfinite_inputs == [] and [str(w.message) for w in recwarn] == []
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))[KEY]
+    assert bool(torch.isfinite(got.float()).all())
+    want = method_class("ties")(density=0.5, weight=[1.0, 0.0, 1.0]).merge_tensor(
+        KEY, [load_file(m)[KEY] for m in models], load_file(base)[KEY]).to(torch.bfloat16)
+    assert torch.equal(got, want)
+
+
+def test_ties_task_vector_overflow_into_the_result_is_diagnosed(tmp_path, capsys):
+    """The same inputs with every weight 1: the overflow reaches the merged tensor, and the message is the float32
+    overflow one (the inputs are finite), with nothing at the output."""
+    base, models = _overflow_files(tmp_path)
+    rc = main(["merge", *models, "--method", "ties", "--base", base, "--density", "0.5",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert (f"merged tensor {KEY!r} has 2 NaN/Inf value(s): its inputs are finite, but the float32 computation "
+            "overflowed") in err, err
+    assert leftovers(tmp_path, "out") == []
 
 
 @pytest.mark.parametrize("path", ["native", "torch"])

@@ -5,10 +5,13 @@ non-finite check of the inputs (`check_inputs`, run by the reader), then the met
 in float32 and the conversion to the output dtype, counting NaN/Inf: one fused pass for the linear merges) and
 the checks of the result (`merge_tensor`).
 
-Methods whose count sees every non-finite input (MergeMethod.counts_nonfinite_inputs: the fused linear merges)
-are not scanned up front: only when the merged tensor's count is not 0 are its inputs scanned, to name the file
-and tensor with the same words as the up-front scan, before anything of that tensor is written. That saves a
-read of every input byte (a min/max pass over T + 1 tensors) per tensor.
+Methods whose count sees every non-finite input (MergeMethod.counts_nonfinite_inputs: the fused linear merges,
+whose output holds every input's NaN/Inf, and TIES, whose count adds its non-finite task-vector entries) are not
+scanned up front: only when the merged tensor's count is not 0 are its inputs scanned, to name the file and
+tensor with the same words as the up-front scan, before anything of that tensor is written. That saves a read of
+every input byte (a min/max pass over T + 1 tensors) per tensor. When that scan finds the inputs finite, the
+output is counted again on its own: TIES's count also holds task vectors x_t - base that overflow float32 from
+finite inputs, which TIES may have dropped, leaving a finite output that is written as usual.
 """
 from __future__ import annotations
 
@@ -92,6 +95,10 @@ def merge_tensor(method, key: str, inputs: Sequence[torch.Tensor], base: Optiona
             group = list(inputs) + ([base] if base is not None else [])
             found = scan_inputs(key, group, labels, allow_nonfinite)
             if found:
+                return out, found
+        if method.counts_nonfinite_inputs:  # the count may be more than the output's (TIES: see the docstring)
+            bad = count_nonfinite(out)
+            if not bad:
                 return out, found
         if _overflowed_in_float32(method, key, inputs, base, out):  # the computation, not the conversion
             msg = (f"merged tensor {key!r} has {bad} NaN/Inf value(s): its inputs are finite, but the float32 "

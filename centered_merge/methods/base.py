@@ -26,10 +26,11 @@ class MergeMethod:
     summary: ClassVar[str] = ""  # one line for the README's method table
     parameters: ClassVar[Tuple[Param, ...]] = ()
     defaults: ClassVar[Dict[str, Any]] = {}
-    # True where merge_tensor_to's non-finite count is non-zero whenever an input holds NaN/Inf: every input
-    # element enters an IEEE sum with a finite factor and nothing is skipped, so NaN and +-Inf always reach the
-    # result (0 * Inf is NaN). The engine then skips its up-front scan of the inputs and scans them only when the
-    # count is not 0, to name the input (engine/core.py).
+    # True where merge_tensor_to's non-finite count is non-zero whenever an input holds NaN/Inf: for the fused
+    # linear merges every input element enters an IEEE sum with a finite factor and nothing is skipped, so NaN and
+    # +-Inf always reach the result (0 * Inf is NaN); TIES's count adds its non-finite task-vector entries, kept
+    # or dropped. The engine then skips its up-front scan of the inputs and scans them only when the count is not
+    # 0, to name the input, and recounts the output when they are finite (engine/core.py).
     counts_nonfinite_inputs: ClassVar[bool] = False
     # True where merge_tensor_to takes `out=`: a caller's contiguous tensor of the output's shape and dtype that
     # the result is written into (the engine passes reused buffers, so no fresh pages per tensor).

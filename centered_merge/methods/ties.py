@@ -5,7 +5,8 @@ by their weights), theta_0 + lam * that.
 
 merge_tensor_to runs the whole merge as one op, ops.ties_merge_to (a native kernel: the exact k-th magnitude of
 each task by a sampled band or a radix select, then one fused election-and-mean pass that writes the output dtype
-and counts NaN/Inf; its torch twin, ties_merge + finalize, for lazy inputs or without the extension). It
+and counts NaN/Inf in the output and in the task vectors; its torch twin, ties_merge + finalize, for lazy inputs
+or without the extension). Since that count sees every non-finite input, the engine skips its up-front scan. It
 equals the family's generic path (TaskVectorMerge with `sparsify` below) bit for bit; tests hold both to that.
 """
 from __future__ import annotations
@@ -24,6 +25,9 @@ class Ties(TaskVectorMerge):
     name = "ties"
     consensus = True
     writes_into = True  # the engine's reused output buffers (no fresh pages per tensor)
+    # ops.ties_merge_to's count adds the non-finite task-vector entries x_t - base of every task, kept or dropped,
+    # on every path (CPU and CUDA kernels, the twin), so a NaN/Inf input or base entry always makes it non-zero
+    counts_nonfinite_inputs = True
     summary = "TIES: trim each task vector to its top-density magnitudes, elect signs, (weighted) disjoint mean"
     parameters = (
         density_param(0.2, yaml_default=1.0),
