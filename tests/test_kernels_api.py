@@ -67,6 +67,17 @@ def test_torch_in_torch_out_bf16():
     assert torch.equal(kernels.mean(xs), R.mean_fp32(xs))
 
 
+def test_ties_with_nonfinite_inputs_equals_the_twin():
+    """kernels.ties (float32 result, no count) with NaN (never kept) and +-Inf in the inputs and the base: the
+    twin's values, NaN where the twin has NaN."""
+    xs = [_np((6, 11), np.float32, s) for s in range(3)]
+    base = _np((6, 11), np.float32, 9)
+    xs[0][0, 0], xs[1][2, 3], xs[2][5, 10], base[4, 4] = np.nan, np.inf, -np.inf, np.nan
+    t = kernels.ties(xs, base, 0.3, 0.8)
+    _eq(t, R.ties_merge([torch.from_numpy(x) for x in xs], torch.from_numpy(base), 0.3, 0.8).numpy())
+    assert np.isfinite(t[0, 0]) and np.isnan(t[4, 4])
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(TypeError, match=r"kernels.mean: argument 'inputs\[1\]': expected an array with __dlpack__"):
         kernels.mean([_np(3), [1.0, 2.0, 3.0]])
