@@ -370,8 +370,9 @@ def test_ties_wide_sampled_select_bit_exact(kind, density):
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(0,), (1, 7), (37, 129), WIDE], ids=str)
 def test_ties_merge_to_writes_the_dtype_and_counts(out_dtype, shape):
-    """ties_merge_to = finalize(ties_merge): the same bits and non-finite count (NaN inputs, and values beyond
-    float16's range that overflow only on conversion)."""
+    """ties_merge_to = finalize(ties_merge): the same bits, and kernel and twin give the same count (the output's
+    plus the task vectors' non-finite entries; NaN inputs, and values beyond float16's range that overflow only on
+    conversion)."""
     g = torch.Generator().manual_seed(3)
     base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
     xs = [(base.float() + torch.randn(shape, generator=g) * 0.01).to(torch.bfloat16) for _ in range(3)]
