@@ -221,7 +221,9 @@ class SafetensorsFile(TensorSource):
         e = self._entry(key)
         if self._map is not None and e.end > e.begin:
             self.check_unchanged(key)
-            view = torch.frombuffer(self._map, dtype=torch.uint8, count=e.end - e.begin,
+            # through a memoryview, which the tensor keeps: torch.frombuffer releases its own buffer export, so
+            # without one close() would unmap pages that live views (e.g. in an exception's frames) still point to
+            view = torch.frombuffer(memoryview(self._map), dtype=torch.uint8, count=e.end - e.begin,
                                     offset=self._data_start + e.begin)
             try:
                 return view.view(e.info.dtype).reshape(e.info.shape)
