@@ -1,6 +1,6 @@
 """The lazy non-finite scan: methods whose fused kernel counts every non-finite input (weight_average, linear,
-task_arithmetic; ties, whose count adds its non-finite task-vector entries, kept or dropped) are not scanned up
-front; when the merged tensor's count is not 0 their inputs are scanned then, and the message is the up-front
+task_arithmetic; ties, whose count adds its non-finite task-vector entries, kept or dropped; cart, whose mean holds
+them) are not scanned up front; when the merged tensor's count is not 0 their inputs are scanned then, and the message is the up-front
 scan's, word for word, with nothing at the output."""
 import pytest
 import torch
@@ -16,7 +16,8 @@ from centered_merge.methods import available, method_class
 from _engine_util import leftovers, make_state_dicts
 
 KEY = "model.layers.0.mlp.up_proj.weight"
-LAZY = ("weight_average", "linear", "task_arithmetic", "ties")
+LAZY = ("weight_average", "linear", "task_arithmetic", "ties", "cart")
+SVD = ("cart",)  # their low-rank tensors are refused under --allow-nonfinite (tested below)
 WITH_BASE = ("task_arithmetic", "ties")
 
 
@@ -48,6 +49,8 @@ def test_no_upfront_scan_for_fused_methods(tmp_path, monkeypatch):
     assert calls == []
     merge_checkpoints(models, tmp_path / "ties", method="ties", base=base, density=0.5, progress=False)
     assert calls == []
+    merge_checkpoints(models, tmp_path / "cart", method="cart", progress=False)
+    assert calls == []
     merge_checkpoints(models, tmp_path / "dt", method="dare_ties", base=base, density=0.5, progress=False)
     assert len(calls) > 0
 
@@ -69,6 +72,8 @@ def test_lazy_scan_names_file_and_tensor(tmp_path, capsys, method, bad_in, value
     assert lines == [f"centered-merge: error: tensor {KEY!r} in {tmp_path / where} holds 2 NaN/Inf value(s) of "
                      "512; pass --allow-nonfinite (API: allow_nonfinite=True) to merge anyway"], err
     assert leftovers(tmp_path, "out") == []
+    if method in SVD:
+        return  # --allow-nonfinite refuses an SVD of KEY: test_cart_refuses_an_svd_of_nonfinite_inputs
     # allowed: merged, one warning per bad input, the same words as the up-front scan's
     with pytest.warns(UserWarning) as rec:
         rep = merge_checkpoints(models, tmp_path / "ok", method=method, allow_nonfinite=True, progress=False,
@@ -167,3 +172,48 @@ def test_in_memory_api_lazy_scan_message():
 
     with pytest.raises(MergeInputError, match=rf"'{KEY}' in model 1 holds 1 NaN/Inf value\(s\) of 512"):
         cm.merge(models, "weight_average")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_cart_refuses_an_svd_of_nonfinite_inputs(tmp_path, capsys, monkeypatch, value):
+    """cart without the up-front scan: a NaN/Inf input of a low-rank tensor leaves NaN/Inf in the mean, no SVD is
+    taken of it, and --allow-nonfinite still refuses it with the up-front path's words (nothing at the output);
+    in a tensor that only gets the mean (a norm vector) it is merged and warned about."""
+    base, models = _files(tmp_path, 1, value)
+    rc = main(["merge", *models, "--method", "cart", "--allow-nonfinite", "--out", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("centered-merge: error:")]
+    assert len(lines) == 1 and f"tensor {KEY!r} in {tmp_path / 'ft1.safetensors'} holds 2 NaN/Inf" in lines[0]
+    assert "cart takes an SVD of this tensor" in lines[0]
+    assert leftovers(tmp_path, "out") == []
+    norm = "model.norm.weight"
+    _, models2 = make_state_dicts(T=3, dtype=torch.float32)
+    models2[2][norm][3] = value
+    paths = []
+    for i, m in enumerate(models2):
+        paths.append(str(tmp_path / f"n{i}.safetensors"))
+        save_file(m, paths[-1])
+    with pytest.warns(UserWarning, match=rf"'{norm}' in .*n2.safetensors holds 1 NaN/Inf value"):
+        merge_checkpoints(paths, tmp_path / "ok", method="cart", allow_nonfinite=True, progress=False)
+    assert not bool(torch.isfinite(load_file(str(tmp_path / "ok" / "model.safetensors"))[norm][3]))
+
+
+@pytest.mark.parametrize("svd", ["randomized", "exact"])
+def test_cart_takes_no_svd_of_a_nonfinite_mean(monkeypatch, svd):
+    """The method itself: a NaN input of a selected matrix gives the NaN-holding mean, without an SVD."""
+    from centered_merge.methods import cart as cart_module
+    from centered_merge.methods import get_method
+
+    def no_svd(*a, **k):
+        raise AssertionError("an SVD was taken of a matrix holding NaN")
+
+    monkeypatch.setattr(cart_module, "randomized_lowrank_factors", no_svd)
+    monkeypatch.setattr(cart_module, "exact_svd", no_svd)
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(32, 16, generator=g) for _ in range(3)]
+    xs[1][4, 5] = float("nan")
+    out = get_method("cart", svd=svd).merge_tensor(KEY, xs)
+    assert torch.isnan(out[4, 5]) and int(torch.isnan(out).sum()) == 1
+    torch.testing.assert_close(out, ops.mean_fp32(xs), equal_nan=True)  # the mean, in content order

@@ -6,7 +6,8 @@ in float32 and the conversion to the output dtype, counting NaN/Inf: one fused p
 the checks of the result (`merge_tensor`).
 
 Methods whose count sees every non-finite input (MergeMethod.counts_nonfinite_inputs: the fused linear merges,
-whose output holds every input's NaN/Inf, and TIES, whose count adds its non-finite task-vector entries) are not
+whose output holds every input's NaN/Inf, TIES, whose count adds its non-finite task-vector entries, and CART,
+whose mean holds them and which then skips its SVDs) are not
 scanned up front: only when the merged tensor's count is not 0 are its inputs scanned, to name the file and
 tensor with the same words as the up-front scan, before anything of that tensor is written. That saves a read of
 every input byte (a min/max pass over T + 1 tensors) per tensor. When that scan finds the inputs finite, the
@@ -71,11 +72,7 @@ def merge_tensor(method, key: str, inputs: Sequence[torch.Tensor], base: Optiona
     NaN/Inf; its messages are returned (or raised) like the up-front scan's. out: a buffer of the output's shape
     and dtype to write the result into, for methods that take one (MergeMethod.writes_into)."""
     if nonfinite_inputs:
-        plan = method.plan_tensor(key, tuple(want.shape), inputs[0].dtype, len(inputs))
-        if plan.get("lowrank"):  # an SVD of a matrix holding NaN/Inf is undefined (LAPACK fails or returns NaN)
-            raise MergeInputError(f"{nonfinite_inputs[0]}; {method.name} takes an SVD of this tensor, which is "
-                                  "undefined for NaN/Inf values, so --allow-nonfinite cannot merge it with "
-                                  f"{method.name}: repair the input or use a method without an SVD")
+        _refuse_svd_of_nonfinite(method, key, want, inputs, nonfinite_inputs)
     try:
         if out is not None:
             out, bad = method.merge_tensor_to(key, inputs, base, want.dtype, out=out)
@@ -95,6 +92,7 @@ def merge_tensor(method, key: str, inputs: Sequence[torch.Tensor], base: Optiona
             group = list(inputs) + ([base] if base is not None else [])
             found = scan_inputs(key, group, labels, allow_nonfinite)
             if found:
+                _refuse_svd_of_nonfinite(method, key, want, inputs, found)
                 return out, found
         if method.counts_nonfinite_inputs:  # the count may be more than the output's (TIES: see the docstring)
             bad = count_nonfinite(out)
@@ -112,6 +110,16 @@ def merge_tensor(method, key: str, inputs: Sequence[torch.Tensor], base: Optiona
             raise MergeInputError(msg + hint)
         found.append(msg)
     return out, found
+
+
+def _refuse_svd_of_nonfinite(method, key: str, want: TensorInfo, inputs, messages: Sequence[str]) -> None:
+    """Raise where the method takes an SVD of this tensor and its inputs hold NaN/Inf (messages: the scan's),
+    --allow-nonfinite or not: an SVD of such a matrix is undefined (LAPACK fails or returns NaN)."""
+    plan = method.plan_tensor(key, tuple(want.shape), inputs[0].dtype, len(inputs))
+    if plan.get("lowrank"):
+        raise MergeInputError(f"{messages[0]}; {method.name} takes an SVD of this tensor, which is "
+                              "undefined for NaN/Inf values, so --allow-nonfinite cannot merge it with "
+                              f"{method.name}: repair the input or use a method without an SVD")
 
 
 def _overflowed_in_float32(method, key, inputs, base, out: torch.Tensor) -> bool:

@@ -37,6 +37,7 @@ from ..linalg import (
 )
 from ..seeding import generator, in_content_order
 from ..threads import compute_threads, run_tasks, task_workers
+from ..validation import count_nonfinite
 from ..selection import PRESETS, make_selector, matrix_shape
 from .base import MergeMethod, numel_of
 from .params import Param, lam_param, seed_param
@@ -49,6 +50,10 @@ SVD_MODES = ("randomized", "exact")
 class Cart(MergeMethod):
     name = "cart"
     needs_base = False
+    # Every input enters the mean (an IEEE sum with weight 1/T), so a NaN/Inf input leaves NaN/Inf in the mean and
+    # hence in the output; _merge_lowrank then returns the mean without taking SVDs of it. The engine skips its
+    # up-front scan and names the input only when the output's count is not 0 (engine/core.py).
+    counts_nonfinite_inputs = True
     summary = "CART: mean + lam * sum_t SVD_k(W_t - mean) on the selected matrices, the mean elsewhere"
     # Defaults: the authors' released ViT-B/32 8-task setting (prior 2.0, rank 0.12); randomized SVD with
     # max(10, k/4) oversamples, 2-4 power iterations by k/min(m, n) and a float32 refinement step, whose rank-k
@@ -162,6 +167,8 @@ class Cart(MergeMethod):
     def _merge_lowrank(self, name, inputs, shape):
         T = len(inputs)
         mean = ops.mean_fp32(inputs)
+        if count_nonfinite(mean):
+            return mean  # an input holds NaN/Inf (or the sum overflowed): no SVD of it; the engine reports which
         m, c = matrix_shape(shape)
         k = self.rank_for(shape)
         if k is not None and k >= min(m, c):
