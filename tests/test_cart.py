@@ -358,29 +358,3 @@ def test_tasks_in_parallel_give_the_one_at_a_time_merge(make_models, monkeypatch
         update = (seq[k].double() - avg[k].double()).norm()
         assert (par[k].double() - seq[k].double()).norm() <= 1e-6 * max(update, 1e-30) or torch.equal(par[k], seq[k]), k
 
-
-@pytest.mark.parametrize("m", [1, 63, 64, 65, 1000, 1100])
-def test_low_rank_sum_finish_in_row_blocks_is_one_gemm_on_any_worker_count(m):
-    """finish() adds the terms in row blocks on single-threaded workers: the same sum as one GEMM (to float32
-    rounding), and bit for bit the same on one worker as on several (the blocks follow the shape only)."""
-
-    g = torch.Generator().manual_seed(m)
-    n, T, k = 37, 3, 4
-    target = torch.randn(m, n, generator=g)
-    terms = [(torch.randn(k, m, generator=g), torch.randn(k, n, generator=g)) for _ in range(T)]
-
-    def finished(threads):
-        s = LowRankSum(target.clone(), 0.7, T, k)
-        for lt, r in terms:
-            s.add(lt, r)
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return s.finish()
-        finally:
-            torch.set_num_threads(before)
-
-    one, two = finished(1), finished(2)
-    assert torch.equal(one, two)
-    want = target.double() + 0.7 * sum(lt.double().mT @ r.double() for lt, r in terms)
-    assert torch.allclose(one.double(), want, rtol=1e-5, atol=1e-5)

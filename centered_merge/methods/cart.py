@@ -301,8 +301,6 @@ class LowRankSum:
     """
 
     BUDGET = 1.5  # float32 matrices' worth of memory for the factor buffers and the accumulator together
-    BLOCKS = 16  # row blocks of finish()'s GEMM (enough for workers that take the next one to even out)
-    MIN_BLOCK_ROWS = 64  # ... each at least this tall, so that each GEMM stays large
 
     @staticmethod
     def layout(m: int, n: int, num_terms: int, k: int):
@@ -366,23 +364,6 @@ class LowRankSum:
     def finish(self) -> torch.Tensor:
         """The target with lam * (sum of the terms) added in place."""
         if self.acc is None:
-            lt, r = self.lt[: self.used], self.r[: self.used]
-            if self.target.device.type != "cpu":
-                return self.target.addmm_(lt.mT, r, alpha=self.lam)
-            # On a CPU, in row blocks on run_tasks' single-threaded workers rather than as one GEMM on torch's
-            # threads: a multi-threaded GEMM waits at barriers, which under a competing process (or the short
-            # OpenMP spin threads.py sets) stalls the thread whose core is taken, while workers taking the next
-            # block as they finish have none. The blocks depend on the shape only, so the result does not depend
-            # on the number of workers.
-            rows = self.target.shape[0]
-            step = max(self.MIN_BLOCK_ROWS, -(-rows // self.BLOCKS))
-
-            def block(i):
-                lo = i * step
-                hi = min(rows, lo + step)
-                self.target[lo:hi].addmm_(lt[:, lo:hi].mT, r, alpha=self.lam)
-
-            run_tasks(block, -(-rows // step))
-            return self.target
+            return self.target.addmm_(self.lt[: self.used].mT, self.r[: self.used], alpha=self.lam)
         self._flush()
         return self.target.add_(self.acc, alpha=self.lam)
