@@ -14,6 +14,8 @@ centered_merge is called through its public API, cm.cart, once per matrix.
 Achieved GFLOP/s: the FLOPs CART's plan counts for the matrices (cm.methods.get_method("cart").plan_tensor)
 over the measured time, printed next to the machine's GEMM peak (float32 and bfloat16 2048^3 GEMMs, best of 5,
 measured at the start and at the end of the run; the higher reading is reported).
+It also prints the time the default's large GEMMs alone would take at those peaks (gemm_floor) and so the most
+this algorithm could gain over the official approach in that run.
 
 --energy F also times energy mode (energy=F) against the fixed-rank default. --ab-tasks times cm.cart on the first
 block with the T tasks' SVDs on one single-threaded worker per core (the default, threads.run_tasks) against one
