@@ -133,11 +133,7 @@ def ties_merge_to(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, l
     if base.device.type != "cpu":
         counter = _counter(base)[1]
         y32, _ = _ties(inputs, base, density, lam, weights, normalize, F32, counter=counter)
-        y, bad = _finalize(y32, out_dtype, counter=counter)
-        if out is None:
-            return y, bad
-        out.copy_(y)
-        return out, bad
+        return reference.into_out(_finalize(y32, out_dtype, counter=counter), out)
     return _ties(inputs, base, density, lam, weights, normalize, out_dtype, out)
 
 

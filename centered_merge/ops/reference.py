@@ -61,7 +61,7 @@ def finalize(x: torch.Tensor, dtype: torch.dtype, add: Optional[torch.Tensor] = 
     return y, count_nonfinite(y)
 
 
-def _into(result, out: Optional[torch.Tensor]):
+def into_out(result, out: Optional[torch.Tensor]):
     """(result, count) of finalize, the result copied into the caller's `out` when one is given (it must have the
     result's shape, dtype and device)."""
     y, bad = result
@@ -88,7 +88,7 @@ def linear_merge(inputs: Sequence[torch.Tensor], weights: Sequence[float], out_d
         acc.mul_(float(scale))
     if float(divisor) != 1.0:
         acc.div_(torch.tensor(float(divisor), dtype=F32))
-    return _into(finalize(acc, out_dtype or F32), out)
+    return into_out(finalize(acc, out_dtype or F32), out)
 
 
 def task_arithmetic_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float], lam: float,
@@ -101,7 +101,7 @@ def task_arithmetic_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, we
     tau = torch.empty_like(base32)
     for t in range(len(inputs)):
         acc.add_(torch.sub(inputs[t], base32, out=tau), alpha=float(weights[t]))
-    return _into(finalize(acc.mul_(float(lam)).add_(base32), out_dtype or F32), out)
+    return into_out(finalize(acc.mul_(float(lam)).add_(base32), out_dtype or F32), out)
 
 
 def kept_count(numel: int, density: float) -> int:
@@ -236,7 +236,7 @@ def ties_merge_to(inputs: Sequence[torch.Tensor], base: torch.Tensor, density, l
     (MergeMethod.counts_nonfinite_inputs). An overflowing tau_t of finite inputs (near float32's range) counts too:
     a non-zero count says "look", and the result's own count is count_nonfinite(result)."""
     merged, bad_tau = _ties_counted(inputs, base, density, lam, weights, normalize)
-    y, bad = _into(finalize(merged, out_dtype), out)
+    y, bad = into_out(finalize(merged, out_dtype), out)
     return y, bad + bad_tau
 
 
