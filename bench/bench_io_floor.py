@@ -5,8 +5,8 @@ vocab 32000; the number of layers sets the size), then, in one run:
 
   read floor    every input byte read once, file by file in file order, into one reused buffer (readinto)
   write floor   the output's bytes written shard by shard from a reused buffer and fsynced, as the writer does
-                (the fastest of fsync-at-end, writeback started per chunk, and that plus synced batches dropped
-                from the page cache)
+                (the fastest of fsync-at-end, writeback started per chunk, that plus synced batches dropped
+                from the page cache, and O_DIRECT)
   merges        weight_average, task_arithmetic and ties through cm.merge_checkpoints, each in its own child
                 process, timed inside that process after imports; peak anonymous memory (RssAnon polled every
                 5 ms) above the child's RssAnon after imports
@@ -98,16 +98,19 @@ def read_floor(models) -> float:
     return time.perf_counter() - t0
 
 
-def _write_once(out: Path, nbytes: int, shard_size: int, early_writeback: bool, drop: bool = False) -> float:
+def _write_once(out: Path, nbytes: int, shard_size: int, early_writeback: bool, drop: bool = False,
+                direct: bool = False) -> float:
     from centered_merge.io.writer import SYNC_BYTES
 
     out.mkdir(parents=True, exist_ok=True)
-    buf = memoryview(bytearray(CHUNK))
+    # an anonymous mapping starts on a page boundary, as O_DIRECT wants (the shard sizes here are whole pages)
+    buf = memoryview(mmap.mmap(-1, CHUNK)) if direct else memoryview(bytearray(CHUNK))
     t0 = time.perf_counter()
     left, i = nbytes, 0
     while left > 0:
         n = min(left, shard_size)
-        fd = os.open(out / f"shard{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(out / f"shard{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0),
+                     0o644)
         try:
             off, synced = 0, 0
             while off < n:
@@ -134,12 +137,19 @@ def _write_once(out: Path, nbytes: int, shard_size: int, early_writeback: bool, 
 
 def write_floor(out: Path, nbytes: int, shard_size: int) -> float:
     """nbytes written in shard_size files with pwrite from one reused buffer, each file fsynced, then the
-    directory, as the engine's writer does with the merged bytes. Timed three ways: plain (fsync at the end of
-    each file); each chunk's writeback started as it is written; and that plus, every SYNC_BYTES, fdatasync and
-    the synced pages dropped from the page cache (the writer's way since 2026-12-01 19:10 UTC). The fastest is the
-    floor, so a merge is never measured against a slower way of writing than it uses itself."""
-    return min(_write_once(out, nbytes, shard_size, False), _write_once(out, nbytes, shard_size, True),
-               _write_once(out, nbytes, shard_size, True, drop=True))
+    directory, as the engine's writer does with the merged bytes. Timed four ways: plain (fsync at the end of
+    each file); each chunk's writeback started as it is written; that plus, every SYNC_BYTES, fdatasync and
+    the synced pages dropped from the page cache (the writer's way from 2026-12-01 19:10 UTC); and O_DIRECT from a
+    page-aligned buffer (the writer's way for whole blocks since 2026-12-01 23:40 UTC, io/direct.py), where the
+    file system has it. The fastest is the floor, so a merge is never measured against a slower way of writing
+    than it uses itself."""
+    ways = [_write_once(out, nbytes, shard_size, False), _write_once(out, nbytes, shard_size, True),
+            _write_once(out, nbytes, shard_size, True, drop=True)]
+    try:
+        ways.append(_write_once(out, nbytes, shard_size, False, direct=True))
+    except OSError:  # no O_DIRECT here (tmpfs, ...): the writer writes buffered too
+        shutil.rmtree(out, ignore_errors=True)
+    return min(ways)
 
 
 # --- ways of reading (--compare-reads) ---------------------------------------------------------------------------

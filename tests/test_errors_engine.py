@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import centered_merge.io.direct as direct_mod
 import centered_merge.io.writer as writer_mod
 from centered_merge.cli import main
 from centered_merge.engine import merge_checkpoints
@@ -154,10 +155,11 @@ def test_output_exists(tmp_path, files, capsys):
 
 
 class _FullDisk:
-    """The writer's pwrite, failing with ENOSPC once `room` bytes have been written."""
+    """The writer's pwrite of tensor bytes (buffered or direct, io/direct.py), failing with ENOSPC once `room`
+    bytes have been written."""
 
     room = 3000
-    real = staticmethod(writer_mod._pwrite_all)
+    real = staticmethod(direct_mod.pwrite_all)
 
     @staticmethod
     def pwrite_all(fd, data, offset):
@@ -170,7 +172,7 @@ class _FullDisk:
 
 def test_disk_full_mid_way(tmp_path, files, capsys, monkeypatch):
     _, _, (_, paths) = files
-    monkeypatch.setattr(writer_mod, "_pwrite_all", _FullDisk.pwrite_all)
+    monkeypatch.setattr(direct_mod, "pwrite_all", _FullDisk.pwrite_all)
     _FullDisk.room = 3000
     rc, err = run_cli(["merge", *paths, "--method", "weight_average", "--shard-size", "2KB",
                        "--out", str(tmp_path / "out")], capsys)

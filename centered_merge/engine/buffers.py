@@ -10,6 +10,8 @@ Memory: a buffer is in use while its tensor is merged, waits in the writer's que
 the smallest free one when a larger one is needed. So it holds at most (write_queue + 2) x the largest output
 tensor, whatever the number of tensors.
 
+Buffers start on a 4096-byte boundary, so the writer's direct I/O takes their bytes without a copy.
+
 Thread safety: `take` runs on the main thread, `give_back` on the writer thread; one lock guards both.
 """
 from __future__ import annotations
@@ -19,6 +21,16 @@ import threading
 from typing import Dict, List
 
 import torch
+
+from ..io.direct import BLOCK
+
+
+def _aligned(nbytes: int) -> torch.Tensor:
+    """nbytes of uint8 starting on a BLOCK boundary, so the writer sends them to disk straight from here (direct
+    I/O, io/direct.py) instead of through its staging copy; torch's allocator aligns to 64 bytes only."""
+    raw = torch.empty(nbytes + BLOCK, dtype=torch.uint8)
+    pad = (-raw.data_ptr()) % BLOCK
+    return raw[pad:pad + nbytes]
 
 
 class OutputPool:
@@ -43,7 +55,7 @@ class OutputPool:
                 if self._free and len(self._free) + len(self._used) >= self.max_buffers:
                     smallest = min(range(len(self._free)), key=lambda i: self._free[i].numel())
                     del self._free[smallest]  # its memory goes back
-                buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+                buf = _aligned(max(nbytes, 1))
                 self.allocated += 1
             self._used[name] = buf
         return buf[:nbytes].view(dtype).view(tuple(int(s) for s in shape))

@@ -40,6 +40,7 @@ import xxhash
 from ..distributed import RankContext
 from ..errors import MergeConfigError, MergeError, MergeOutputError
 from .base import TensorInfo
+from .direct import DirectWrites, pwrite_all
 from .layout import INDEX_NAME, ST_DTYPE, ShardLayout, plan_shards  # noqa: F401  (re-exported)
 from .model_files import COPY_FILES, copy_model_files  # noqa: F401  (the side files: io/model_files.py)
 
@@ -135,23 +136,18 @@ def _write_error(out: Path, e: OSError, what: str, fname: str) -> MergeOutputErr
                             "nothing was written to the output path")
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
+def _tensor_bytes(t: torch.Tensor) -> Tuple[memoryview, int]:
+    """A tensor's bytes as a memoryview, and the memory address of the first one (for direct I/O's alignment)."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous().reshape(-1)
     if t.numel() == 0:
-        return memoryview(b"")
+        return memoryview(b""), 0
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """os.pwrite until every byte is written (os-level writes may be short)."""
-    pos = 0
-    while pos < len(data):
-        pos += os.pwrite(fd, data[pos:pos + (1 << 26)], offset + pos)
+    t = t.view(torch.uint8)
+    return memoryview(t.numpy()).cast("B"), t.data_ptr()
 
 
 def advise_dontneed(fd: int, offset: int, length: int) -> None:
@@ -271,6 +267,7 @@ class ShardedWriter:
         self._info = self.layout.info
         mine = [n for n in self.layout.order if owner is None or owner[n] == self.ctx.rank]
         self._fds: Dict[int, int] = {}
+        self._direct = DirectWrites()  # the shards' O_DIRECT descriptors (with fsync only; io/direct.py)
         self._stage = "writing"
         self.tmp: Optional[Path] = None
         self.resumed = 0
@@ -306,6 +303,8 @@ class ShardedWriter:
             for i, fname in enumerate(self.shard_names):
                 if any(self.layout.slots[n].shard == i for n in mine):
                     self._fds[i] = os.open(self.tmp / fname, os.O_RDWR | os.O_CREAT, 0o666)
+                    if fsync:  # without fsync nothing waits for the disk: buffered writes, which return sooner
+                        self._direct.open(i, self.tmp / fname)
             done = self.journal.load(self.layout, self._fds) if fingerprint is not None and resume else set()
         except OSError as e:
             self._stage = "done"
@@ -337,7 +336,7 @@ class ShardedWriter:
         for fname, head in zip(self.shard_names, self.layout.headers):
             fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             try:
-                _pwrite_all(fd, memoryview(head), 0)
+                pwrite_all(fd, memoryview(head), 0)
                 if self.fsync:
                     os.fsync(fd)
             except OSError as e:
@@ -442,13 +441,14 @@ class ShardedWriter:
                 del item
                 slot = self.layout.slots[name]
                 fname = self.shard_names[slot.shard]
-                buf = _tensor_bytes(tensor)
+                buf, address = _tensor_bytes(tensor)
                 del tensor
                 try:
                     fd = self._fds[slot.shard]
-                    _pwrite_all(fd, buf, slot.offset)
+                    cached = self._direct.write(slot.shard, fd, buf, address, slot.offset)
                     if self.fsync:
-                        syncs.put(("kick", fd, slot.offset, slot.length))
+                        for offset, length in cached:
+                            syncs.put(("kick", fd, offset, length))
                     batch.append((name, slot.shard, slot.offset, slot.length, checksum(buf)))
                     del buf
                     touched.add(slot.shard)
@@ -527,6 +527,7 @@ class ShardedWriter:
     def _close_files(self) -> None:
         """fsync and close this rank's files; every one is closed even if one fails, then the first error raises."""
         fds, self._fds = self._fds, {}
+        self._direct.close()
         first = None
         for fd in fds.values():
             try:
@@ -638,6 +639,7 @@ class ShardedWriter:
             except OSError:
                 pass
         self._fds = {}
+        self._direct.close()
         if self.journal is not None:
             self.journal.close()
         if self.ctx.rank == 0 and self.tmp is not None and self.tmp.exists():
