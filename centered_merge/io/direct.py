@@ -1,12 +1,11 @@
 """Writing tensors' bytes past the page cache (O_DIRECT), for the writer (io/writer.py).
 
-Why: a buffered pwrite copies every output byte into page-cache pages, and on this project's VM (Firecracker,
-virtio-balloon) fresh pages are expensive: 984 MiB written from a reused buffer into a new file took 2.4-2.5 CPU-s
+Why: a buffered pwrite copies every output byte into page-cache pages, and on this project's VM (a Firecracker
+guest) fresh pages are expensive: 984 MiB written from a reused buffer into a new file took 2.4-2.5 CPU-s
 when the page cache had to grow, 0.22 CPU-s when it reused pages just freed, then 0.3-0.7 s of fdatasync. The same
-bytes written with O_DIRECT from a page-aligned buffer took 0.40-0.60 s in all, of which 0.035 CPU-s, in every run
-(/work/s6/pw2.py, 2026-12-01 23:20 UTC; docs/engine.md, "Writing past the page cache"). On a 2-core machine the
-CPU the copy no longer takes goes to the merge; on a large machine the output no longer pushes the inputs out of
-the page cache.
+bytes written with O_DIRECT from a page-aligned buffer took 0.50-0.60 s in all, of which 0.034-0.041 CPU-s, in each
+of four runs (docs/engine.md, "Writing past the page cache", 2026-12-01). On a 2-core machine the CPU the copy no
+longer takes goes to the merge, and the output never occupies the page cache that the inputs need.
 
 Direct I/O needs the file offset, the length and the memory address of each write aligned to the device's logical
 block (512 or 4096 bytes; BLOCK covers both). A tensor's bytes are split three ways:
