@@ -518,10 +518,13 @@ class ShardedWriter:
         while self._thread is not None and self._thread.is_alive():
             if not sent:
                 try:
-                    self._q.put_nowait(None)
+                    # a put that waits for room, not put_nowait: with the last tensor still in the queue, a refused
+                    # put_nowait left the join below to time out, 0.2 s added to the end of every such merge
+                    # (cProfile of the CLI's task arithmetic on the 4 x 0.5 B set: finish 0.201-0.204 s)
+                    self._q.put(None, timeout=0.2)
                     sent = True
                 except queue.Full:
-                    pass
+                    continue
             self._thread.join(timeout=0.2)
 
     def _close_files(self) -> None:
