@@ -3,9 +3,9 @@
 Per tensor name, in output layout order:
 
     reader thread            main thread                          writer thread
-    views of T inputs   ->   core.merge_tensor (float32)     ->   pwrite at the planned offset, fsync,
-    (mmap; NaN/Inf scan;     -> output dtype (+ NaN/Inf count;     journal line (resume)
-     not for the fused        inputs scanned only when not 0)
+    views of T inputs   ->   core.merge_tensor (float32)     ->   pwrite at the planned offset (whole
+    (mmap; NaN/Inf scan;     -> output dtype (+ NaN/Inf count;     blocks O_DIRECT, io/direct.py), fsync,
+     not for the fused        inputs scanned only when not 0)     journal line (resume)
      CUDA: staged copies)
 
 Memory: inputs are mmap views (page cache, not anonymous memory); the method's workspace is a few float32

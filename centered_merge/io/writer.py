@@ -4,8 +4,9 @@ Layout (io/layout.py): model.safetensors (one shard) or model-0000i-of-0000N.saf
 model.safetensors.index.json, config.json / generation and tokenizer files copied from a reference model, and a
 README.md card.
 
-One writer for every case: each tensor's bytes go to their planned offset with pwrite, so the order of writes
-does not matter and several processes (torch.distributed ranks) can write one output together; a single process
+One writer for every case: each tensor's bytes go to their planned offset with pwrite (with fsync on, the whole
+4096-byte blocks among them with O_DIRECT, past the page cache: io/direct.py), so the order of writes does not
+matter and several processes (torch.distributed ranks) can write one output together; a single process
 is a world of one rank. Writes run on a background thread (a bounded queue of `queue_depth` tensors, so memory
 stays bounded); errors of the thread surface at the next write or at finish.
 
