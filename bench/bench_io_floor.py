@@ -20,6 +20,10 @@ vocab 32000; the number of layers sets the size), then, in one run:
 --cache warm (default) reads the inputs once before each timed step, so all of them are in the page cache
 (they must fit in RAM); --cache cold drops them first (posix_fadvise DONTNEED on our own files only).
 
+`--compare-writes` times ways of writing one output's bytes (buffered into a growing page cache, buffered into
+pages just freed, O_DIRECT): the figures that chose the writer's direct I/O (docs/engine.md, "Writing past the
+page cache").
+
 `--compare-reads` instead times ways of reading the same inputs (mmap + page faults with and without madvise
 hints, pread/readinto into a reused buffer with and without read-ahead by bytes), cold and warm: the figures that
 chose the engine's reading path (docs/engine.md, "Reading at the floor").
@@ -228,6 +232,58 @@ def read_pread(models, ahead_bytes, consume):
             os.close(fd)
 
 
+# --- ways of writing (--compare-writes) -------------------------------------------------------------------------
+def _write_file(path: Path, nbytes: int, buf: memoryview, direct: bool):
+    """nbytes into a new file in CHUNK pwrites from `buf`, then fdatasync: (pwrite s, pwrite CPU s, fdatasync s)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0), 0o644)
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        off = 0
+        while off < nbytes:
+            off += os.pwrite(fd, buf[:min(CHUNK, nbytes - off)], off)
+        t1, c1 = time.perf_counter(), time.process_time()
+        os.fdatasync(fd)
+        return t1 - t0, c1 - c0, time.perf_counter() - t1
+    finally:
+        os.close(fd)
+
+
+def compare_writes(root: Path, nbytes: int, repeats: int):
+    """The figures that chose the writer's O_DIRECT (docs/engine.md, "Writing past the page cache"): nbytes written
+    into new files from one reused page-aligned buffer, each kept until the next way's turn, the ways alternated:
+    buffered with every earlier file kept (the page cache grows), buffered into a file deleted just before (its
+    freed pages are reused), and O_DIRECT."""
+    out = root / "wcompare"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    buf = memoryview(mmap.mmap(-1, CHUNK))
+    buf[:] = os.urandom(CHUNK)
+    nbytes -= nbytes % 4096  # O_DIRECT wants whole blocks
+    rows = {"buffered, cache growing": [], "buffered, pages just freed": [], "O_DIRECT": []}
+    try:
+        for i in range(repeats):
+            rows["buffered, cache growing"].append(_write_file(out / f"grow{i}", nbytes, buf, False))
+            _write_file(out / "reuse", nbytes, buf, False)
+            (out / "reuse").unlink()
+            rows["buffered, pages just freed"].append(_write_file(out / "reuse", nbytes, buf, False))
+            (out / "reuse").unlink()
+            try:
+                rows["O_DIRECT"].append(_write_file(out / "direct", nbytes, buf, True))
+            except OSError as e:
+                print(f"# O_DIRECT refused here: {e}", file=sys.stderr)
+            (out / "direct").unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"\n{nbytes / 2**20:.0f} MiB per file, {CHUNK >> 20} MiB pwrites, {repeats} of each way alternated; "
+          f"load average {os.getloadavg()[0]:.2f} after")
+    print("\n| way | pwrite s | pwrite CPU s | fdatasync s | total s |")
+    print("|---|---|---|---|---|")
+    for way, rs in rows.items():
+        if rs:
+            print(f"| {way} | " + " | ".join(", ".join(f"{r[j]:.2f}" for r in rs) for j in range(3)) + " | "
+                  + ", ".join(f"{r[0] + r[2]:.2f}" for r in rs) + " |")
+
+
 def compare_reads(models, repeats: int):
     import torch
 
@@ -325,9 +381,11 @@ def main():
     ap.add_argument("--device", default="cpu", help="the merges' device (cpu, cuda)")
     ap.add_argument("--read-ahead", type=int, default=2, help="the merges' read_ahead (tensors; default 2)")
     ap.add_argument("--write-queue", type=int, default=1, help="the merges' write_queue (tensors; default 1)")
-    ap.add_argument("--repeats", type=int, default=2, help="--compare-reads: best of this many runs")
+    ap.add_argument("--repeats", type=int, default=2, help="--compare-reads: best of this many runs; --compare-writes: runs of each way")
     ap.add_argument("--rounds", type=int, default=3, help="merges: best of this many rounds (default 3)")
     ap.add_argument("--compare-reads", action="store_true")
+    ap.add_argument("--compare-writes", action="store_true",
+                    help="time buffered writes (growing cache, freed pages) against O_DIRECT, one output's size")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--work", help="build the checkpoints here and keep them; reused when --size-gb and --T match")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -351,6 +409,8 @@ def main():
         stamp, reuse = None, False
     scratch = [root / "out", root / "wfloor"]  # what a run writes besides the checkpoints
     try:
+        if args.compare_writes:  # needs no checkpoints, only the output's size
+            return compare_writes(root, model_bytes(layers), args.repeats)
         for p in scratch:
             shutil.rmtree(p, ignore_errors=True)
         t0 = time.perf_counter()
