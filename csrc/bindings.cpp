@@ -25,14 +25,18 @@ using cm::TensorView;
 
 namespace {
 
-// Large CPU outputs are usually fresh allocations that the kernel touches first; with 4 KiB pages the page
-// faults cost more than the kernel itself (about 2 us per page, 45 ms for 64 MiB here). Asking for transparent
-// huge pages on the 2 MiB-aligned interior before the first touch cuts that to about a third. Only a hint:
-// ignored where THP is off or unsupported, never an error. CENTERED_MERGE_HUGEPAGES=0 turns it off.
+// Transparent huge pages for large fresh CPU outputs, asked for on the 2 MiB-aligned interior before the first
+// touch. Opt-in (CENTERED_MERGE_HUGEPAGES=1), off by default, by measurement on this project's 2-core VM
+// (2026-12-02): an isolated 128 MiB fresh output was faster with the hint in most calls, but some calls took
+// 250-600 ms (huge pages the hypervisor had not backed), and in the CLI's task-arithmetic merge of the 4 x 0.5 B
+// set (whose output pool makes ~270 MB of fresh outputs) the hint cost ~1 CPU-s of huge-page zeroing
+// (clear_page_erms 16-18% of perf samples, against 1% without) and 0.3 s of wall time (medians of 6 alternated
+// runs: 3.55 s with it, 3.21 s without; TIES 5.23 s against 4.97 s). Only a hint: ignored where THP is off or
+// unsupported, never an error.
 bool hugepages_enabled() {
   static const bool on = [] {
     const char* e = std::getenv("CENTERED_MERGE_HUGEPAGES");
-    return !(e && (std::strcmp(e, "0") == 0 || std::strcmp(e, "off") == 0 || std::strcmp(e, "false") == 0));
+    return e && (std::strcmp(e, "1") == 0 || std::strcmp(e, "on") == 0 || std::strcmp(e, "true") == 0);
   }();
   return on;
 }

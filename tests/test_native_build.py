@@ -43,6 +43,20 @@ def test_build_info_reports_the_build():
 @needs_ext
 @pytest.mark.skipif(shutil.which("nvcc") is None or os.environ.get("CENTERED_MERGE_CUDA", "auto") == "off",
                     reason="no nvcc on PATH, or CUDA build switched off")
+@needs_ext
+@pytest.mark.parametrize("value, on", [(None, False), ("0", False), ("1", True), ("on", True), ("false", False)])
+def test_hugepage_hint_is_opt_in(value, on):
+    # off unless CENTERED_MERGE_HUGEPAGES asks for it (docs/kernels.md: it cost the CLI merges time on this VM);
+    # read once at load, so each case runs in a fresh interpreter
+    env = {k: v for k, v in os.environ.items() if k != "CENTERED_MERGE_HUGEPAGES"}
+    if value is not None:
+        env["CENTERED_MERGE_HUGEPAGES"] = value
+    code = "import centered_merge; print(centered_merge.build_info()['hugepage_hint'])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(on)
+
+
 def test_cuda_part_is_compiled_whenever_nvcc_is_present():
     # With CENTERED_MERGE_CUDA=auto the CUDA kernels are compiled on every build where nvcc exists, so they
     # cannot rot even on machines without a GPU.
