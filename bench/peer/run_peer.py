@@ -208,6 +208,9 @@ def head_to_head(args, cfg_path: Path, model_dir: Path, spec, work: Path, pair_i
             if which == "mergekit" and args.skip_refused and not row.ours.ok:
                 tr.status = "not run (--skip-refused)"
                 continue
+            # The previous run's output may still be dirty in the page cache (mergekit does not fsync it, we do):
+            # written back now, so that no run pays for the one before it.
+            os.sync()
             if args.cache == "warm":
                 measure.warm([model_dir / m for m in synth.model_names(spec)])
             r = run_tool(which, cmd, out, model_dir, args.timeout, logs / f"{which}-{rep + 1}.log")
