@@ -113,6 +113,10 @@ class StackedLayers(TensorSource):
         model, k = self._map[key]
         self._sources[model].prefetch(k)
 
+    def release(self, key: str) -> None:
+        model, k = self._map[key]
+        self._sources[model].release(k)  # another output key may map to k too: a later get re-faults the pages
+
     def file_of(self, key: str) -> str:
         model, k = self._map[key]
         return self._sources[model].file_of(k)

@@ -177,3 +177,48 @@ def test_byte_ranges_for_prefetch(tmp_path, sd):
         src.prefetch(k)  # a hint: must never fail
     src.close()
     open_model(tmp_path).prefetch("lm_head.weight")
+
+
+def _mapped_rss_kib(addr: int) -> int:
+    """Rss (KiB) of the mapping of this process that contains `addr`, from /proc/self/smaps."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                inside = lo <= addr < hi
+            elif inside and head[0] == "Rss:":
+                return int(head[1])
+    raise LookupError(hex(addr))
+
+
+def test_release_drops_the_pages_and_keeps_live_views(tmp_path):
+    # tensors of odd byte lengths, so that their ranges start and end inside pages
+    g = torch.Generator().manual_seed(1)
+    sd = {"a": torch.randn(3001, generator=g), "b": torch.randn(250_003, generator=g),
+          "c": torch.randn(1001, generator=g), "d": torch.empty(0), "e": torch.randn(7, generator=g)}
+    p = tmp_path / "m.safetensors"
+    save_file(sd, str(p))
+    src = SafetensorsFile(p)
+    if src.mode != "map":
+        src.release("b")  # pread: nothing mapped, nothing to do
+        pytest.skip("no file leases here: pread mode")
+    views = {k: src.get(k) for k in sd}
+    for k, v in views.items():
+        assert torch.equal(v, sd[k])  # faults every page in
+    addr = views["b"].data_ptr()
+    try:
+        before = _mapped_rss_kib(addr)
+    except (OSError, LookupError):
+        before = None
+    for k in sd:
+        src.release(k)  # every kind of range, the empty one included; pages shared with a neighbour stay
+    if before is not None:
+        dropped = before - _mapped_rss_kib(addr)
+        assert dropped >= (250_003 * 4 - 2 * 4096) // 1024 - 4, (before, dropped)
+    for k, v in views.items():  # live views read the same bytes again (the map is private and never written)
+        assert torch.equal(v, sd[k]), k
+    assert torch.equal(src.get("b"), sd["b"])
+    src.close()
+    open_model(tmp_path).release("b")  # through an HF directory: a hint that never fails

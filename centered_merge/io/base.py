@@ -211,6 +211,10 @@ class TensorSource:
     def prefetch(self, key: str) -> None:
         """Hint that `key` will be read soon (start reading it into the page cache); may do nothing."""
 
+    def release(self, key: str) -> None:
+        """Hint that the merge is done with `key`: a memory-mapped reader may drop its page-table entries now
+        instead of at close (views still alive stay valid); may do nothing."""
+
     def close(self) -> None:
         pass
 

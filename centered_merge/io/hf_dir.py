@@ -125,6 +125,9 @@ class HFDirectory(TensorSource):
     def prefetch(self, key: str) -> None:
         self._where[key].prefetch(key)
 
+    def release(self, key: str) -> None:
+        self._where[key].release(key)
+
     def close(self) -> None:
         for s in self._shards:
             s.close()

@@ -33,6 +33,7 @@ from ..errors import MergeInputError
 from .base import DuplicateKeyError, FileGuard, TensorInfo, TensorSource, object_without_duplicates
 
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+PAGE = mmap.PAGESIZE
 MAX_DIM = 2**62  # torch sizes are int64; a 0-sized tensor could otherwise carry an absurd dimension
 
 # dtype strings of the safetensors format -> torch dtypes (those this torch has)
@@ -265,6 +266,25 @@ class SafetensorsFile(TensorSource):
             try:
                 os.posix_fadvise(self._fd, off, n, os.POSIX_FADV_WILLNEED)
             except OSError:
+                pass  # only a hint
+
+    def release(self, key: str) -> None:
+        """Drop the map's page-table entries for the whole pages inside the tensor's bytes (madvise DONTNEED).
+
+        Why: each mapped 4 KiB page of an input costs a page-table entry until the map goes; at the end of a merge
+        unmapping them all took 0.16-0.19 s for the 4.9 GB of the 4 x 0.5 B set here, serially, and the 700 GB of
+        inputs of a 4-model 70 B merge would need ~1.4 GB of page tables (8 bytes per 4 KiB page). Released
+        tensor by tensor behind the merge (engine/reader.py), the map holds only the read-ahead window. Safe with views still alive (a passthrough tensor waiting for the writer, another key
+        mapping to the same bytes): the map is private and never written, so a later access faults the same
+        page-cache page in again. Pages shared with a neighbouring tensor are left alone."""
+        if self._map is None:
+            return
+        off, n = self.byte_range(key)
+        lo, hi = -(-off // PAGE) * PAGE, (off + n) // PAGE * PAGE
+        if hi > lo:
+            try:
+                self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            except (OSError, ValueError):
                 pass  # only a hint
 
     @property

@@ -231,6 +231,9 @@ class VocabularyAligned(TensorSource):
     def prefetch(self, key: str) -> None:
         self.inner.prefetch(key)
 
+    def release(self, key: str) -> None:
+        self.inner.release(key)
+
     def file_of(self, key: str) -> str:
         return self.inner.file_of(key)
 
