@@ -143,14 +143,20 @@ def test_default_randomized_svd_is_near_optimal_on_real_task_vectors(sketch_dtyp
             assert_near_optimal(c, usv, k, (c.shape, sketch_dtype))
 
 
-def test_exact_svd_is_optimal_and_orthonormal():
+@pytest.mark.parametrize("wide", [False, True])  # a wide matrix is factored as its transpose
+def test_exact_svd_is_optimal_and_orthonormal(wide):
     a = decaying_matrix(80, 50, seed=3)
+    a = a.T.contiguous() if wide else a
     u, s, vh = exact_svd(a, 10)
+    assert u.shape == (a.shape[0], 10) and vh.shape == (10, a.shape[1])
     assert torch.allclose(u.T @ u, torch.eye(10), atol=1e-5)
     assert torch.allclose(vh @ vh.T, torch.eye(10), atol=1e-5)
     full_s = torch.linalg.svdvals(a.double())
+    assert torch.allclose(s.double(), full_s[:10], rtol=1e-5)
     opt = full_s[10:].pow(2).sum().sqrt().item()
     assert abs(_err(a, (u, s, vh)) - opt) <= 1e-5 * max(1.0, opt)
+    u, s, vh = exact_svd(a)  # all triplets: a itself
+    assert torch.allclose((u * s) @ vh, a, atol=1e-5)
 
 
 def test_randomized_is_deterministic_for_a_generator():
