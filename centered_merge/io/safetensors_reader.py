@@ -274,9 +274,10 @@ class SafetensorsFile(TensorSource):
         Why: each mapped 4 KiB page of an input costs a page-table entry until the map goes; at the end of a merge
         unmapping them all took 0.16-0.19 s for the 4.9 GB of the 4 x 0.5 B set here, serially, and the 700 GB of
         inputs of a 4-model 70 B merge would need ~1.4 GB of page tables (8 bytes per 4 KiB page). Released
-        tensor by tensor behind the merge (engine/reader.py), the map holds only the read-ahead window. Safe with views still alive (a passthrough tensor waiting for the writer, another key
-        mapping to the same bytes): the map is private and never written, so a later access faults the same
-        page-cache page in again. Pages shared with a neighbouring tensor are left alone."""
+        tensor by tensor behind the merge (engine/reader.py), the map holds only the read-ahead window.
+        Safe with views still alive (a passthrough tensor waiting for the writer, another key mapping to the same
+        bytes): the map is private and never written, so a later access faults the same page-cache page in
+        again. Pages shared with a neighbouring tensor are left alone."""
         if self._map is None:
             return
         off, n = self.byte_range(key)
