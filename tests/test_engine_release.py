@@ -13,7 +13,11 @@ from _engine_util import make_state_dicts, save_models, tree_bytes
 
 
 def _files_map(paths) -> bool:
-    return SafetensorsFile(paths[0]).mode == "map"
+    f = SafetensorsFile(paths[0])
+    try:
+        return f.mode == "map"
+    finally:
+        f.close()  # its lease must not outlive the probe
 
 
 @pytest.mark.parametrize("method, read_ahead", [("weight_average", 1), ("weight_average", 2),
