@@ -13,6 +13,7 @@ from centered_merge.linalg import (
     exact_svd,
     fast_bf16_matmul,
     fast_int8_matmul,
+    gram_energy_svd,
     power_iterations,
     randomized_lowrank_factors,
     randomized_svd,
@@ -191,6 +192,56 @@ def test_energy_mode_picks_smallest_k(mode):
     # the randomized sketch slightly underestimates sigma, so it may need one or two more directions
     assert want <= len(s) <= want + 2
     assert (s.double().pow(2).sum() / total).item() >= 0.9 - 1e-4
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300), (200, 200)])
+@pytest.mark.parametrize("kind", SPECTRA)
+def test_gram_route_picks_the_exact_k_and_is_near_optimal(shape, kind):
+    """energy_svd's Gram route (eigh of the short side's Gram matrix): the same k as the exact spectrum gives and
+    issue 12's rank-k bound, on every spectrum class, wide, tall and square, at the fractions people use; also
+    orthonormal factors and the exact singular values."""
+    a = spectrum_matrix(*shape, kind, seed=sum(shape))
+    sv = torch.linalg.svdvals(a.double())
+    total = sv.pow(2).sum().item()
+    for fraction in (0.5, 0.9, 0.99):
+        found = gram_energy_svd(a, fraction, total)
+        if found is None:  # only where the weakest kept direction is below the Gram's trusted range
+            assert sv[energy_rank(sv, total, fraction) - 1] ** 2 < 1e-4 * sv[0] ** 2, (kind, fraction)
+            continue
+        u, s, vh = found
+        k = len(s)
+        assert abs(k - energy_rank(sv, total, fraction)) <= (1 if kind == "flat" else 0), (kind, fraction)
+        assert u.shape == (shape[0], k) and vh.shape == (k, shape[1])
+        # the eigenvectors (short side) are orthonormal; the other side's vectors are a's normalised projections,
+        # which mix where singular values nearly coincide (the Gram squares their gaps): <= 1.9e-4 here
+        basis, other = (u.mT @ u, vh @ vh.mT) if shape[0] <= shape[1] else (vh @ vh.mT, u.mT @ u)
+        assert torch.allclose(basis, torch.eye(k), atol=1e-5)
+        assert torch.allclose(other, torch.eye(k), atol=1e-3)
+        assert torch.allclose(s.double(), sv[:k], rtol=1e-4, atol=1e-6 * sv[0].item())
+        assert_near_optimal(a, found, k, (kind, fraction))
+
+
+def test_gram_route_declines_where_its_rounding_would_show():
+    """At a fraction that keeps directions below GRAM_MIN_EIG of the largest eigenvalue (here sigma_i ~ 0.5^i,
+    99.99999999% of the energy: sigma_k ~ 1e-5 sigma_1), the float32 Gram no longer resolves them; the route
+    says so, and energy_svd then takes the exact SVD, which still meets the bound."""
+    a = spectrum_matrix(200, 120, "0.5^i", seed=1)
+    sv = torch.linalg.svdvals(a.double())
+    total = sv.pow(2).sum().item()
+    assert gram_energy_svd(a, 1 - 1e-10, total) is None
+    usv = energy_svd(a, 1 - 1e-10, generator=torch.Generator().manual_seed(0))
+    assert_near_optimal(a, usv, len(usv[1]), "fallback")
+
+
+def test_energy_mode_takes_the_gram_route_on_a_near_full_rank_matrix(monkeypatch):
+    """A flat spectrum needs 90% of its directions: the randomized search stops at once and the Gram route answers;
+    LAPACK's SVD is not called."""
+    a = spectrum_matrix(150, 400, "flat", seed=4)
+    calls = []
+    monkeypatch.setattr(linalg, "exact_svd", lambda *x, **y: calls.append(1))
+    u, s, vh = energy_svd(a, 0.9, generator=torch.Generator().manual_seed(0))
+    assert not calls and len(s) == energy_rank(torch.linalg.svdvals(a.double()), a.double().pow(2).sum().item(), 0.9)
+    assert_near_optimal(a, (u, s, vh), len(s), "gram route")
 
 
 def test_auto_sketch_dtype_rule():
