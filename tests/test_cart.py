@@ -358,3 +358,27 @@ def test_tasks_in_parallel_give_the_one_at_a_time_merge(make_models, monkeypatch
         update = (seq[k].double() - avg[k].double()).norm()
         assert (par[k].double() - seq[k].double()).norm() <= 1e-6 * max(update, 1e-30) or torch.equal(par[k], seq[k]), k
 
+
+
+@pytest.mark.parametrize("mode", [{"energy": 0.9}, {"energy": 0.99}, {"svd": "exact", "rank": 0.25}, {"indices": "0-2,5"}])
+def test_exact_energy_and_indices_tasks_in_parallel_give_the_one_at_a_time_merge(make_models, monkeypatch, mode):
+    """The modes without a shared sketch also run their tasks on single-threaded workers (in waves of one task per
+    worker, added in task order); T = 5 over 2 workers leaves a last wave of one."""
+    from centered_merge import threads
+    from centered_merge.methods import cart as cart_module
+
+    _, models = make_models(T=5, scale=1e-3)
+    monkeypatch.setattr(cart_module, "task_workers", lambda count: min(2, count))
+    monkeypatch.setattr(threads, "task_workers", lambda count: min(2, count))
+    waves = []
+    monkeypatch.setattr(cart_module, "run_tasks", lambda fn, count: (waves.append(count), threads.run_tasks(fn, count)))
+    par = cm.cart(models, **mode)
+    assert waves and set(waves) == {2, 1}, waves  # the parallel path ran: waves of 2, 2, 1 per matrix
+    again = cm.cart(models, **mode)
+    monkeypatch.setattr(cart_module, "task_workers", lambda count: 1)
+    seq = cm.cart(models, **mode)
+    avg = cm.merge(models, "weight_average")
+    for k in par:
+        assert torch.equal(par[k], again[k]), k  # which worker ran which task does not matter
+        update = (seq[k].double() - avg[k].double()).norm()
+        assert (par[k].double() - seq[k].double()).norm() <= 1e-6 * max(update, 1e-30) or torch.equal(par[k], seq[k]), k

@@ -145,7 +145,9 @@ class Cart(MergeMethod):
         # a centered buffer, its bf16 copy (or an int8 copy and a float32 rounding block of at most
         # min(n, INT8_BLOCK) entries) and one task's factors
         per_task = 6 * n + 4 * min(n, INT8_BLOCK) + 8 * factors
-        parallel = self._randomized(k, m, c) and not LowRankSum.layout(m, c, T, k)[1]  # as _merge_lowrank on a CPU
+        # as _merge_lowrank on a CPU: the randomized tasks in parallel when their factors fit the buffers at once,
+        # the exact / energy / indices tasks always (in waves of one per worker)
+        parallel = not self._randomized(k, m, c) or not LowRankSum.layout(m, c, T, k)[1]
         workers = task_workers(T) if parallel else 1
         return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 4 * n + workers * per_task + terms}
 
@@ -211,6 +213,27 @@ class Cart(MergeMethod):
                                            workspace=local.workspace)
 
             run_tasks(one_task, T)
+            return terms.finish().reshape(shape)
+        if omega is None and mean.device.type == "cpu" and in_memory and task_workers(T) > 1:
+            # Exact, energy and indices modes on a CPU: the tasks' SVDs in parallel as well, one single-threaded
+            # worker per core, in waves of one task per worker so that at most that many tasks' factors wait;
+            # they are added in task order, so the sum does not depend on which worker ran which task. Measured
+            # on the 4 x 0.5 B set of bench/peer with energy=0.9 (2026-12-02): see the README, CART speed.
+            workers = task_workers(T)
+            local = threading.local()
+            for lo in range(0, T, workers):
+                found = [None] * min(workers, T - lo)
+
+                def one_task(i, lo=lo, found=found):
+                    buf = getattr(local, "centered", None)
+                    if buf is None:
+                        buf = local.centered = torch.empty_like(mean2)
+                    ops.center_into(inputs[lo + i].reshape(m, c), mean2, buf)
+                    found[i] = self._truncated(buf, k, name)
+
+                run_tasks(one_task, len(found))
+                for u, s, vh in found:
+                    terms.add(u.mT, s[:, None] * vh)
             return terms.finish().reshape(shape)
         centered = torch.empty_like(mean2)
         workspace = {}
