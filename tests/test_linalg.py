@@ -221,6 +221,21 @@ def test_gram_route_picks_the_exact_k_and_is_near_optimal(shape, kind):
         assert_near_optimal(a, found, k, (kind, fraction))
 
 
+@pytest.mark.parametrize("shape", [(5, 9), (9, 5), (1, 7), (7, 1)])
+def test_gram_route_edge_shapes_and_a_zero_matrix(shape):
+    """One row or column, and an all-zero matrix (k = 1, factors of zeros, no division by a zero sigma)."""
+    g = torch.Generator().manual_seed(7)
+    for a in (torch.randn(shape, generator=g), torch.zeros(shape)):
+        total = a.double().pow(2).sum().item()
+        u, s, vh = gram_energy_svd(a, 0.9, total)
+        assert u.shape[0] == shape[0] and vh.shape[1] == shape[1] and len(s) >= 1
+        assert torch.isfinite(u).all() and torch.isfinite(vh).all()
+        if total == 0:
+            assert len(s) == 1 and not ((u * s) @ vh).any()
+        else:
+            assert torch.allclose((u * s) @ vh, a, atol=1e-6)  # a rank-1 matrix: all of it
+
+
 def test_gram_route_declines_where_its_rounding_would_show():
     """At a fraction that keeps directions below GRAM_MIN_EIG of the largest eigenvalue (here sigma_i ~ 0.5^i,
     99.99999999% of the energy: sigma_k ~ 1e-5 sigma_1), the float32 Gram no longer resolves them; the route
