@@ -360,7 +360,9 @@ def test_tasks_in_parallel_give_the_one_at_a_time_merge(make_models, monkeypatch
 
 
 
-@pytest.mark.parametrize("mode", [{"energy": 0.9}, {"energy": 0.99}, {"svd": "exact", "rank": 0.25}, {"indices": "0-2,5"}])
+@pytest.mark.parametrize(
+    "mode", [{"energy": 0.9}, {"energy": 0.99}, {"svd": "exact", "rank": 0.25}, {"indices": "0-2,5"}]
+)
 def test_exact_energy_and_indices_tasks_in_parallel_give_the_one_at_a_time_merge(make_models, monkeypatch, mode):
     """The modes without a shared sketch also run their tasks on single-threaded workers (in waves of one task per
     worker, added in task order); T = 5 over 2 workers leaves a last wave of one."""

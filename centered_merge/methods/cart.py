@@ -220,16 +220,13 @@ class Cart(MergeMethod):
             # they are added in task order, so the sum does not depend on which worker ran which task. Measured
             # on the 4 x 0.5 B set of bench/peer with energy=0.9 (2026-12-02): see the README, CART speed.
             workers = task_workers(T)
-            local = threading.local()
+            bufs = [torch.empty_like(mean2) for _ in range(min(workers, T))]  # one per place in a wave, reused
             for lo in range(0, T, workers):
                 found = [None] * min(workers, T - lo)
 
                 def one_task(i, lo=lo, found=found):
-                    buf = getattr(local, "centered", None)
-                    if buf is None:
-                        buf = local.centered = torch.empty_like(mean2)
-                    ops.center_into(inputs[lo + i].reshape(m, c), mean2, buf)
-                    found[i] = self._truncated(buf, k, name)
+                    ops.center_into(inputs[lo + i].reshape(m, c), mean2, bufs[i])
+                    found[i] = self._truncated(bufs[i], k, name)
 
                 run_tasks(one_task, len(found))
                 for u, s, vh in found:
