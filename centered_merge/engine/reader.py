@@ -117,8 +117,9 @@ class Reader:
     def _release_behind(self, i) -> None:
         """Called as item i is about to be loaded: the queue holds at most `depth` items, so the merge has taken
         item i - depth - 1 and so has finished item i - depth - 2, whose inputs' pages go now
-        (TensorSource.release), overlapped with the merge instead of one unmap of every input at the end. A passthrough tensor may still
-        wait in the writer's queue as a view: releasing is safe for live views (they fault the pages in again)."""
+        (TensorSource.release), overlapped with the merge instead of one unmap of every input at the end. A
+        passthrough tensor may still wait in the writer's queue as a view: releasing is safe for live views (they
+        fault the pages in again)."""
         j = i - self.depth - 2
         if j >= 0:
             key = self.order[j]

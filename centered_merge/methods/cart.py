@@ -214,12 +214,13 @@ class Cart(MergeMethod):
 
             run_tasks(one_task, T)
             return terms.finish().reshape(shape)
-        if omega is None and mean.device.type == "cpu" and in_memory and task_workers(T) > 1:
-            # Exact, energy and indices modes on a CPU: the tasks' SVDs in parallel as well, one single-threaded
-            # worker per core, in waves of one task per worker so that at most that many tasks' factors wait;
-            # they are added in task order, so the sum does not depend on which worker ran which task. Measured
-            # on the 4 x 0.5 B set of bench/peer with energy=0.9 (2026-12-02): see the README, CART speed.
-            workers = task_workers(T)
+        if omega is None:
+            # Exact, energy and indices modes: the tasks in waves of one per worker, so that at most that many tasks'
+            # factors wait, added in task order, so the sum does not depend on which worker ran which task. On a
+            # CPU with the inputs in memory, one single-threaded worker per core (threads.run_tasks); otherwise
+            # waves of one, in this thread, with lazy inputs read one at a time. Measured on the 4 x 0.5 B set of
+            # bench/peer with energy=0.9 (2026-12-02): see the README, CART speed.
+            workers = task_workers(T) if mean.device.type == "cpu" and in_memory else 1
             bufs = [torch.empty_like(mean2) for _ in range(min(workers, T))]  # one per place in a wave, reused
             for lo in range(0, T, workers):
                 found = [None] * min(workers, T - lo)
@@ -236,11 +237,7 @@ class Cart(MergeMethod):
         workspace = {}
         for t in range(T):
             ops.center_into(inputs[t].reshape(m, c), mean2, centered)
-            if omega is not None:
-                randomized_lowrank_factors(centered, omega, k, q, sketch_dt, out=terms.slots(k), workspace=workspace)
-            else:
-                u, s, vh = self._truncated(centered, k, name)
-                terms.add(u.mT, s[:, None] * vh)
+            randomized_lowrank_factors(centered, omega, k, q, sketch_dt, out=terms.slots(k), workspace=workspace)
         # Every task has been centered, so the mean may now receive lam * sum_t of the rank-k terms in place.
         return terms.finish().reshape(shape)
 
