@@ -118,9 +118,10 @@ def planned_flops(models, **params) -> int:
 
 def gemm_floor(models, rank: float, peaks) -> float:
     """Seconds the default's large GEMMs alone take at this run's peaks: per task, the 2q + 1 int8 range-finder
-    passes (2 m n w each) at the int8 peak and the two float32 refinement passes at the float32 peak, and per
-    matrix the float32 reconstruction (2 m n T k). QRs, Grams, eigenproblems, rounding and copies are left out,
-    so no implementation of this algorithm at its accuracy (tests/test_linalg.py) runs faster than this."""
+    passes (2 m n w each) at the int8 peak and the float32 projection pass at the float32 peak (a second one, where
+    the one-pass check declines, is not counted), and per matrix the float32 reconstruction (2 m n T k). QRs,
+    Grams, eigenproblems, rounding and copies are left out, so no implementation of this algorithm at its accuracy
+    (tests/test_linalg.py) runs faster than this."""
     T = len(models)
     total = 0.0
     for v in models[0].values():
@@ -129,7 +130,7 @@ def gemm_floor(models, rank: float, peaks) -> float:
         w, q = sketch_width(k), power_iterations(k, m, n)
         low = resolve_sketch_dtype("auto", k, m, n, "cpu")
         total += T * (2 * q + 1) * 2 * m * n * w / (peaks[low] * 1e9)
-        total += (T * 2 * 2 * m * n * w + 2 * m * n * T * k) / (peaks[torch.float32] * 1e9)
+        total += (T * 2 * m * n * w + 2 * m * n * T * k) / (peaks[torch.float32] * 1e9)
     return total
 
 

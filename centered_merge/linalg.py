@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -86,8 +86,8 @@ def fast_int8_matmul(device) -> bool:
 def resolve_sketch_dtype(choice: str, k: int, rows: int, cols: int, device) -> torch.dtype:
     """The dtype of the range finder's power-iteration GEMMs. "auto": int8 where the CPU multiplies int8 natively
     (VNNI/AMX), else bfloat16 where the hardware multiplies it natively, else float32. The reduced precision only
-    *finds* the subspace: the float32 refinement step that follows (_refined_projection) removes its rounding
-    floor at every rank, so k does not enter the choice. int8 needs the long side below INT8_MAX_INNER.
+    *finds* the subspace: the float32 projection that follows (_refined_projection) keeps its rounding floor
+    out of the result at every rank, so k does not enter the choice. int8 needs the long side below INT8_MAX_INNER.
 
     Measured 2026-12-01 (one thread, 768x3072 @ 3072x120: int8 1.73 ms, ~330 Gop/s; bf16 3.28 ms; float32 7.81;
     2048x5632 @ 5632x312: 19.2 / 38.4 / 91.9 ms), with the same rank-k errors as the bf16 range finder on every
@@ -149,6 +149,11 @@ def exact_svd(a: torch.Tensor, k: Optional[int] = None) -> SVD:
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of y's columns (Householder QR). y is handed to LAPACK column-major, the layout it
+    factors in: a row-major y cost a hidden transposition, 2048 x 307: 25.0 ms against 19.4 ms plus a 1 ms copy
+    (one thread, 2026-12-02)."""
+    if y.stride(-2) != 1:
+        y = y.mT.contiguous().mT
     return torch.linalg.qr(y, mode="reduced").Q
 
 
@@ -228,34 +233,50 @@ def _int8_lines(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.div(x, scale).round_().to(torch.int8)
 
 
+def _rounding_floor(row_norms: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
+    """An estimate of the spectral norm of a rounding-error matrix E with independent entries, from the norms of
+    the rows and of the columns of its entries' standard deviations: the largest of each, added (the bound of
+    Bandeira and van Handel for independent entries, without its constants and log term). The last dimension is
+    reduced; 0-d for a matrix, (T,) for a batch. On the real task vectors of bench/peer's 0.5 B set the true
+    ||E||_2 of the int8 copy was 0.78-0.84 of this estimate; tests/test_linalg.py checks int8 and bf16 copies,
+    with and without outlier entries."""
+    return row_norms.amax(-1) + col_norms.amax(-1)
+
+
 def _range_finder_int8(a: torch.Tensor, omega: torch.Tensor, power_iters: int, workspace: Optional[dict]):
     """_range_finder with int8 GEMMs (torch._int_mm, exact int32 sums) for a wide float32 `a` (m <= n <=
     INT8_MAX_INNER): a = s q with per-row scales (_int8_rows), and each thin operand rounded to int8 per column
     (_int8_lines). torch._int_mm ran at ~1.8x the bf16 GEMM on AVX512-VNNI (resolve_sketch_dtype); rounding a
     to 1/254 of each row's largest entry is coarser than bf16 for small entries, a floor that the float32
-    refinement removes as it removes bf16's (same rank-k errors in tests/test_linalg.py). A leading batch
-    dimension runs task by task.
+    projection (_refined_projection) deals with as with bf16's. A leading batch dimension runs task by task.
+    Returns the basis and the floor: each entry's rounding error is uniform in +-s_i / 2 (standard deviation
+    s_i / sqrt(12)), whence _rounding_floor; the thin operands' rounding is not counted (a perturbed basis, which
+    the next product with the matrix does not amplify).
 
     One iteration: Q = orth(y); x^T = int8((s Q)^T q) by rows (a^T Q up to column scales); y = s (q x), i.e.
     a a^T Q up to column scales, which the next QR does not see."""
     if a.dim() == 3:
-        return torch.stack([_range_finder_int8(x, omega, power_iters, workspace) for x in a])
+        found = [_range_finder_int8(x, omega, power_iters, workspace) for x in a]
+        return torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])
     q, s = _int8_rows(a, workspace)
     y = torch.mul(torch._int_mm(q, sketch_in(omega[: a.shape[-1]], torch.int8)), s)
     for _ in range(power_iters):
         xt = torch._int_mm(_int8_lines(_orth(y).mul_(s), 0).mT, q)  # (w x n) int32: (s Q)^T q, q in its layout
         y = torch.mul(torch._int_mm(q, _int8_lines(xt, 1).mT), s)
-    return _orth(y)
+    d = s.squeeze(-1) / math.sqrt(12.0)  # each row's entries' standard deviation
+    return _orth(y), _rounding_floor(d * math.sqrt(a.shape[-1]), torch.linalg.vector_norm(d, dim=-1, keepdim=True))
 
 
 def _range_finder(a: torch.Tensor, omega: torch.Tensor, power_iters: int, sketch_dtype: torch.dtype,
-                  workspace: Optional[dict] = None) -> torch.Tensor:
+                  workspace: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Halko et al.'s range finder for a wide `a` (m <= n): an orthonormal float32 basis (m x w) of a's
     approximate top column space, probed with omega[:n], with `power_iters` subspace iterations (one QR each, on
-    the short side), its GEMMs in `sketch_dtype`. bfloat16 runs them ~2.5x faster where the hardware multiplies
-    bf16 natively, but rounding `a` to bf16 adds noise of ~2^-9 of each entry, i.e. a floor: directions whose
-    sigma_i lie below ~1e-4 ||a||_F are lost (measured: error 25x the optimal on sigma_i ~ 0.9^i at k = 92),
-    which the float32 refinement (_refined_projection) removes. int8: _range_finder_int8."""
+    the short side), its GEMMs in `sketch_dtype`; and the floor, an estimate of the spectral norm of the error
+    made by rounding `a` to `sketch_dtype` (_rounding_floor; 0-d, or (T,) for a batch). bfloat16 runs the GEMMs
+    ~2.5x faster where the hardware multiplies bf16 natively, but rounding `a` to bf16 adds noise of ~2^-9 of
+    each entry: directions whose sigma_i lie below the floor are lost (measured: error 25x the optimal on
+    sigma_i ~ 0.9^i at k = 92 when the projection used the rounded matrix too), which the float32 projection
+    (_refined_projection) deals with. int8: _range_finder_int8."""
     if sketch_dtype == torch.int8:
         return _range_finder_int8(a, omega, power_iters, workspace)
     lo = a if sketch_dtype == a.dtype else a.to(sketch_dtype)  # keeps a's layout
@@ -263,7 +284,10 @@ def _range_finder(a: torch.Tensor, omega: torch.Tensor, power_iters: int, sketch
     for _ in range(power_iters):
         q = _orth(y).to(sketch_dtype)
         y = _big_times(lo, _big_times(lo.mT, q)).to(torch.float32)
-    return _orth(y)
+    # round to nearest: relative error within +-u (unit roundoff), standard deviation ~ u |a_ij| / sqrt(3)
+    sd = torch.finfo(sketch_dtype).eps / 2 / math.sqrt(3.0)
+    floor = _rounding_floor(torch.linalg.vector_norm(a, dim=-1) * sd, torch.linalg.vector_norm(a, dim=-2) * sd)
+    return _orth(y), floor
 
 
 def _top_right(b: torch.Tensor, k: int):
@@ -283,16 +307,62 @@ def _top_right(b: torch.Tensor, k: int):
 # R^-1 loses at most ~kappa^2 * 2^-53 ~ 1e-6 of orthogonality in float64; otherwise z gets a Householder QR.
 GRAM_MAX_COND = 1e5
 
+# The one-pass projection (_refined_projection) is kept where the weakest kept direction of q^T a stands at least
+# this many times above the range finder's rounding floor. Calibrated 2026-12-02 on the seven spectra, four shapes
+# and seven k of tests/test_linalg.py, the digits task vectors and the 768x3072 / 2048x5632 shapes, int8 range
+# finder: where the one-pass result broke issue 12's bound (up to 6.8x its allowance), sigma_k / floor was at most
+# 1.83; from 4.3 up it used at most 0.55 of the allowance (0.9^i, 480x160, k = 40), and at most 0.73 at the large
+# shapes (1/sqrt(i), 3072x768, k = 92), the randomized SVD's own error rather than the floor's. The real task
+# vectors of bench/peer's 0.5 B set stand 32-45x above it, the lab's digits ones 8-52x.
+ONE_PASS_MARGIN = 20.0
+# ... and where the sketch's weakest direction s_w is at most this share of s_k: with no gap after the k-th
+# direction, a randomized SVD needs the extra power step. Calibrated with the above: the one case that broke the
+# bound with sigma_k far above the floor (1.03x the allowance: 1/sqrt(i), 300x120, half its rows holding an entry
+# 300x the largest, k = 15) had s_w / s_k = 0.966; sigma_i ~ 1/sqrt(i) and the real task vectors of the 0.5 B set,
+# whose k = 0.12 min(m, n) and w = 1.25 k put it at ~0.89, used at most 0.73 of the allowance.
+ONE_PASS_MAX_FLATNESS = 0.93
 
-def _refined_projection(a: torch.Tensor, q: torch.Tensor, k: int):
-    """One float32 refinement half-step for a wide float32 `a` from its column basis q (m x w): the row space
-    z = a^T q, projected onto: a's best rank-k approximation in span(z) as a ~= (b top)(p top)^T, with
-    p (n x w), b = a p (m x w) and top (w x k) such that p top is orthonormal and b top = U_k S_k. Returns
-    (p, b, top, s).
 
-    Why: a further power step on the exact matrix; bf16 noise in q tilts the subspace only to second order in
-    the error, which is what removes the bf16 floor (0.9^i, 768x3072, k = 92: 2.3x optimal = optimal + 8e-5
-    ||a||_F, as low as an all-float32 range finder gets there: 2.5x).
+class _Projection(NamedTuple):
+    """A rank-k approximation of a wide matrix, wide ~= (short @ short_rot) (long @ long_rot)^T, with s its k
+    singular values. s_on_short: whether the short side's product is U_k S_k (and the long side's V_k, orthonormal),
+    or the short side's is U_k (orthonormal) and the long side's V_k S_k."""
+    short: torch.Tensor
+    short_rot: torch.Tensor
+    long: torch.Tensor
+    long_rot: torch.Tensor
+    s: torch.Tensor
+    s_on_short: bool
+
+
+def _sym_gram64(x: torch.Tensor) -> torch.Tensor:
+    """x^T x in float64 for a tall float32 x (..., rows, w): the lower triangle in row blocks (_gram_lower; 20.8 ms
+    against 27.2 ms for the full product at 5632 x 307, one thread, 2026-12-02), mirrored into the upper one."""
+    x64 = x.to(torch.float64)
+    if x64.dim() == 3:
+        g = torch.stack([_gram_lower(t.mT) for t in x64])
+    else:
+        g = _gram_lower(x64.mT)
+    low = g.tril()
+    return low + low.tril(-1).mT
+
+
+def _refined_projection(a: torch.Tensor, q: torch.Tensor, k: int, floor: torch.Tensor) -> _Projection:
+    """The rank-k approximation of a wide float32 `a` from the range finder's column basis q (m x w), with
+    float32 passes over the exact matrix, so that the range finder's rounding never enters the result.
+
+    First pass: z = a^T q, and the eigendecomposition of z^T z (float64), i.e. the SVD of q^T a = U_B S V_B^T.
+    Where every task's k-th singular value of q^T a stands ONE_PASS_MARGIN times above the range finder's rounding
+    floor, and the sketch's weakest one at most ONE_PASS_MAX_FLATNESS of it, the result is a's orthogonal projection onto span(q U_k), (q U_k)(z U_k)^T, the standard randomized
+    SVD: every kept direction lies far above the noise that rounding added to the range finder, so q holds them as
+    a float32 range finder would (measured: ONE_PASS_MARGIN). This saves the second pass, ~20% of a task (2048 x
+    5632, k = 245).
+
+    Otherwise, a second pass: a's best rank-k approximation in the row space span(z), as (b top)(z top)^T with
+    b = a z and top (w x k) from the w x w problem below, so that z top is orthonormal and b top = U_k S_k. A
+    further power step on the exact matrix: directions the range finder's rounding lost are recovered from the
+    exact matrix (0.9^i, 768x3072, k = 92: 2.3x optimal = optimal + 8e-5 ||a||_F, as low as an all-float32 range
+    finder gets there: 2.5x).
 
     How: z is orthonormalised by Cholesky-QR in float64 without forming the basis: with z^T z = R^T R,
     p = z R^-1 is never built; b' = a z is computed instead of a p, and the w x w problem becomes
@@ -303,44 +373,55 @@ def _refined_projection(a: torch.Tensor, q: torch.Tensor, k: int):
     Householder QR.
     """
     z = _f32_times(a.mT, q)
-    z64 = z.to(torch.float64)
-    r, info = torch.linalg.cholesky_ex(z64.mT @ z64, upper=True)
+    gz = _sym_gram64(z)
+    evals, evecs = torch.linalg.eigh(gz)
+    s = torch.flip(evals[..., -k:], dims=(-1,)).clamp_(min=0.0).sqrt_()
+    weakest = s[..., -1]
+    sketch_weakest = evals[..., 0].clamp(min=0.0).sqrt()
+    one_pass = (weakest > 0) & (weakest >= ONE_PASS_MARGIN * floor.to(weakest.dtype))
+    if bool((one_pass & (sketch_weakest <= ONE_PASS_MAX_FLATNESS * weakest)).all()):
+        u = torch.flip(evecs[..., -k:], dims=(-1,)).to(torch.float32)
+        return _Projection(q, u, z, u, s.to(torch.float32), s_on_short=False)
+    r, info = torch.linalg.cholesky_ex(gz, upper=True)
     if bool((info == 0).all()):
         d = r.diagonal(dim1=-2, dim2=-1)
         if bool((d.amin(-1) * GRAM_MAX_COND > d.amax(-1)).all()):
             b = _f32_times(a, z)
-            b64 = b.to(torch.float64)
-            w_ = torch.linalg.solve_triangular(r.mT, b64.mT @ b64, upper=False)  # R^-T H
+            w_ = torch.linalg.solve_triangular(r.mT, _sym_gram64(b), upper=False)  # R^-T H
             g = torch.linalg.solve_triangular(r.mT, w_.mT, upper=False)  # R^-T H R^-1 (H symmetric)
             evals, evecs = torch.linalg.eigh((g + g.mT) * 0.5)
             top = torch.linalg.solve_triangular(r, torch.flip(evecs[..., -k:], dims=(-1,)), upper=True)
+            top = top.to(torch.float32)
             s = torch.flip(evals[..., -k:], dims=(-1,)).clamp_(min=0.0).sqrt_()
-            return z, b, top.to(torch.float32), s.to(torch.float32)
+            return _Projection(b, top, z, top, s.to(torch.float32), s_on_short=True)
     p = _orth(z)
     b = _f32_times(a, p)
     top, s = _top_right(b, k)
-    return p, b, top, s
+    return _Projection(b, top, p, top, s, s_on_short=True)
 
 
 def _sketched(a: torch.Tensor, omega: torch.Tensor, k: int, power_iters: int, sketch_dtype: torch.dtype,
               workspace: Optional[dict] = None):
-    """The randomized SVD's shared steps on the shorter side of `a` (a^T when a is tall): a row basis p
-    (long x w), b = wide @ p (short x w), `top` (w x k) and the top-k singular values s, so that
-    wide ~= (b top)(p top)^T with p top orthonormal and b top = U_k S_k. Returns (p, b, top, s, flipped), flipped telling
-    whether they describe a^T."""
+    """The randomized SVD's shared steps on the shorter side of `a` (a^T when a is tall): the _Projection of the
+    wide view, and whether it describes a^T (flipped)."""
     flipped = a.shape[-2] > a.shape[-1]
     wide = a.mT if flipped else a
-    p, b, top, s = _refined_projection(wide, _range_finder(wide, omega, power_iters, sketch_dtype, workspace), k)
-    return p, b, top, s, flipped
+    q, floor = _range_finder(wide, omega, power_iters, sketch_dtype, workspace)
+    return _refined_projection(wide, q, k, floor), flipped
 
 
 def randomized_svd_from_sketch(
     a: torch.Tensor, omega: torch.Tensor, k: int, power_iters: int, sketch_dtype: torch.dtype = torch.float32
 ) -> SVD:
     """Top-k SVD (U, S, Vh) of `a` (m x n float32) from the range of its shorter side probed with `omega`."""
-    p, b, top, s, flipped = _sketched(a, omega, k, power_iters, sketch_dtype)
-    u, v = (b @ top) / torch.where(s > 0, s, 1.0)[..., None, :], p @ top
-    return (v, s, u.mT) if flipped else (u, s, v.mT)
+    pr, flipped = _sketched(a, omega, k, power_iters, sketch_dtype)
+    u, v = pr.short @ pr.short_rot, pr.long @ pr.long_rot
+    inv = torch.where(pr.s > 0, pr.s, 1.0)[..., None, :]
+    if pr.s_on_short:
+        u = u / inv
+    else:
+        v = v / inv
+    return (v, pr.s, u.mT) if flipped else (u, pr.s, v.mT)
 
 
 def randomized_lowrank_factors(
@@ -353,7 +434,8 @@ def randomized_lowrank_factors(
     workspace: Optional[dict] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The same rank-k approximation as randomized_svd_from_sketch, as two factors: a ~= lt^T @ r with lt
-    (k x m) and r (k x n), without dividing by S (the wide view's U_k S_k and Vh_k, transposed for a tall a).
+    (k x m) and r (k x n), without dividing by S (which of the two carries S is the projection's choice,
+    _refined_projection).
 
     `out` = (lt, r) buffers to write into, e.g. row blocks of larger buffers that gather the factors of several
     matrices so that their sum is one GEMM (CART's accumulation).
@@ -365,11 +447,11 @@ def randomized_lowrank_factors(
     keeps its copy of the matrix and its rounding block instead of allocating (and page-faulting) fresh ones per
     call.
     """
-    p, b, top, _, flipped = _sketched(a, omega, k, power_iters, sketch_dtype, workspace)
+    pr, flipped = _sketched(a, omega, k, power_iters, sketch_dtype, workspace)
     lt_out, r_out = (None, None) if out is None else out
     short_out, long_out = (r_out, lt_out) if flipped else (lt_out, r_out)
-    short_t = torch.matmul(top.mT, b.mT, out=short_out)  # (k x short side) = (U_k S_k)^T of the wide view
-    long_t = torch.matmul(top.mT, p.mT, out=long_out)  # (k x long side) = Vh_k of the wide view
+    short_t = torch.matmul(pr.short_rot.mT, pr.short.mT, out=short_out)  # (k x short side)
+    long_t = torch.matmul(pr.long_rot.mT, pr.long.mT, out=long_out)  # (k x long side)
     return (long_t, short_t) if flipped else (short_t, long_t)
 
 
@@ -383,7 +465,7 @@ def randomized_svd(
     sketch_dtype: str = "auto",
 ) -> SVD:
     """Rank-k SVD of `a` by a randomized range finder of width sketch_width(k, oversample), with
-    power_iterations(k, m, n, power_iters) power iterations and the float32 refinement step.
+    power_iterations(k, m, n, power_iters) power iterations and the float32 projection (_refined_projection).
 
     Falls back to the exact SVD when the sketch would be at least as wide as the matrix is thin (no saving).
     Pass `omega` to reuse one sketch for several matrices of the same shape.

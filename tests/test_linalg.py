@@ -341,3 +341,68 @@ def test_lowrank_factors_batched_over_tasks_equal_one_at_a_time(shape, sketch_dt
         lt1, r1 = randomized_lowrank_factors(a[t], omega, 12, 2, sketch_dtype)
         want = lt1.mT @ r1
         assert torch.allclose(lt[t].mT @ r[t], want, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("sketch_dtype", [torch.int8, torch.bfloat16])
+@pytest.mark.parametrize("outliers", [False, True])
+def test_rounding_floor_estimates_the_rounded_copys_error(sketch_dtype, outliers):
+    """_rounding_floor, from the row scales (int8) or row norms (bf16) alone, is close to the spectral norm of
+    the error that rounding the matrix to the sketch dtype makes, and not below it by much (the one-pass check
+    compares the kept directions with it)."""
+    a = spectrum_matrix(400, 1000, "1/sqrt(i)", seed=2)
+    if outliers:
+        a[::7, 3] += 50 * a.abs().max()
+    omega = linalg.sketch(a.shape, 40, torch.Generator().manual_seed(0), "cpu")
+    _, floor = linalg._range_finder(a, sketch_in(omega, sketch_dtype), 1, sketch_dtype)
+    if sketch_dtype == torch.int8:
+        q, s = _int8_rows(a)
+        err = a - s * q.float()
+    else:
+        err = a - a.to(torch.bfloat16).float()
+    ratio = torch.linalg.matrix_norm(err, 2).item() / floor.item()
+    assert 0.5 < ratio < 1.1, ratio
+
+
+def _projection(a, k, sketch_dtype=torch.int8):
+    m, n = a.shape
+    wide = a if m <= n else a.mT
+    omega = linalg.sketch((m, n), linalg.sketch_width(k), torch.Generator().manual_seed(k), "cpu")
+    q, floor = linalg._range_finder(wide, sketch_in(omega, sketch_dtype), power_iterations(k, m, n), sketch_dtype)
+    return linalg._refined_projection(wide, q, k, floor)
+
+
+def test_one_pass_projection_only_far_above_the_floor_and_with_a_gap():
+    """The one float32 pass is kept where every kept direction stands far above the range finder's rounding floor
+    and the spectrum falls after k; below the floor (0.9^i at k = 60: sigma_k ~ 2e-3 sigma_1) or without a gap
+    (half the rows holding a 300x outlier: ~60 nearly equal top singular values) the second pass runs."""
+    assert not _projection(spectrum_matrix(300, 120, "1/sqrt(i)", seed=1), 15).s_on_short  # one pass
+    assert _projection(spectrum_matrix(300, 120, "0.9^i", seed=1), 60).s_on_short  # below the floor
+    a = spectrum_matrix(300, 120, "1/sqrt(i)", seed=5)
+    g = torch.Generator().manual_seed(6)
+    rows = torch.randperm(300, generator=g)[:150]
+    a[rows, torch.randint(0, 120, (150,), generator=g)] += 300 * a.abs().max()
+    assert _projection(a, 15).s_on_short  # no gap after k
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)])
+def test_either_projection_gives_orthonormal_factors_and_meets_the_bound(monkeypatch, one_pass, shape):
+    """Each branch of _refined_projection, forced, gives the rank-k SVD's form (U and V orthonormal, S carried by
+    one side of CART's factors) and issue 12's bound on a spectrum both apply to."""
+    if one_pass:
+        monkeypatch.setattr(linalg, "ONE_PASS_MARGIN", 0.0)
+        monkeypatch.setattr(linalg, "ONE_PASS_MAX_FLATNESS", float("inf"))
+    else:
+        monkeypatch.setattr(linalg, "ONE_PASS_MARGIN", float("inf"))
+    a = spectrum_matrix(*shape, "1/i", seed=4)
+    k = 20
+    assert _projection(a, k).s_on_short is not one_pass
+    u, s, vh = randomized_svd(a, k, generator=torch.Generator().manual_seed(3))
+    eye = torch.eye(k)
+    assert torch.allclose(u.mT @ u, eye, atol=1e-4) and torch.allclose(vh @ vh.mT, eye, atol=1e-4)
+    assert_near_optimal(a, (u, s, vh), k, ("forced", one_pass))
+    omega = linalg.sketch(shape, linalg.sketch_width(k), torch.Generator().manual_seed(3), "cpu")
+    lt, r = randomized_lowrank_factors(a, omega, k, power_iterations(k, *shape),
+                                       linalg.resolve_sketch_dtype("auto", k, *shape, "cpu"))
+    want = (u * s) @ vh
+    assert torch.allclose(lt.mT @ r, want, atol=1e-5 * want.abs().max().item())

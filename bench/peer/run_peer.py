@@ -331,7 +331,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the merged outputs under WORK/out")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
-
+    # the tools run with the model directory as their working directory, so relative paths are resolved here
+    args.mergekit, args.ours = args.mergekit.absolute(), args.ours.absolute()
     for tool in (args.mergekit, args.ours):
         if not tool.exists():
             raise SystemExit(f"run_peer: {tool} not found (run `make peer`, which builds both environments)")

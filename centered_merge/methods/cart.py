@@ -56,8 +56,9 @@ class Cart(MergeMethod):
     counts_nonfinite_inputs = True
     summary = "CART: mean + lam * sum_t SVD_k(W_t - mean) on the selected matrices, the mean elsewhere"
     # Defaults: the authors' released ViT-B/32 8-task setting (prior 2.0, rank 0.12); randomized SVD with
-    # max(10, k/4) oversamples, 2-4 power iterations by k/min(m, n) and a float32 refinement step, whose rank-k
-    # error stays <= max(1.01 x optimal, optimal + 2e-4 ||C||) on every spectrum tested (tests/test_linalg.py).
+    # max(10, k/4) oversamples, 2-4 power iterations by k/min(m, n) and a float32 projection of the exact matrix
+    # (one pass, or two where the range finder's rounding floor or a flat spectrum asks for it), whose rank-k error
+    # stays <= max(1.01 x optimal, optimal + 2e-4 ||C||) on every spectrum tested (tests/test_linalg.py).
     parameters = (
         Param("rank", "rank", 0.12, "float in (0, 1] = ratio of min(m, n), int = absolute k", lo=0, lo_open=True),
         lam_param(2.0, "scale of the summed low-rank centered task vectors (the authors' prior)",
@@ -131,11 +132,12 @@ class Cart(MergeMethod):
         else:
             w = sketch_width(k, self.oversample)
             q = power_iterations(k, m, c, self.power_iters)
-            # 2q + 3 GEMM passes over the matrix (2q + 1 finding the range, 2 refining it in float32), q + 1 QRs
-            # of (small x w), the float64 w x w Grams of the row basis (big x w, Cholesky-QR) and of the
-            # projection (small x w), and the two factor products
-            svd_flops = (2 * q + 3) * 2 * m * c * w + (q + 1) * 4 * small * w * w + 2 * big * w * w
-            svd_flops += 2 * w * w * small + 2 * (m + c) * w * k
+            # 2q + 2 GEMM passes over the matrix (2q + 1 finding the range, 1 projecting it in float32), q + 1 QRs
+            # of (small x w), the float64 w x w Gram of the row basis (big x w), and the two factor products. Where
+            # linalg._refined_projection's one-pass check declines (directions near the rounding floor, no gap
+            # after k), a second float32 pass and a small x w Gram follow, which this estimate leaves out.
+            svd_flops = (2 * q + 2) * 2 * m * c * w + (q + 1) * 4 * small * w * w + 2 * big * w * w
+            svd_flops += 2 * (m + c) * w * k
             factors = (m + c) * w
         gemm = 2 * m * c * (k if k is not None else small)
         flops = T * (n + svd_flops + gemm) + 2 * n
