@@ -1,3 +1,4 @@
+import math
 import functools
 
 import pytest
@@ -406,3 +407,26 @@ def test_either_projection_gives_orthonormal_factors_and_meets_the_bound(monkeyp
                                        linalg.resolve_sketch_dtype("auto", k, *shape, "cpu"))
     want = (u * s) @ vh
     assert torch.allclose(lt.mT @ r, want, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("cond, cholesky", [(1e1, True), (1e3, False), (1e7, False)])
+def test_iteration_basis_spans_y_and_is_well_conditioned(monkeypatch, cond, cholesky):
+    """The power iterations' basis: Cholesky-QR where y is well enough conditioned (R's diagonal within
+    CHOLQR_MAX_RATIO), Householder QR beyond; either way a basis of condition number near 1 that spans y as far as
+    float32 resolves it."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(500, 40, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64)).Q
+    y = ((u * torch.logspace(0, -math.log10(cond), 40, dtype=torch.float64)) @ v.T).float()
+    y = y * (torch.rand(40, generator=g) * 100 + 1)  # column scales, as the int8 iterations leave them
+    householder = []
+    orth = linalg._orth
+    monkeypatch.setattr(linalg, "_orth", lambda x: householder.append(1) or orth(x))
+    b = linalg._iteration_basis(y)
+    assert bool(householder) is not cholesky
+    sv = torch.linalg.svdvals(b.double())
+    assert sv[0] / sv[-1] < 1.2
+    if cond <= 1e3:  # beyond, y's own float32 rounding already blurs its weakest directions
+        qy = torch.linalg.qr(y.double()).Q
+        resid = b.double() - qy @ (qy.T @ b.double())
+        assert resid.norm() / b.double().norm() < 1e-4
