@@ -112,7 +112,8 @@ def sketch_width(k: int, oversample: Optional[int] = None) -> int:
     k/6 0.57, k/8 0.64; 3072x768, k = 92: k/4 0.43, k/8 0.67. k/6 would save 7% of the sketch columns, but on
     bench/bench_cart_speed.py's first block (sigma_i ~ 1/i, k = 92, whose top-k subspace is not sharply
     defined) the merge then moves 13.5% of the low-rank update away from the exact-SVD merge instead of 9.5%
-    (k/8: 16.1%), so k/4 stays."""
+    (k/8: 16.1%), so k/4 stays. (Measured with the two-pass projection; that set now takes the one pass of
+    _refined_projection, with which it moves 12.8% at k/4, 2026-12-02.)"""
     p = max(10, math.ceil(k / 4)) if oversample is None else int(oversample)
     return k + p
 
