@@ -320,8 +320,7 @@ def _top_right(b: torch.Tensor, k: int):
 
     A w x w eigenproblem instead of an m x w SVD; float64 keeps the Gram's squared condition number harmless
     (directions down to sigma_i / sigma_1 ~ 1e-7 resolve, while float32 would mix everything below ~3e-4)."""
-    b64 = b.to(torch.float64)
-    evals, evecs = torch.linalg.eigh(b64.mT @ b64)
+    evals, evecs = torch.linalg.eigh(_sym_gram64(b))
     top = torch.flip(evecs[..., -k:], dims=(-1,))
     s = torch.flip(evals[..., -k:], dims=(-1,)).clamp_(min=0.0).sqrt_()
     return top.to(b.dtype), s.to(b.dtype)
@@ -378,10 +377,10 @@ def _refined_projection(a: torch.Tensor, q: torch.Tensor, k: int, floor: torch.T
 
     First pass: z = a^T q, and the eigendecomposition of z^T z (float64), i.e. the SVD of q^T a = U_B S V_B^T.
     Where every task's k-th singular value of q^T a stands ONE_PASS_MARGIN times above the range finder's rounding
-    floor, and the sketch's weakest one at most ONE_PASS_MAX_FLATNESS of it, the result is a's orthogonal projection onto span(q U_k), (q U_k)(z U_k)^T, the standard randomized
-    SVD: every kept direction lies far above the noise that rounding added to the range finder, so q holds them as
-    a float32 range finder would (measured: ONE_PASS_MARGIN). This saves the second pass, ~20% of a task (2048 x
-    5632, k = 245).
+    floor, and the sketch's weakest one at most ONE_PASS_MAX_FLATNESS of it, the result is a's orthogonal
+    projection onto span(q U_k), (q U_k)(z U_k)^T, the standard randomized SVD: every kept direction lies far above
+    the noise that rounding added to the range finder, so q holds them as a float32 range finder would (measured:
+    ONE_PASS_MARGIN). This saves the second pass, ~20% of a task (2048 x 5632, k = 245).
 
     Otherwise, a second pass: a's best rank-k approximation in the row space span(z), as (b top)(z top)^T with
     b = a z and top (w x k) from the w x w problem below, so that z top is orthonormal and b top = U_k S_k. A

@@ -365,11 +365,8 @@ def test_rounding_floor_estimates_the_rounded_copys_error(sketch_dtype, outliers
 
 
 def _projection(a, k, sketch_dtype=torch.int8):
-    m, n = a.shape
-    wide = a if m <= n else a.mT
-    omega = linalg.sketch((m, n), linalg.sketch_width(k), torch.Generator().manual_seed(k), "cpu")
-    q, floor = linalg._range_finder(wide, sketch_in(omega, sketch_dtype), power_iterations(k, m, n), sketch_dtype)
-    return linalg._refined_projection(wide, q, k, floor)
+    omega = linalg.sketch(a.shape, linalg.sketch_width(k), torch.Generator().manual_seed(k), "cpu")
+    return linalg._sketched(a, sketch_in(omega, sketch_dtype), k, power_iterations(k, *a.shape), sketch_dtype)[0]
 
 
 def test_one_pass_projection_only_far_above_the_floor_and_with_a_gap():
