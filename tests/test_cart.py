@@ -279,7 +279,7 @@ def test_indices_mode_describes_what_applies():
     assert "rank" in get_method("cart").describe()
 
 
-def test_low_rank_sum_batch_slots_equal_one_term_at_a_time():
+def test_low_rank_sum_block_slots_equal_one_term_at_a_time():
     """The buffers' batched view (used on GPUs) holds the same rows as T calls to slots()."""
     from centered_merge.methods.cart import LowRankSum
 
@@ -292,10 +292,34 @@ def test_low_rank_sum_batch_slots_equal_one_term_at_a_time():
         b.copy_(r)
     batched = LowRankSum(torch.zeros(40, 50), 2.0, 4, 3)
     assert batched.whole_batch(4, 3)
-    lt_b, r_b = batched.batch_slots(4, 3)
+    lt_b, r_b = batched.block_slots(4, 3)
     lt_b.copy_(torch.stack([t[0] for t in terms]))
     r_b.copy_(torch.stack([t[1] for t in terms]))
     assert torch.equal(one.finish(), batched.finish())
+
+
+def test_low_rank_sum_block_slots_flush_where_slots_would():
+    """Where the T terms do not fit at once (here 2 of 7), blocks of capacity() terms flush at the same points as
+    one slots() call per term, so waves of parallel tasks give the one-at-a-time sum bit for bit."""
+    from centered_merge.methods.cart import LowRankSum
+
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(40, 40, generator=g)
+    terms = [(torch.randn(5, 40, generator=g), torch.randn(5, 40, generator=g)) for _ in range(7)]
+    one = LowRankSum(target.clone(), 2.0, 7, 5)
+    for lt, r in terms:
+        a, b = one.slots(5)
+        a.copy_(lt)
+        b.copy_(r)
+    waves = LowRankSum(target.clone(), 2.0, 7, 5)
+    cap = waves.capacity(5)
+    assert cap == 2
+    for lo in range(0, 7, cap):
+        part = terms[lo : lo + cap]
+        lt_b, r_b = waves.block_slots(len(part), 5)
+        lt_b.copy_(torch.stack([t[0] for t in part]))
+        r_b.copy_(torch.stack([t[1] for t in part]))
+    assert torch.equal(one.finish(), waves.finish())
 
 
 class _CountingInputs:

@@ -107,3 +107,35 @@ def test_run_tasks_with_one_worker_runs_in_order_in_this_thread(monkeypatch):
     seen = []
     threads.run_tasks(lambda i: seen.append((i, threading.get_ident())), 4)
     assert seen == [(i, threading.get_ident()) for i in range(4)]
+
+
+def test_run_tasks_lets_every_task_finish_before_raising(monkeypatch):
+    """An error in one task is raised only once the others are done: none may still write the caller's buffers."""
+    import time
+
+    monkeypatch.setattr(threads, "task_workers", lambda count: 2)
+    done = []
+
+    def task(i):
+        if i == 0:
+            raise ValueError("task 0")
+        time.sleep(0.05)
+        done.append(i)
+
+    try:
+        threads.run_tasks(task, 3)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("no error")
+    assert sorted(done) == [1, 2]
+
+
+def test_run_tasks_keeps_its_workers_between_calls(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(threads, "task_workers", lambda count: 2)
+    first, second = set(), set()
+    threads.run_tasks(lambda i: first.add(threading.get_ident()), 6)
+    threads.run_tasks(lambda i: second.add(threading.get_ident()), 6)
+    assert len(first | second) <= 2  # the same two workers both times

@@ -147,10 +147,10 @@ class Cart(MergeMethod):
         # a centered buffer, its bf16 copy (or an int8 copy and a float32 rounding block of at most
         # min(n, INT8_BLOCK) entries) and one task's factors
         per_task = 6 * n + 4 * min(n, INT8_BLOCK) + 8 * factors
-        # as _merge_lowrank on a CPU: the randomized tasks in parallel when their factors fit the buffers at once,
-        # the exact / energy / indices tasks always (in waves of one per worker)
-        parallel = not self._randomized(k, m, c) or not LowRankSum.layout(m, c, T, k)[1]
-        workers = task_workers(T) if parallel else 1
+        # as _merge_lowrank on a CPU: the randomized tasks in waves of as many as the factor buffers hold (one at a
+        # time where they hold one), the exact / energy / indices tasks in waves of one per worker
+        wave = LowRankSum.layout(m, c, T, k)[0] // k if self._randomized(k, m, c) else T
+        workers = min(task_workers(T), wave)
         return {"lowrank": True, "k": k, "flops": int(flops), "workspace_bytes": 4 * n + workers * per_task + terms}
 
     # -- merging ------------------------------------------------------------------------------------------
@@ -194,27 +194,33 @@ class Cart(MergeMethod):
             # costs T float32 copies of the matrix in device memory. (Not used on CPUs: there a batched bf16 GEMM
             # of 8 x 768x3072 @ 3072x115 ran at half the speed of 8 single ones, 181 vs 376 GFLOP/s.)
             stacked = torch.stack([ops.center_into(x.reshape(m, c), mean2, torch.empty_like(mean2)) for x in inputs])
-            randomized_lowrank_factors(stacked, omega, k, q, sketch_dt, out=terms.batch_slots(T, k))
+            randomized_lowrank_factors(stacked, omega, k, q, sketch_dt, out=terms.block_slots(T, k))
             del stacked
             return terms.finish().reshape(shape)
-        if omega is not None and mean.device.type == "cpu" and in_memory and terms.whole_batch(T, k) \
-                and task_workers(T) > 1:
+        wave = terms.capacity(k) if omega is not None and mean.device.type == "cpu" and in_memory else 1
+        if min(wave, task_workers(T)) > 1:
             # On a CPU, the T tasks' SVDs in parallel, one single-threaded worker per core (threads.run_tasks),
-            # each with its own centering buffer; every task writes its own rows of the factor buffers, so the
-            # result does not depend on which worker ran which task.
-            lt_all, r_all = terms.batch_slots(T, k)
+            # each with its own centering buffer, in waves of as many tasks as the factor buffers hold (all T
+            # when they fit at once; otherwise the buffers are flushed between waves, at the points where the
+            # one-at-a-time loop below would flush them); every task writes its own rows of the factor buffers,
+            # so the result does not depend on which worker ran which task. Waves, rather than that loop on all
+            # threads, where the T terms do not fit at once (768x768, T = 8): its small ops ran at a fraction of
+            # one thread's speed on two (cm.cart on that matrix: 97 -> 56 ms, 2 threads, 2026-12-02).
             local = threading.local()
+            for lo in range(0, T, wave):
+                count = min(wave, T - lo)
+                lt_all, r_all = terms.block_slots(count, k)
 
-            def one_task(t):
-                buf = getattr(local, "centered", None)
-                if buf is None:
-                    buf = local.centered = torch.empty_like(mean2)
-                    local.workspace = {}
-                ops.center_into(inputs[t].reshape(m, c), mean2, buf)
-                randomized_lowrank_factors(buf, omega, k, q, sketch_dt, out=(lt_all[t], r_all[t]),
-                                           workspace=local.workspace)
+                def one_task(i, lo=lo, lt_all=lt_all, r_all=r_all):
+                    buf = getattr(local, "centered", None)
+                    if buf is None:
+                        buf = local.centered = torch.empty_like(mean2)
+                        local.workspace = {}
+                    ops.center_into(inputs[lo + i].reshape(m, c), mean2, buf)
+                    randomized_lowrank_factors(buf, omega, k, q, sketch_dt, out=(lt_all[i], r_all[i]),
+                                               workspace=local.workspace)
 
-            run_tasks(one_task, T)
+                run_tasks(one_task, count)
             return terms.finish().reshape(shape)
         if omega is None:
             # Exact, energy and indices modes: the tasks in waves of one per worker, so that at most that many tasks'
@@ -353,12 +359,17 @@ class LowRankSum:
         """Whether num_terms rank-k terms fit in the buffers at once (no accumulator needed)."""
         return self.used == 0 and self.acc is None and num_terms * k <= self.lt.shape[0]
 
-    def batch_slots(self, num_terms: int, k: int):
-        """(lt, r) views (num_terms, k, m) and (num_terms, k, n) of the buffers' first rows, for a batched
-        computation of all the terms; requires whole_batch(num_terms, k)."""
-        rows = num_terms * k
-        self.used = rows
-        return self.lt[:rows].view(num_terms, k, -1), self.r[:rows].view(num_terms, k, -1)
+    def capacity(self, k: int) -> int:
+        """How many rank-k terms the factor buffers hold at once."""
+        return self.lt.shape[0] // k
+
+    def block_slots(self, count: int, k: int):
+        """(lt, r) views (count, k, m) and (count, k, n) of the next count * k rows, flushing first if they do not
+        fit (count <= capacity(k)): the same flush points as `count` calls of slots(k)."""
+        if self.used + count * k > self.lt.shape[0]:
+            self._flush()
+        lo, self.used = self.used, self.used + count * k
+        return self.lt[lo : self.used].view(count, k, -1), self.r[lo : self.used].view(count, k, -1)
 
     def add(self, lt: torch.Tensor, r: torch.Tensor) -> None:
         """Add one term given as factors (lt: k x m, r: k x n)."""
