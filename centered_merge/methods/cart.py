@@ -205,7 +205,7 @@ class Cart(MergeMethod):
             # one-at-a-time loop below would flush them); every task writes its own rows of the factor buffers,
             # so the result does not depend on which worker ran which task. Waves, rather than that loop on all
             # threads, where the T terms do not fit at once (768x768, T = 8): its small ops ran at a fraction of
-            # one thread's speed on two (cm.cart on that matrix: 97 -> 56 ms, 2 threads, 2026-12-02).
+            # one thread's speed on two (cm.cart on that matrix: 86-95 -> 66-67 ms, interleaved, 2 threads, 2026-12-02).
             local = threading.local()
             for lo in range(0, T, wave):
                 count = min(wave, T - lo)
