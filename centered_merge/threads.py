@@ -36,11 +36,11 @@ CENTERED_MERGE_WAIT_POLICY=keep turns both off (torch's threads exactly as torch
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor, wait
 import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 OPT_OUT = "CENTERED_MERGE_WAIT_POLICY"
 SPIN_COUNT = "1000"  # libgomp spin iterations before an idle thread sleeps: the measured choice above

@@ -135,7 +135,7 @@ def test_run_tasks_keeps_its_workers_between_calls(monkeypatch):
     import threading
 
     monkeypatch.setattr(threads, "task_workers", lambda count: 2)
-    first, second = set(), set()
-    threads.run_tasks(lambda i: first.add(threading.get_ident()), 6)
-    threads.run_tasks(lambda i: second.add(threading.get_ident()), 6)
+    first, second = set(), set()  # the Thread objects themselves: held here, fresh threads could not match them
+    threads.run_tasks(lambda i: first.add(threading.current_thread()), 6)
+    threads.run_tasks(lambda i: second.add(threading.current_thread()), 6)
     assert len(first | second) <= 2  # the same two workers both times

@@ -197,31 +197,6 @@ class Cart(MergeMethod):
             randomized_lowrank_factors(stacked, omega, k, q, sketch_dt, out=terms.block_slots(T, k))
             del stacked
             return terms.finish().reshape(shape)
-        wave = terms.capacity(k) if omega is not None and mean.device.type == "cpu" and in_memory else 1
-        if min(wave, task_workers(T)) > 1:
-            # On a CPU, the T tasks' SVDs in parallel, one single-threaded worker per core (threads.run_tasks),
-            # each with its own centering buffer, in waves of as many tasks as the factor buffers hold (all T
-            # when they fit at once; otherwise the buffers are flushed between waves, at the points where the
-            # one-at-a-time loop below would flush them); every task writes its own rows of the factor buffers,
-            # so the result does not depend on which worker ran which task. Waves, rather than that loop on all
-            # threads, where the T terms do not fit at once (768x768, T = 8): its small ops ran at a fraction of
-            # one thread's speed on two (cm.cart on that matrix: 86-95 -> 66-67 ms, interleaved, 2 threads, 2026-12-02).
-            local = threading.local()
-            for lo in range(0, T, wave):
-                count = min(wave, T - lo)
-                lt_all, r_all = terms.block_slots(count, k)
-
-                def one_task(i, lo=lo, lt_all=lt_all, r_all=r_all):
-                    buf = getattr(local, "centered", None)
-                    if buf is None:
-                        buf = local.centered = torch.empty_like(mean2)
-                        local.workspace = {}
-                    ops.center_into(inputs[lo + i].reshape(m, c), mean2, buf)
-                    randomized_lowrank_factors(buf, omega, k, q, sketch_dt, out=(lt_all[i], r_all[i]),
-                                               workspace=local.workspace)
-
-                run_tasks(one_task, count)
-            return terms.finish().reshape(shape)
         if omega is None:
             # Exact, energy and indices modes: the tasks in waves of one per worker, so that at most that many tasks'
             # factors wait, added in task order, so the sum does not depend on which worker ran which task. On a
@@ -241,11 +216,31 @@ class Cart(MergeMethod):
                 for u, s, vh in found:
                     terms.add(u.mT, s[:, None] * vh)
             return terms.finish().reshape(shape)
-        centered = torch.empty_like(mean2)
-        workspace = {}
-        for t in range(T):
-            ops.center_into(inputs[t].reshape(m, c), mean2, centered)
-            randomized_lowrank_factors(centered, omega, k, q, sketch_dt, out=terms.slots(k), workspace=workspace)
+        # The randomized tasks, each centered into a buffer of its worker's and written into its own rows of the
+        # factor buffers, in waves of as many tasks as those buffers hold (all T when they fit at once; otherwise
+        # they are flushed between waves, where one slots(k) call per task would flush them). On a CPU with the
+        # inputs in memory, a wave's tasks run in parallel, one single-threaded worker per core
+        # (threads.run_tasks), so the result does not depend on which worker ran which task; otherwise waves of
+        # one, in this thread on all its threads, with lazy inputs read one at a time. Waves rather than one task
+        # at a time on all threads also where the T terms do not fit at once (768x768, T = 8): its small ops ran
+        # at a fraction of one thread's speed on two (cm.cart on that matrix: 86-95 -> 66-67 ms, interleaved,
+        # 2 threads, 2026-12-02).
+        wave = terms.capacity(k) if mean.device.type == "cpu" and in_memory else 1
+        local = threading.local()
+        for lo in range(0, T, wave):
+            count = min(wave, T - lo)
+            lt_all, r_all = terms.block_slots(count, k)
+
+            def one_task(i, lo=lo, lt_all=lt_all, r_all=r_all):
+                buf = getattr(local, "centered", None)
+                if buf is None:
+                    buf = local.centered = torch.empty_like(mean2)
+                    local.workspace = {}
+                ops.center_into(inputs[lo + i].reshape(m, c), mean2, buf)
+                randomized_lowrank_factors(buf, omega, k, q, sketch_dt, out=(lt_all[i], r_all[i]),
+                                           workspace=local.workspace)
+
+            run_tasks(one_task, count)
         # Every task has been centered, so the mean may now receive lam * sum_t of the rank-k terms in place.
         return terms.finish().reshape(shape)
 
