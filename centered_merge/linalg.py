@@ -91,7 +91,7 @@ def resolve_sketch_dtype(choice: str, k: int, rows: int, cols: int, device) -> t
 
     Measured 2026-12-01 (one thread, 768x3072 @ 3072x120: int8 1.73 ms, ~330 Gop/s; bf16 3.28 ms; float32 7.81;
     2048x5632 @ 5632x312: 19.2 / 38.4 / 91.9 ms), with the same rank-k errors as the bf16 range finder on every
-    spectrum of tests/test_linalg.py and at the real sizes (README, CART speed)."""
+    spectrum of tests/test_linalg.py and at the real sizes (docs/measurements.md, CART speed)."""
     if choice != "auto":
         return SKETCH_DTYPES[choice]
     if fast_int8_matmul(device) and max(rows, cols) <= INT8_MAX_INNER:
@@ -392,7 +392,7 @@ def _refined_projection(a: torch.Tensor, q: torch.Tensor, k: int, floor: torch.T
     p = z R^-1 is never built; b' = a z is computed instead of a p, and the w x w problem becomes
     R^-T (b'^T b') R^-1, whose eigenvectors V give top = R^-1 V_k over p = z, b = b'. That replaces z's
     n x w Householder QR by a float64 Gram and w x w work: a whole task took 0.85-0.96x the Householder version's
-    time at the ViT-B/32 shapes (interleaved, loaded machine; README, CART speed), with the same errors on the
+    time at the ViT-B/32 shapes (interleaved, loaded machine; docs/measurements.md, CART speed), with the same errors on the
     accuracy tests. Where z is too ill-conditioned for Cholesky-QR (fast-decaying spectra), z gets the
     Householder QR.
     """

@@ -133,7 +133,7 @@ def run_tasks(fn, count: int) -> None:
     independent, and only its large GEMMs use several threads well; its QRs, w x w eigenproblems and small ops run
     at a fraction of that (a 768x115 Householder QR, 2 threads: ~56 GFLOP/s) and every op ends in a barrier.
     One task per core has no barriers at all, and under a competing process the free core simply takes more
-    tasks (measured figures: README, CART speed). torch releases the GIL inside its ops."""
+    tasks (measured figures: docs/measurements.md, CART speed). torch releases the GIL inside its ops."""
     workers = task_workers(count)
     if workers == 1:
         for i in range(count):

@@ -202,7 +202,7 @@ class Cart(MergeMethod):
             # factors wait, added in task order, so the sum does not depend on which worker ran which task. On a
             # CPU with the inputs in memory, one single-threaded worker per core (threads.run_tasks); otherwise
             # waves of one, in this thread, with lazy inputs read one at a time. Measured on the 4 x 0.5 B set of
-            # bench/peer with energy=0.9 (2026-12-02): see the README, CART speed.
+            # bench/peer with energy=0.9 (2026-12-02): see docs/measurements.md, CART speed.
             workers = task_workers(T) if mean.device.type == "cpu" and in_memory else 1
             bufs = [torch.empty_like(mean2) for _ in range(min(workers, T))]  # one per place in a wave, reused
             for lo in range(0, T, workers):
