@@ -334,6 +334,36 @@ def test_ties_wide_digits_many_ties(case):
     same(N.ties_merge(xs, base, ds, 1.1, ws, norm), R.ties_merge(xs, base, ds, 1.1, ws, norm))
 
 
+# The radix select stops after a digit when the k-th largest |tau| lies below the chosen bin's "impure" entries (a
+# non-zero bit under the digit): the threshold is then the bin's smallest value. Magnitudes built so that the
+# threshold's bin holds pure values (exactly 2^-10) under a few impure ones (2^-10 (1 + j 2^-20)), both below
+# and above the cut, with thousands of ties, signs mixed and positions shuffled: the bits are the twin's whether
+# the k-th largest falls among the pure entries (the select stops) or among the impure ones (the next digit).
+def _pure_bin_task_vectors(n, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for t in range(T):
+        mag = torch.full((n,), 2.0 ** -14)                      # small: below the threshold's bin
+        a, i, p = n // 20, n // 50, n // 5                      # 5% above, 2% impure, 20% pure
+        mag[:a] = 2.0 ** -8 * (1 + torch.rand(a, generator=g))
+        mag[a:a + i] = 2.0 ** -10 * (1 + torch.randint(1, 400, (i,), generator=g).float() * 2.0 ** -20)
+        mag[a + i:a + i + p] = 2.0 ** -10
+        sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        xs.append((mag * sign)[torch.randperm(n, generator=g)])
+    return xs
+
+
+@pytest.mark.parametrize("n", [40_000, WIDE[0] * WIDE[1]], ids=["three-digit", "wide"])
+@pytest.mark.parametrize("density", [0.15, 0.06, 0.0701, [0.15, 0.06, 0.27]],
+                         ids=["among pure", "among impure", "last impure", "per task"])
+def test_ties_radix_stops_at_a_pure_bin(n, density):
+    xs = _pure_bin_task_vectors(n, 3, seed=21)
+    base = torch.zeros(n)
+    for d in (torch.float32, torch.bfloat16):
+        ys = [x.to(d) for x in xs]
+        same(N.ties_merge(ys, base.to(d), density, 0.8), R.ties_merge(ys, base.to(d), density, 0.8), str(d))
+
+
 # >= 2^20 elements: the CPU kernel's sampled select (a band around each task's k-th magnitude from 2^16 sampled
 # positions, one counting sweep) settles the threshold, or hands the task to the radix select when the band misses
 # or overflows; either way the bits are the twin's.
