@@ -372,7 +372,15 @@ inline Chunks chunks_for(int64_t n, int T, int bins) {
 constexpr int64_t kSample = int64_t(1) << 16;
 constexpr int64_t kRun = 8;  // consecutive entries per sampled stratum
 constexpr double kSigma = 6.0;
-constexpr double kMaxShare = 0.05;                     // widest band (fraction of the tensor) worth sweeping
+// The widest band (fraction of the tensor) worth sweeping. bfloat16 task vectors tie heavily (a few tens of
+// thousands of distinct magnitudes in 11.5 M entries), so their bands hold 3-7% of the entries: at 0.05, two of
+// the four tasks of a 5632 x 2048 down_proj of bench/peer's 0.5 B set went to the radix select. Measured
+// 2026-12-03 in one process, the bound alternated (T = 4, density 0.2, 2 threads, median ms; same bits):
+// down_proj 60.2 at 0.05, 38.0 at 0.1, 38.4 at 0.2, 38.5 at 0.3; q_proj 2048 x 2048 25.1 / 15.8 / 15.6 / 15.8;
+// embed_tokens 32000 x 2048 242.5 / 232.9 / 180.5 / 190.8. The cost where a wide band overflows a chunk's buffer
+// (a sixth of the tensor at one magnitude, as tests/test_kernels.py's "clustered"): 117.9 ms at 0.05 against
+// 130.5 at 0.2, the wasted sweep; float32 and fine-grained bf16 task vectors: no change (42.7 / 43.2, 51.1 / 52.0).
+constexpr double kMaxShare = 0.2;
 constexpr int64_t kBandBudget = int64_t(128) << 20;   // bytes of band buffers per call, all tasks together
 
 inline uint64_t mix64(uint64_t z) {  // splitmix64's finaliser: deterministic pseudo-random sample positions
