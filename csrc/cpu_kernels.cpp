@@ -648,8 +648,9 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
 // further sweep. That is the common case for bfloat16 inputs and base: tau = x - base is exact in float32 with at
 // most ~8 significant bits wherever x and base share a binade, so the low 16 bits of |tau| are mostly zero (97.3% of
 // a 5632 x 2048 down_proj of the 4 x 0.5 B set; 1367 of the 85422 entries in the bin of its density-0.2
-// threshold are impure), and such task vectors tie so much that the sampled select's band is too wide and leaves
-// them here. Measured: docs/kernels.md, "TIES on bfloat16 task vectors".
+// threshold are impure), and such task vectors tie so much that the sampled select's band can hold more than
+// kMaxShare of the tensor or overflow a chunk's buffer, which leaves them here. Measured: docs/kernels.md, "TIES on
+// bfloat16 task vectors".
 void select_radix(const InputList& in, const void* base, int32_t bd, int64_t n, const int64_t* k,
                   const Chunks& ch, KeepRule* rule, Buf<uint64_t>& before) {
   const int T = in.count;
@@ -731,7 +732,7 @@ void select_radix(const InputList& in, const void* base, int32_t bd, int64_t n, 
       prefix[t] = (prefix[t] << width) | uint32_t(chosen);
       uint64_t imp_here = 0;  // the chosen bin's impure entries, all above its value prefix << shift
       for (int64_t j = 0; j < ch.count; ++j) imp_here += impure[size_t(j) * per_chunk + size_t(t) * bins + chosen];
-      if (need[t] <= imp_here) {  // the k-th largest is among them: the next digit decides (never in the last pass) is among them: the next digit decides (never in the last pass)
+      if (need[t] <= imp_here) {  // the k-th largest is among them: the next digit decides (never in the last pass)
         any = true;
         continue;
       }
