@@ -459,14 +459,21 @@ int64_t band_block(const uint32_t* __restrict bits, int64_t len, uint32_t lo, ui
 #if defined(__AVX512F__)
 // band_block for a bfloat16 input, with |x - base| formed in registers: the first (len / 16) * 16 entries; returns
 // how many it did (the caller finishes the tail).
-int64_t band_bf16(const uint16_t* __restrict x, const float* __restrict bb, int64_t len, uint32_t lo, uint32_t hi,
+// With BaseBF16, bb_ is the bfloat16 base itself (at the block's offset), converted in registers.
+template <bool BaseBF16>
+int64_t band_bf16(const uint16_t* __restrict x, const void* bb_, int64_t len, uint32_t lo, uint32_t hi,
                   uint32_t* __restrict dst, int64_t cap, int64_t& m, int64_t& above) {
+  const float* __restrict bb = static_cast<const float*>(bb_);
+  const uint16_t* __restrict b16 = static_cast<const uint16_t*>(bb_);
   const __m512i vl = _mm512_set1_epi32(int(lo)), vw = _mm512_set1_epi32(int(hi - lo)), vh = _mm512_set1_epi32(int(hi));
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
   int64_t i = 0, mm = m, a = 0;
   for (; i + 16 <= len; i += 16) {
     const __m512i xi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))), 16);
-    const __m512 tau = _mm512_sub_ps(_mm512_castsi512_ps(xi), _mm512_loadu_ps(bb + i));
+    const __m512 b = BaseBF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b16 + i))), 16))
+                              : _mm512_loadu_ps(bb + i);
+    const __m512 tau = _mm512_sub_ps(_mm512_castsi512_ps(xi), b);
     const __m512i v = _mm512_and_si512(_mm512_castps_si512(tau), absmask);
     a += __builtin_popcount(_mm512_cmpgt_epu32_mask(v, vh));
     const __mmask16 inside = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vl), vw);
@@ -497,9 +504,18 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
   // read once per run; strata in parallel (the reads are latency-bound)
   const int64_t strata = kSample / kRun;
   const int64_t stride = n / strata / kRun * kRun;  // >= 2^20 / 2^13, a multiple of kRun: runs stay aligned
+  // each run's lines are prefetched kAhead strata before they are read (every run is a cache and TLB miss)
+  constexpr int64_t kAhead = 8;
+  auto run_start = [stride](int64_t s) { return s * stride + int64_t(mix64(uint64_t(s)) % uint64_t(stride / kRun)) * kRun; };
 #pragma omp parallel for schedule(static)
   for (int64_t s = 0; s < strata; ++s) {
-    const int64_t i0 = s * stride + int64_t(mix64(uint64_t(s)) % uint64_t(stride / kRun)) * kRun;
+    if (s + kAhead < strata) {
+      const int64_t ia = run_start(s + kAhead);
+      __builtin_prefetch(static_cast<const char*>(base) + ia * (bd == kF32 ? 4 : 2));
+      for (int t = 0; t < T; ++t)
+        if (todo[t]) __builtin_prefetch(static_cast<const char*>(in.ptr[t]) + ia * (in.dtype[t] == kF32 ? 4 : 2));
+    }
+    const int64_t i0 = run_start(s);
     float b[kRun];
     for (int64_t r = 0; r < kRun; ++r) b[r] = load_f32(base, bd, i0 + r);
     for (int t = 0; t < T; ++t) {
@@ -561,6 +577,11 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
   band_store.fresh(size_t(total ? total : 1));
   uint32_t* const band = band_store.data();
   Buf<int64_t> above(size_t(ch.count) * T, 0), count(size_t(ch.count) * T, 0);
+  bool inline_base = false;
+#if defined(__AVX512F__)
+  inline_base = bd == kBF16;
+  for (int t = 0; t < T; ++t) inline_base = inline_base && (!todo[t] || cap[t] <= 0 || in.dtype[t] == kBF16);
+#endif
 #pragma omp parallel for schedule(dynamic, 1) if (ch.count > 1)
   for (int64_t j = 0; j < ch.count; ++j) {
     float* tmp = scratch(3);
@@ -568,18 +589,24 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
     uint32_t* bits = reinterpret_cast<uint32_t*>(tb + kBlock);
     for (int64_t b = ch.first(j); b < ch.first(j + 1); ++b) {
       const int64_t off = b * kBlock, len = imin(kBlock, n - off);
-      const float* bb = as_f32(base, bd, off, len, tb);
+      // a bfloat16 base is converted in registers where every swept input is bfloat16 (band_bf16<true>)
+      const float* bb = inline_base ? nullptr : as_f32(base, bd, off, len, tb);
       for (int t = 0; t < T; ++t) {
         if (!todo[t] || cap[t] <= 0) continue;
         const size_t slot = size_t(j) * T + t;
         int64_t done = 0;
 #if defined(__AVX512F__)
-        if (in.dtype[t] == kBF16)  // |tau| bits formed in registers (same arithmetic as abs_tau_bits)
-          done = band_bf16(static_cast<const uint16_t*>(in.ptr[t]) + off, bb, len, lo[t], hi[t],
-                           band + base_off[slot], cap[t], count[slot], above[slot]);
+        if (in.dtype[t] == kBF16) {  // |tau| bits formed in registers (same arithmetic as abs_tau_bits)
+          const uint16_t* xt = static_cast<const uint16_t*>(in.ptr[t]) + off;
+          done = inline_base ? band_bf16<true>(xt, static_cast<const uint16_t*>(base) + off, len, lo[t], hi[t],
+                                               band + base_off[slot], cap[t], count[slot], above[slot])
+                             : band_bf16<false>(xt, bb, len, lo[t], hi[t], band + base_off[slot], cap[t],
+                                                count[slot], above[slot]);
+        }
 #endif
         if (done < len) {
-          abs_tau_bits(in.ptr[t], in.dtype[t], bb + done, off + done, len - done, tmp, bits);
+          const float* bt = inline_base ? as_f32(base, bd, off + done, len - done, tb) : bb + done;
+          abs_tau_bits(in.ptr[t], in.dtype[t], bt, off + done, len - done, tmp, bits);
           above[slot] += band_block(bits, len - done, lo[t], hi[t], band + base_off[slot], cap[t], count[slot]);
         }
       }
@@ -788,6 +815,129 @@ int64_t count_equal(const void* x, int32_t xd, const float* __restrict bb, int64
 // election and the mean.
 constexpr int64_t kTile = 512;
 
+#if defined(__AVX512F__)
+// The merge pass over one tile for T bfloat16 inputs whose keep rules need no position in it: task t keeps the
+// entries with thr[t] <= |tau| bits <= +Inf (thr is the threshold where its equal entries are all kept here, one
+// above it where none are). The same operations in the same order as the tile loop of ties_merge below, per 16
+// elements with the T weighted entries in registers (T is a compile-time constant, so the task loops unroll): no
+// d_t tile is stored and read back, and no 64-bit position compare per entry. Writes the float32 results to
+// o[0:len]; returns the non-finite tau_t entries. (Written with intrinsics: GCC 12 did not vectorise the
+// portable form, an omp simd loop over the elements around the unrolled task loops, and ran it 5x slower than
+// the tile loop.)
+// Base: bb (float32 values of base[pos : pos + len]), or with BaseBF16 the bfloat16 base itself, converted in
+// registers (bb then points at base + pos as uint16).
+// Output: with out16, bfloat16 values written there (rounded as f32_to_bf16) and their non-finite ones added to
+// `bad`; else the float32 results in o[0:len].
+template <int T, bool BaseBF16>
+int64_t ties_plain_bf16(const uint16_t* const* x, const float* w, const uint32_t* thr, const void* bb_,
+                        int64_t pos, int64_t len, float lam, bool normalize, float* __restrict o,
+                        uint16_t* __restrict out16, int64_t& bad) {
+  const float* __restrict bb = static_cast<const float*>(bb_);
+  const uint16_t* __restrict b16 = static_cast<const uint16_t*>(bb_);
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), vlam = _mm512_set1_ps(lam);
+  const __m512i rnd = _mm512_set1_epi32(0x7FFF), lsb = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0),
+                expo = _mm512_set1_epi32(0x7F80);
+  __m512 wt[T];
+  __m512i th[T];
+  for (int t = 0; t < T; ++t) {
+    wt[t] = _mm512_set1_ps(w[t]);
+    th[t] = _mm512_set1_epi32(int(thr[t]));
+  }
+  int64_t nf = 0, i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 b = BaseBF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b16 + i))), 16))
+                              : _mm512_loadu_ps(bb + i);
+    __m512 d[T];
+    __m512 e = zero;
+    for (int t = 0; t < T; ++t) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + pos + i));
+      const __m512 tau = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), b);
+      const __m512i u = _mm512_and_si512(_mm512_castps_si512(tau), absmask);
+      const __mmask16 kept = _mm512_cmpge_epu32_mask(u, th[t]) & _mm512_cmple_epu32_mask(u, inf);  // NaN: never
+      d[t] = _mm512_mul_ps(_mm512_maskz_mov_ps(kept, tau), wt[t]);  // (kept ? tau : 0) * w
+      e = _mm512_add_ps(e, d[t]);
+      nf += __builtin_popcount(_mm512_cmpge_epu32_mask(u, inf));  // NaN or +-Inf
+    }
+    const __mmask16 pos_el = _mm512_cmp_ps_mask(e, zero, _CMP_GE_OQ);  // elected +1 (a zero sum too; NaN: -1)
+    __m512 mixed = zero, dv = zero;
+    for (int t = 0; t < T; ++t) {  // sign_of(d) == elected sign
+      const __mmask16 agree = (pos_el & _mm512_cmp_ps_mask(d[t], zero, _CMP_GT_OQ)) |
+                              (__mmask16(~pos_el) & _mm512_cmp_ps_mask(d[t], zero, _CMP_LT_OQ));
+      mixed = _mm512_add_ps(mixed, _mm512_maskz_mov_ps(agree, d[t]));
+      dv = _mm512_add_ps(dv, _mm512_maskz_mov_ps(agree, wt[t]));
+    }
+    __m512 q = mixed;
+    if (normalize) q = _mm512_div_ps(mixed, _mm512_mask_mov_ps(dv, _mm512_cmp_ps_mask(dv, zero, _CMP_EQ_OQ), one));
+    const __m512 y = _mm512_add_ps(_mm512_mul_ps(q, vlam), b);
+    if (out16) {  // f32_to_bf16 in registers: round to nearest even, every NaN to 0x7FC0
+      const __m512i u = _mm512_castps_si512(y);
+      __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(u, 16), lsb)));
+      r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, absmask), inf),
+                                qnan);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + i), _mm512_cvtepi32_epi16(r));
+      bad += __builtin_popcount(_mm512_cmpeq_epi32_mask(_mm512_and_si512(r, expo), expo));
+    } else {
+      _mm512_storeu_ps(o + i, y);
+    }
+  }
+  for (; i < len; ++i) {  // the tail, one element at a time (same arithmetic)
+    const float b = BaseBF16 ? bf16_to_f32(b16[i]) : bb[i];
+    float d[T];
+    float e = 0.0f;
+    for (int t = 0; t < T; ++t) {
+      const float tau = bf16_to_f32(x[t][pos + i]) - b;
+      const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
+      d[t] = (u >= thr[t] && u <= 0x7F800000u ? tau : 0.0f) * w[t];
+      e += d[t];
+      nf += u >= 0x7F800000u ? 1 : 0;
+    }
+    const float el = e >= 0.0f ? 1.0f : -1.0f;
+    float mixed = 0.0f, dv = 0.0f;
+    for (int t = 0; t < T; ++t) {
+      const bool agree = sign_of(d[t]) == el;
+      mixed += agree ? d[t] : 0.0f;
+      dv += agree ? w[t] : 0.0f;
+    }
+    const float q = normalize ? mixed / (dv == 0.0f ? 1.0f : dv) : mixed;
+    const float sc = q * lam;
+    const float y = sc + b;
+    if (out16) {
+      out16[i] = f32_to_bf16(y);
+      bad += (out16[i] & 0x7F80u) == 0x7F80u ? 1 : 0;
+    } else {
+      o[i] = y;
+    }
+  }
+  return nf;
+}
+
+using TiesPlainFn = int64_t (*)(const uint16_t* const*, const float*, const uint32_t*, const void*, int64_t, int64_t,
+                                float, bool, float*, uint16_t*, int64_t&);
+constexpr int kPlainMaxT = 8;  // instantiated for T = 1..8; more tasks take the tile loop
+template <bool BaseBF16>
+TiesPlainFn ties_plain_of(int T) {
+  switch (T) {
+    case 1: return ties_plain_bf16<1, BaseBF16>;
+    case 2: return ties_plain_bf16<2, BaseBF16>;
+    case 3: return ties_plain_bf16<3, BaseBF16>;
+    case 4: return ties_plain_bf16<4, BaseBF16>;
+    case 5: return ties_plain_bf16<5, BaseBF16>;
+    case 6: return ties_plain_bf16<6, BaseBF16>;
+    case 7: return ties_plain_bf16<7, BaseBF16>;
+    case 8: return ties_plain_bf16<8, BaseBF16>;
+    default: return nullptr;
+  }
+}
+TiesPlainFn ties_plain_for(int T, bool base_bf16) { return base_bf16 ? ties_plain_of<true>(T) : ties_plain_of<false>(T); }
+#else
+using TiesPlainFn = int64_t (*)(const uint16_t* const*, const float*, const uint32_t*, const void*, int64_t, int64_t,
+                                float, bool, float*, uint16_t*, int64_t&);
+constexpr int kPlainMaxT = 0;  // without AVX-512 every block takes the tile loop
+TiesPlainFn ties_plain_for(int, bool) { return nullptr; }
+#endif
+
 // TIES in mergekit's order of operations (the twin, ops/reference.py ties_merge, is the spec): per element,
 // d_t = w_t * kept_t(tau_t); the elected sign is +1 where sum_t d_t >= 0 (summed in input order), else -1;
 // mixed = sum of the agreeing d_t, divisor = sum of their w_t; out = base + lam * mixed [/ divisor].
@@ -808,6 +958,14 @@ int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out,
     for (int t = 0; t < T; ++t)
       thresholds_out[t] = rule[t].bits == 0xFFFFFFFFu ? std::numeric_limits<float>::infinity() : bits_f32(rule[t].bits);
   int64_t bad = 0, bad_tau = 0;  // non-finite output values; non-finite task-vector entries
+  // all inputs bfloat16 and T <= kPlainMaxT: the blocks without a cut take ties_plain_bf16
+  const uint16_t* xp[kMaxInputs];
+  bool all_bf16 = T <= kPlainMaxT;
+  for (int t = 0; t < T; ++t) {
+    all_bf16 = all_bf16 && in.dtype[t] == kBF16;
+    xp[t] = static_cast<const uint16_t*>(in.ptr[t]);
+  }
+  const TiesPlainFn plain = all_bf16 ? ties_plain_for(T, bd == kBF16) : nullptr;
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad, bad_tau) if (ch.count > 1)
   for (int64_t j = 0; j < ch.count; ++j) {
     // per trimming task: entries equal to its threshold before the current block, and whether this chunk must
@@ -851,6 +1009,37 @@ int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out,
           cut[t] = i;
         }
         seen[t] += c;
+      }
+      // the per-element path where every task keeps all or none of its equal entries in this block
+      bool plain_block = plain != nullptr;
+      uint32_t thr[kMaxInputs];
+      for (int t = 0; t < T && plain_block; ++t) {
+        const uint32_t th = rule[t].bits;
+        if (cut[t] == len) thr[t] = th;
+        else if (cut[t] == 0) thr[t] = th == 0xFFFFFFFFu ? th : th + 1u;  // th = all ones: nothing is kept anyway
+        else plain_block = false;
+      }
+      if (plain_block) {
+        for (int64_t i0 = 0; i0 < len; i0 += kTile) {
+          const int64_t tl = imin(kTile, len - i0), pos = off + i0;
+          const void* bb = bd == kBF16 ? static_cast<const void*>(static_cast<const uint16_t*>(base) + pos)
+                                       : static_cast<const void*>(as_f32(base, bd, pos, tl, tb));
+          float* __restrict o = od == kF32 ? static_cast<float*>(out) + pos : el;
+          uint16_t* o16 = od == kBF16 ? static_cast<uint16_t*>(out) + pos : nullptr;
+          int64_t b16 = 0;
+          bad_tau += plain(xp, in.weight, thr, bb, pos, tl, lam, normalize, o, o16, b16);
+          if (o16) {
+            bad += b16;
+          } else if (od == kF32) {
+            int64_t c = 0;
+#pragma omp simd reduction(+ : c)
+            for (int64_t i = 0; i < tl; ++i) c += is_nonfinite(o[i]) ? 1 : 0;
+            bad += c;
+          } else {
+            bad += store16_count_nonfinite(o, static_cast<uint16_t*>(out) + pos, od, tl);
+          }
+        }
+        continue;
       }
       for (int64_t i0 = 0; i0 < len; i0 += kTile) {
         const int64_t tl = imin(kTile, len - i0), pos = off + i0;
