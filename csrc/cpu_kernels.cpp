@@ -838,12 +838,16 @@ int64_t ties_plain_bf16(const uint16_t* const* x, const float* w, const uint32_t
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), vlam = _mm512_set1_ps(lam);
   const __m512i rnd = _mm512_set1_epi32(0x7FFF), lsb = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0),
                 expo = _mm512_set1_epi32(0x7F80);
+  const __m512i ones = _mm512_set1_epi32(1), signbit = _mm512_set1_epi32(int(0x80000000u));
   __m512 wt[T];
-  __m512i th[T];
+  __m512i th[T], span[T];  // kept: u - th <= span (unsigned), i.e. th <= u <= +Inf; none where th > +Inf
   for (int t = 0; t < T; ++t) {
     wt[t] = _mm512_set1_ps(w[t]);
-    th[t] = _mm512_set1_epi32(int(thr[t]));
+    const bool none = thr[t] > 0x7F800000u;
+    th[t] = _mm512_set1_epi32(int(none ? 0x80000000u : thr[t]));  // u < 2^31, so u - 2^31 wraps above span 0
+    span[t] = _mm512_set1_epi32(int(none ? 0u : 0x7F800000u - thr[t]));
   }
+  __m512i nfv = _mm512_setzero_si512(), badv = _mm512_setzero_si512();  // per-lane counts (< 2^31 per call)
   int64_t nf = 0, i = 0;
   for (; i + 16 <= len; i += 16) {
     const __m512 b = BaseBF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -855,16 +859,18 @@ int64_t ties_plain_bf16(const uint16_t* const* x, const float* w, const uint32_t
       const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + pos + i));
       const __m512 tau = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), b);
       const __m512i u = _mm512_and_si512(_mm512_castps_si512(tau), absmask);
-      const __mmask16 kept = _mm512_cmpge_epu32_mask(u, th[t]) & _mm512_cmple_epu32_mask(u, inf);  // NaN: never
+      const __mmask16 kept = _mm512_cmple_epu32_mask(_mm512_sub_epi32(u, th[t]), span[t]);  // NaN: never
       d[t] = _mm512_mul_ps(_mm512_maskz_mov_ps(kept, tau), wt[t]);  // (kept ? tau : 0) * w
       e = _mm512_add_ps(e, d[t]);
-      nf += __builtin_popcount(_mm512_cmpge_epu32_mask(u, inf));  // NaN or +-Inf
+      nfv = _mm512_mask_add_epi32(nfv, _mm512_cmpge_epu32_mask(u, inf), nfv, ones);  // NaN or +-Inf
     }
-    const __mmask16 pos_el = _mm512_cmp_ps_mask(e, zero, _CMP_GE_OQ);  // elected +1 (a zero sum too; NaN: -1)
+    // the elected sign's sign bit: 0 for +1 (e >= 0, a zero sum too), 1 for -1 (e < 0 or NaN)
+    const __m512i el = _mm512_mask_mov_epi32(signbit, _mm512_cmp_ps_mask(e, zero, _CMP_GE_OQ), _mm512_setzero_si512());
     __m512 mixed = zero, dv = zero;
-    for (int t = 0; t < T; ++t) {  // sign_of(d) == elected sign
-      const __mmask16 agree = (pos_el & _mm512_cmp_ps_mask(d[t], zero, _CMP_GT_OQ)) |
-                              (__mmask16(~pos_el) & _mm512_cmp_ps_mask(d[t], zero, _CMP_LT_OQ));
+    for (int t = 0; t < T; ++t) {
+      // sign_of(d) == elected sign  <=>  d with the elected sign's bit flipped in is > 0 (false for +-0 and NaN)
+      const __mmask16 agree =
+          _mm512_cmp_ps_mask(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(d[t]), el)), zero, _CMP_GT_OQ);
       mixed = _mm512_add_ps(mixed, _mm512_maskz_mov_ps(agree, d[t]));
       dv = _mm512_add_ps(dv, _mm512_maskz_mov_ps(agree, wt[t]));
     }
@@ -877,11 +883,13 @@ int64_t ties_plain_bf16(const uint16_t* const* x, const float* w, const uint32_t
       r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, absmask), inf),
                                 qnan);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + i), _mm512_cvtepi32_epi16(r));
-      bad += __builtin_popcount(_mm512_cmpeq_epi32_mask(_mm512_and_si512(r, expo), expo));
+      badv = _mm512_mask_add_epi32(badv, _mm512_cmpeq_epi32_mask(_mm512_and_si512(r, expo), expo), badv, ones);
     } else {
       _mm512_storeu_ps(o + i, y);
     }
   }
+  nf += _mm512_reduce_add_epi32(nfv);
+  bad += _mm512_reduce_add_epi32(badv);
   for (; i < len; ++i) {  // the tail, one element at a time (same arithmetic)
     const float b = BaseBF16 ? bf16_to_f32(b16[i]) : bb[i];
     float d[T];
