@@ -828,8 +828,9 @@ constexpr int64_t kTile = 512;
 // registers (bb then points at base + pos as uint16).
 // Output: with out16, bfloat16 values written there (rounded as f32_to_bf16) and their non-finite ones added to
 // `bad`; else the float32 results in o[0:len].
-template <int T, bool BaseBF16>
-int64_t ties_plain_bf16(const uint16_t* const* x, const float* w, const uint32_t* thr, const void* bb_,
+// Inputs: all bfloat16, or with InF32 all float32.
+template <int T, bool InF32, bool BaseBF16>
+int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, const void* bb_,
                         int64_t pos, int64_t len, float lam, bool normalize, float* __restrict o,
                         uint16_t* __restrict out16, int64_t& bad) {
   const float* __restrict bb = static_cast<const float*>(bb_);
@@ -856,8 +857,14 @@ int64_t ties_plain_bf16(const uint16_t* const* x, const float* w, const uint32_t
     __m512 d[T];
     __m512 e = zero;
     for (int t = 0; t < T; ++t) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + pos + i));
-      const __m512 tau = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), b);
+      __m512 xv;
+      if (InF32) {
+        xv = _mm512_loadu_ps(static_cast<const float*>(x[t]) + pos + i);
+      } else {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x[t]) + pos + i));
+        xv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      }
+      const __m512 tau = _mm512_sub_ps(xv, b);
       const __m512i u = _mm512_and_si512(_mm512_castps_si512(tau), absmask);
       const __mmask16 kept = _mm512_cmple_epu32_mask(_mm512_sub_epi32(u, th[t]), span[t]);  // NaN: never
       d[t] = _mm512_mul_ps(_mm512_maskz_mov_ps(kept, tau), wt[t]);  // (kept ? tau : 0) * w
@@ -895,7 +902,9 @@ int64_t ties_plain_bf16(const uint16_t* const* x, const float* w, const uint32_t
     float d[T];
     float e = 0.0f;
     for (int t = 0; t < T; ++t) {
-      const float tau = bf16_to_f32(x[t][pos + i]) - b;
+      const float xv = InF32 ? static_cast<const float*>(x[t])[pos + i]
+                             : bf16_to_f32(static_cast<const uint16_t*>(x[t])[pos + i]);
+      const float tau = xv - b;
       const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
       d[t] = (u >= thr[t] && u <= 0x7F800000u ? tau : 0.0f) * w[t];
       e += d[t];
@@ -921,29 +930,32 @@ int64_t ties_plain_bf16(const uint16_t* const* x, const float* w, const uint32_t
   return nf;
 }
 
-using TiesPlainFn = int64_t (*)(const uint16_t* const*, const float*, const uint32_t*, const void*, int64_t, int64_t,
+using TiesPlainFn = int64_t (*)(const void* const*, const float*, const uint32_t*, const void*, int64_t, int64_t,
                                 float, bool, float*, uint16_t*, int64_t&);
 constexpr int kPlainMaxT = 8;  // instantiated for T = 1..8; more tasks take the tile loop
-template <bool BaseBF16>
+template <bool InF32, bool BaseBF16>
 TiesPlainFn ties_plain_of(int T) {
   switch (T) {
-    case 1: return ties_plain_bf16<1, BaseBF16>;
-    case 2: return ties_plain_bf16<2, BaseBF16>;
-    case 3: return ties_plain_bf16<3, BaseBF16>;
-    case 4: return ties_plain_bf16<4, BaseBF16>;
-    case 5: return ties_plain_bf16<5, BaseBF16>;
-    case 6: return ties_plain_bf16<6, BaseBF16>;
-    case 7: return ties_plain_bf16<7, BaseBF16>;
-    case 8: return ties_plain_bf16<8, BaseBF16>;
+    case 1: return ties_plain<1, InF32, BaseBF16>;
+    case 2: return ties_plain<2, InF32, BaseBF16>;
+    case 3: return ties_plain<3, InF32, BaseBF16>;
+    case 4: return ties_plain<4, InF32, BaseBF16>;
+    case 5: return ties_plain<5, InF32, BaseBF16>;
+    case 6: return ties_plain<6, InF32, BaseBF16>;
+    case 7: return ties_plain<7, InF32, BaseBF16>;
+    case 8: return ties_plain<8, InF32, BaseBF16>;
     default: return nullptr;
   }
 }
-TiesPlainFn ties_plain_for(int T, bool base_bf16) { return base_bf16 ? ties_plain_of<true>(T) : ties_plain_of<false>(T); }
+TiesPlainFn ties_plain_for(int T, bool in_f32, bool base_bf16) {
+  if (in_f32) return base_bf16 ? ties_plain_of<true, true>(T) : ties_plain_of<true, false>(T);
+  return base_bf16 ? ties_plain_of<false, true>(T) : ties_plain_of<false, false>(T);
+}
 #else
-using TiesPlainFn = int64_t (*)(const uint16_t* const*, const float*, const uint32_t*, const void*, int64_t, int64_t,
+using TiesPlainFn = int64_t (*)(const void* const*, const float*, const uint32_t*, const void*, int64_t, int64_t,
                                 float, bool, float*, uint16_t*, int64_t&);
 constexpr int kPlainMaxT = 0;  // without AVX-512 every block takes the tile loop
-TiesPlainFn ties_plain_for(int, bool) { return nullptr; }
+TiesPlainFn ties_plain_for(int, bool, bool) { return nullptr; }
 #endif
 
 // TIES in mergekit's order of operations (the twin, ops/reference.py ties_merge, is the spec): per element,
@@ -966,14 +978,14 @@ int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out,
     for (int t = 0; t < T; ++t)
       thresholds_out[t] = rule[t].bits == 0xFFFFFFFFu ? std::numeric_limits<float>::infinity() : bits_f32(rule[t].bits);
   int64_t bad = 0, bad_tau = 0;  // non-finite output values; non-finite task-vector entries
-  // all inputs bfloat16 and T <= kPlainMaxT: the blocks without a cut take ties_plain_bf16
-  const uint16_t* xp[kMaxInputs];
-  bool all_bf16 = T <= kPlainMaxT;
+  // all inputs bfloat16 or all float32, T <= kPlainMaxT: the blocks without a cut take ties_plain
+  bool all_bf16 = T <= kPlainMaxT, all_f32 = T <= kPlainMaxT;
   for (int t = 0; t < T; ++t) {
     all_bf16 = all_bf16 && in.dtype[t] == kBF16;
-    xp[t] = static_cast<const uint16_t*>(in.ptr[t]);
+    all_f32 = all_f32 && in.dtype[t] == kF32;
   }
-  const TiesPlainFn plain = all_bf16 ? ties_plain_for(T, bd == kBF16) : nullptr;
+  const void* const* xp = in.ptr;
+  const TiesPlainFn plain = all_bf16 || all_f32 ? ties_plain_for(T, all_f32, bd == kBF16) : nullptr;
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad, bad_tau) if (ch.count > 1)
   for (int64_t j = 0; j < ch.count; ++j) {
     // per trimming task: entries equal to its threshold before the current block, and whether this chunk must
