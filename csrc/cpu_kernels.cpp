@@ -816,30 +816,29 @@ int64_t count_equal(const void* x, int32_t xd, const float* __restrict bb, int64
 constexpr int64_t kTile = 512;
 
 #if defined(__AVX512F__)
-// The merge pass over one tile for T bfloat16 inputs whose keep rules need no position in it: task t keeps the
-// entries with thr[t] <= |tau| bits <= +Inf (thr is the threshold where its equal entries are all kept here, one
-// above it where none are). The same operations in the same order as the tile loop of ties_merge below, per 16
-// elements with the T weighted entries in registers (T is a compile-time constant, so the task loops unroll): no
-// d_t tile is stored and read back, and no 64-bit position compare per entry. Writes the float32 results to
-// o[0:len]; returns the non-finite tau_t entries. (Written with intrinsics: GCC 12 did not vectorise the
-// portable form, an omp simd loop over the elements around the unrolled task loops, and ran it 5x slower than
-// the tile loop.)
-// Base: bb (float32 values of base[pos : pos + len]), or with BaseBF16 the bfloat16 base itself, converted in
-// registers (bb then points at base + pos as uint16).
-// Output: with out16, bfloat16 values written there (rounded as f32_to_bf16) and their non-finite ones added to
-// `bad`; else the float32 results in o[0:len].
-// Inputs: all bfloat16, or with InF32 all float32.
+// The merge pass over one tile whose keep rules need no position in it: task t keeps the entries with
+// thr[t] <= |tau| bits <= +Inf (thr is its threshold where its equal entries are all kept here, one above it where
+// none are). The same operations in the same order as the tile loop of ties_merge below, per 16 elements with the
+// T weighted entries in registers (T is a compile-time constant, so the task loops unroll): no d_t tile is stored
+// and read back, and no 64-bit position compare per entry. (Written with intrinsics: GCC 12 did not vectorise the
+// portable form, an omp simd loop over the elements around the unrolled task loops, and ran it 5x slower than the
+// tile loop.)
+//   inputs  x[t]: all bfloat16, or with InF32 all float32
+//   base    bb_: float32 values of base[pos : pos + len], or with BaseBF16 the bfloat16 base at pos, converted in
+//           registers
+//   output  with out16, bfloat16 values written there (rounded as f32_to_bf16) and their non-finite ones added to
+//           `bad`; else the float32 results in o[0:len]
+// Returns the non-finite tau_t entries of the tile.
 template <int T, bool InF32, bool BaseBF16>
-int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, const void* bb_,
-                        int64_t pos, int64_t len, float lam, bool normalize, float* __restrict o,
-                        uint16_t* __restrict out16, int64_t& bad) {
+int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, const void* bb_, int64_t pos,
+                   int64_t len, float lam, bool normalize, float* __restrict o, uint16_t* __restrict out16,
+                   int64_t& bad) {
   const float* __restrict bb = static_cast<const float*>(bb_);
   const uint16_t* __restrict b16 = static_cast<const uint16_t*>(bb_);
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), vlam = _mm512_set1_ps(lam);
-  const __m512i rnd = _mm512_set1_epi32(0x7FFF), lsb = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0),
-                expo = _mm512_set1_epi32(0x7F80);
-  const __m512i ones = _mm512_set1_epi32(1), signbit = _mm512_set1_epi32(int(0x80000000u));
+  const __m512i rnd = _mm512_set1_epi32(0x7FFF), ones = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0),
+                expo = _mm512_set1_epi32(0x7F80), signbit = _mm512_set1_epi32(int(0x80000000u));
   __m512 wt[T];
   __m512i th[T], span[T];  // kept: u - th <= span (unsigned), i.e. th <= u <= +Inf; none where th > +Inf
   for (int t = 0; t < T; ++t) {
@@ -886,7 +885,7 @@ int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, co
     const __m512 y = _mm512_add_ps(_mm512_mul_ps(q, vlam), b);
     if (out16) {  // f32_to_bf16 in registers: round to nearest even, every NaN to 0x7FC0
       const __m512i u = _mm512_castps_si512(y);
-      __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(u, 16), lsb)));
+      __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(u, 16), ones)));
       r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, absmask), inf),
                                 qnan);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + i), _mm512_cvtepi32_epi16(r));
