@@ -457,6 +457,12 @@ int64_t band_block(const uint32_t* __restrict bits, int64_t len, uint32_t lo, ui
 }
 
 #if defined(__AVX512F__)
+// 16 bfloat16 values at p as float32, in a register (exact: a bf16 is the top half of its float32)
+inline __m512 load_bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 // band_block for a bfloat16 input, with |x - base| formed in registers: the first (len / 16) * 16 entries; returns
 // how many it did (the caller finishes the tail).
 // With BaseBF16, bb_ is the bfloat16 base itself (at the block's offset), converted in registers.
@@ -469,11 +475,8 @@ int64_t band_bf16(const uint16_t* __restrict x, const void* bb_, int64_t len, ui
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
   int64_t i = 0, mm = m, a = 0;
   for (; i + 16 <= len; i += 16) {
-    const __m512i xi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))), 16);
-    const __m512 b = BaseBF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b16 + i))), 16))
-                              : _mm512_loadu_ps(bb + i);
-    const __m512 tau = _mm512_sub_ps(_mm512_castsi512_ps(xi), b);
+    const __m512 b = BaseBF16 ? load_bf16x16(b16 + i) : _mm512_loadu_ps(bb + i);
+    const __m512 tau = _mm512_sub_ps(load_bf16x16(x + i), b);
     const __m512i v = _mm512_and_si512(_mm512_castps_si512(tau), absmask);
     a += __builtin_popcount(_mm512_cmpgt_epu32_mask(v, vh));
     const __mmask16 inside = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vl), vw);
@@ -811,10 +814,22 @@ int64_t count_equal(const void* x, int32_t xd, const float* __restrict bb, int64
   return c;
 }
 
+// A merge-pass tile's float32 results o[0:tl] as out[pos : pos + tl] in dtype od (o is that slice already for a
+// float32 out), with the count of non-finite values written.
+int64_t store_tile_counted(const float* o, void* out, int32_t od, int64_t pos, int64_t tl) {
+  if (od != kF32) return store16_count_nonfinite(o, static_cast<uint16_t*>(out) + pos, od, tl);
+  int64_t c = 0;
+#pragma omp simd reduction(+ : c)
+  for (int64_t i = 0; i < tl; ++i) c += is_nonfinite(o[i]) ? 1 : 0;
+  return c;
+}
+
 // Elements per tile of the merge pass: every task's weighted kept entries of a tile stay in L1 between the
 // election and the mean.
 constexpr int64_t kTile = 512;
 
+using TiesPlainFn = int64_t (*)(const void* const*, const float*, const uint32_t*, const void*, int64_t, int64_t,
+                                float, bool, float*, uint16_t*, int64_t&);
 #if defined(__AVX512F__)
 // The merge pass over one tile whose keep rules need no position in it: task t keeps the entries with
 // thr[t] <= |tau| bits <= +Inf (thr is its threshold where its equal entries are all kept here, one above it where
@@ -850,19 +865,12 @@ int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, co
   __m512i nfv = _mm512_setzero_si512(), badv = _mm512_setzero_si512();  // per-lane counts (< 2^31 per call)
   int64_t nf = 0, i = 0;
   for (; i + 16 <= len; i += 16) {
-    const __m512 b = BaseBF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b16 + i))), 16))
-                              : _mm512_loadu_ps(bb + i);
+    const __m512 b = BaseBF16 ? load_bf16x16(b16 + i) : _mm512_loadu_ps(bb + i);
     __m512 d[T];
     __m512 e = zero;
     for (int t = 0; t < T; ++t) {
-      __m512 xv;
-      if (InF32) {
-        xv = _mm512_loadu_ps(static_cast<const float*>(x[t]) + pos + i);
-      } else {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x[t]) + pos + i));
-        xv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      }
+      const __m512 xv = InF32 ? _mm512_loadu_ps(static_cast<const float*>(x[t]) + pos + i)
+                              : load_bf16x16(static_cast<const uint16_t*>(x[t]) + pos + i);
       const __m512 tau = _mm512_sub_ps(xv, b);
       const __m512i u = _mm512_and_si512(_mm512_castps_si512(tau), absmask);
       const __mmask16 kept = _mm512_cmple_epu32_mask(_mm512_sub_epi32(u, th[t]), span[t]);  // NaN: never
@@ -929,8 +937,6 @@ int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, co
   return nf;
 }
 
-using TiesPlainFn = int64_t (*)(const void* const*, const float*, const uint32_t*, const void*, int64_t, int64_t,
-                                float, bool, float*, uint16_t*, int64_t&);
 constexpr int kPlainMaxT = 8;  // instantiated for T = 1..8; more tasks take the tile loop
 template <bool InF32, bool BaseBF16>
 TiesPlainFn ties_plain_of(int T) {
@@ -951,8 +957,6 @@ TiesPlainFn ties_plain_for(int T, bool in_f32, bool base_bf16) {
   return base_bf16 ? ties_plain_of<false, true>(T) : ties_plain_of<false, false>(T);
 }
 #else
-using TiesPlainFn = int64_t (*)(const void* const*, const float*, const uint32_t*, const void*, int64_t, int64_t,
-                                float, bool, float*, uint16_t*, int64_t&);
 constexpr int kPlainMaxT = 0;  // without AVX-512 every block takes the tile loop
 TiesPlainFn ties_plain_for(int, bool, bool) { return nullptr; }
 #endif
@@ -983,7 +987,6 @@ int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out,
     all_bf16 = all_bf16 && in.dtype[t] == kBF16;
     all_f32 = all_f32 && in.dtype[t] == kF32;
   }
-  const void* const* xp = in.ptr;
   const TiesPlainFn plain = all_bf16 || all_f32 ? ties_plain_for(T, all_f32, bd == kBF16) : nullptr;
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad, bad_tau) if (ch.count > 1)
   for (int64_t j = 0; j < ch.count; ++j) {
@@ -1046,17 +1049,8 @@ int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out,
           float* __restrict o = od == kF32 ? static_cast<float*>(out) + pos : el;
           uint16_t* o16 = od == kBF16 ? static_cast<uint16_t*>(out) + pos : nullptr;
           int64_t b16 = 0;
-          bad_tau += plain(xp, in.weight, thr, bb, pos, tl, lam, normalize, o, o16, b16);
-          if (o16) {
-            bad += b16;
-          } else if (od == kF32) {
-            int64_t c = 0;
-#pragma omp simd reduction(+ : c)
-            for (int64_t i = 0; i < tl; ++i) c += is_nonfinite(o[i]) ? 1 : 0;
-            bad += c;
-          } else {
-            bad += store16_count_nonfinite(o, static_cast<uint16_t*>(out) + pos, od, tl);
-          }
+          bad_tau += plain(in.ptr, in.weight, thr, bb, pos, tl, lam, normalize, o, o16, b16);
+          bad += o16 ? b16 : store_tile_counted(o, out, od, pos, tl);
         }
         continue;
       }
@@ -1130,14 +1124,7 @@ int64_t ties_merge(const InputList& in, const void* base, int32_t bd, void* out,
             o[i] = s + bb[i];
           }
         }
-        int64_t c = 0;
-        if (od == kF32) {
-#pragma omp simd reduction(+ : c)
-          for (int64_t i = 0; i < tl; ++i) c += is_nonfinite(o[i]) ? 1 : 0;
-        } else {
-          c = store16_count_nonfinite(o, static_cast<uint16_t*>(out) + pos, od, tl);
-        }
-        bad += c;
+        bad += store_tile_counted(o, out, od, pos, tl);
       }
     }
   }
