@@ -147,10 +147,16 @@ def test_real_direct_io_where_the_file_system_has_it(tmp_path):
     assert data == expect and dw.direct_bytes > 0
 
 
-def test_pool_buffers_start_on_a_block_boundary():
+def test_pool_views_start_at_their_file_phase():
+    """A view sits at the address that its file offset has modulo BLOCK, so its whole blocks go direct, no copy;
+    a buffer given back is reused at another phase."""
     pool = OutputPool(4)
-    for i, (shape, dtype) in enumerate([((3,), torch.float32), ((1000, 7), torch.bfloat16), ((1 << 20,), torch.uint8)]):
-        assert pool.take(f"t{i}", shape, dtype).data_ptr() % BLOCK == 0
+    for i, (shape, dtype, at) in enumerate([((3,), torch.float32, 0), ((1000, 7), torch.bfloat16, 8 + BLOCK * 3),
+                                           ((1 << 20,), torch.uint8, 4093), ((5,), torch.float32, 4092)]):
+        t = pool.take(f"t{i}", shape, dtype, phase=at)
+        assert t.data_ptr() % BLOCK == at % BLOCK and t.shape == shape and t.is_contiguous()
+        pool.give_back(f"t{i}")
+    assert pool.allocated == 3  # a new one for each larger size; the last view reused the smallest
 
 
 @pytest.mark.parametrize("method", ["weight_average", "task_arithmetic", "ties"])

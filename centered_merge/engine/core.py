@@ -16,7 +16,7 @@ finite inputs, which TIES may have dropped, leaving a finite output that is writ
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,43 +73,87 @@ def merge_tensor(method, key: str, inputs: Sequence[torch.Tensor], base: Optiona
     and dtype to write the result into, for methods that take one (MergeMethod.writes_into)."""
     if nonfinite_inputs:
         _refuse_svd_of_nonfinite(method, key, want, inputs, nonfinite_inputs)
+    out, bad = _merge(method, key, inputs, base, want, out)
+    return out, _explain_nonfinite(method, key, inputs, base, want, out, bad, allow_nonfinite, nonfinite_inputs,
+                                   labels)
+
+
+def merge_tensor_in_pieces(method, key: str, inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor],
+                           want: TensorInfo, allow_nonfinite: bool, nonfinite_inputs: Sequence[str],
+                           labels: Optional[Sequence[str]], bounds: Sequence[int],
+                           take: Callable[[int, int], torch.Tensor],
+                           emit: Callable[[torch.Tensor, int, bool], None]) -> List[str]:
+    """merge_tensor for an elementwise method (MergeMethod.elementwise), piece by piece: the flat elements
+    [bounds[i], bounds[i + 1]) at a time, each merged into take(first byte, elements) (a contiguous 1-D buffer of
+    the output dtype) and handed to emit(piece, first byte, last) at once, so the writer can write it while the
+    next one is computed. The bytes are those of merge_tensor: each element is computed alone, whatever the
+    pieces. Returns the non-finite messages, the whole tensor's: when a piece counts NaN/Inf, the tensor is merged
+    again whole (merge_tensor, only then) to name the input or the cause, before the last piece is handed over, so
+    a tensor that raises is never complete at the writer (the merge then stops and removes its partial output)."""
+    if nonfinite_inputs:
+        _refuse_svd_of_nonfinite(method, key, want, inputs, nonfinite_inputs)
+    flat_in = [t.reshape(-1) for t in inputs]
+    flat_base = base.reshape(-1) if base is not None else None
+    size = want.dtype.itemsize
+    bad, found, last = 0, [], len(bounds) - 2
+    for i in range(last + 1):
+        lo, hi = bounds[i], bounds[i + 1]
+        piece = take(lo * size, hi - lo)
+        _, n = _merge(method, key, [t[lo:hi] for t in flat_in],
+                      flat_base[lo:hi] if flat_base is not None else None, want, piece)
+        bad += n
+        if i == last and bad:
+            _, found = merge_tensor(method, key, inputs, base, want, allow_nonfinite, nonfinite_inputs, labels)
+        emit(piece, lo * size, i == last)
+    return found
+
+
+def _merge(method, key: str, inputs, base, want: TensorInfo, out: Optional[torch.Tensor]):
+    """(the merged tensor, its non-finite count): the method's merge_tensor_to, its failures as MergeErrors."""
     try:
         if out is not None:
-            out, bad = method.merge_tensor_to(key, inputs, base, want.dtype, out=out)
-        else:
-            out, bad = method.merge_tensor_to(key, inputs, base, want.dtype)
+            return method.merge_tensor_to(key, inputs, base, want.dtype, out=out)
+        return method.merge_tensor_to(key, inputs, base, want.dtype)
     except torch.cuda.OutOfMemoryError as e:
         raise MergeError(f"tensor {key!r} {want.shape}: out of GPU memory ({str(e).splitlines()[0]}); "
                          "try --device cpu") from None
     except torch.linalg.LinAlgError as e:
         raise MergeInputError(f"tensor {key!r}: {method.name}'s linear algebra failed on it "
                               f"({str(e).splitlines()[0]})") from None
-    found = []
-    if bad:
-        if nonfinite_inputs:  # carried over from inputs already reported (allow_nonfinite)
-            return out, found
-        if labels is not None and not scans_inputs_upfront(method):  # the lazy scan: name the input
-            group = list(inputs) + ([base] if base is not None else [])
-            found = scan_inputs(key, group, labels, allow_nonfinite)
-            if found:
-                _refuse_svd_of_nonfinite(method, key, want, inputs, found)
-                return out, found
-        if method.counts_nonfinite_inputs:  # the count may be more than the output's (TIES: see the docstring)
-            bad = count_nonfinite(out)
-            if not bad:
-                return out, found
-        if _overflowed_in_float32(method, key, inputs, base, out):  # the computation, not the conversion
-            msg = (f"merged tensor {key!r} has {bad} NaN/Inf value(s): its inputs are finite, but the float32 "
-                   "computation overflowed (values beyond float32's range, about 3.4e38)")
-            hint = "; pass --allow-nonfinite to write it anyway"
-        else:
-            msg = (f"merged tensor {key!r} has {bad} NaN/Inf value(s) after conversion to {_dtype_name(want.dtype)} "
-                   "(values out of range for the output dtype?)")
-            hint = "; pass --allow-nonfinite to write it anyway, or pick --out-dtype"
-        if not allow_nonfinite:
-            raise MergeInputError(msg + hint)
-        found.append(msg)
-    return out, found
+
+
+def _explain_nonfinite(method, key: str, inputs, base, want: TensorInfo, out: torch.Tensor, bad: int,
+                       allow_nonfinite: bool, nonfinite_inputs: Sequence[str],
+                       labels: Optional[Sequence[str]]) -> List[str]:
+    """What a non-finite count `bad` of the merged `out` means: the messages to report (raised unless
+    allow_nonfinite), naming the input that holds NaN/Inf, or the overflow, or the conversion."""
+    found: List[str] = []
+    if not bad:
+        return found
+    if nonfinite_inputs:  # carried over from inputs already reported (allow_nonfinite)
+        return found
+    if labels is not None and not scans_inputs_upfront(method):  # the lazy scan: name the input
+        group = list(inputs) + ([base] if base is not None else [])
+        found = scan_inputs(key, group, labels, allow_nonfinite)
+        if found:
+            _refuse_svd_of_nonfinite(method, key, want, inputs, found)
+            return found
+    if method.counts_nonfinite_inputs:  # the count may be more than the output's (TIES: see the docstring)
+        bad = count_nonfinite(out)
+        if not bad:
+            return found
+    if _overflowed_in_float32(method, key, inputs, base, out):  # the computation, not the conversion
+        msg = (f"merged tensor {key!r} has {bad} NaN/Inf value(s): its inputs are finite, but the float32 "
+               "computation overflowed (values beyond float32's range, about 3.4e38)")
+        hint = "; pass --allow-nonfinite to write it anyway"
+    else:
+        msg = (f"merged tensor {key!r} has {bad} NaN/Inf value(s) after conversion to {_dtype_name(want.dtype)} "
+               "(values out of range for the output dtype?)")
+        hint = "; pass --allow-nonfinite to write it anyway, or pick --out-dtype"
+    if not allow_nonfinite:
+        raise MergeInputError(msg + hint)
+    found.append(msg)
+    return found
 
 
 def _refuse_svd_of_nonfinite(method, key: str, want: TensorInfo, inputs, messages: Sequence[str]) -> None:

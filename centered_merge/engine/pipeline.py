@@ -20,6 +20,7 @@ and methods seed per (seed, tensor name). Same inputs + seed -> the same bytes, 
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -34,8 +35,9 @@ from ..errors import MergeConfigError, MergeOutputError
 from ..io.model_files import ModelFiles
 from ..io.writer import ShardedWriter, check_output_path
 from . import card
+from ..io.direct import BLOCK
 from .buffers import OutputPool
-from .core import merge_tensor
+from .core import merge_tensor, merge_tensor_in_pieces
 from .lock import OutputLock
 from .memory_sink import DictSink
 from .plan import plan
@@ -61,10 +63,34 @@ class MergeReport:
     notes: List[str] = field(default_factory=list)
 
 
+# Elementwise merges (MergeMethod.elementwise) hand a tensor of at least 2 x PIECE_BYTES to the writer in pieces of
+# about this size, so the disk writes a large tensor while the rest of it is computed, instead of the writer
+# idling while the first (or any large) tensor is merged and the merge idling while the last one is written.
+PIECE_BYTES = 32 << 20
+
+
+def piece_bounds(numel: int, esize: int, file_offset: int, piece_bytes: int = PIECE_BYTES) -> Optional[List[int]]:
+    """Element bounds [0, b_1, ..., numel] of pieces of about piece_bytes each (the last up to 1.5x), every inner
+    bound at a BLOCK-aligned file offset (so each piece's whole blocks are one direct write), or None when the
+    tensor is too small to cut. file_offset: where the tensor's bytes start in its file (a multiple of esize)."""
+    nbytes = numel * esize
+    if nbytes < 2 * piece_bytes:
+        return None
+    bounds, at = [0], piece_bytes
+    while nbytes - at >= piece_bytes // 2:
+        cut = at - (file_offset + at) % BLOCK  # BLOCK is a multiple of every element size
+        bounds.append(cut // esize)
+        at = cut + piece_bytes
+    bounds.append(numel)
+    return bounds
+
+
 def run_tensors(req: MergeRequest, sink, pool: Optional[OutputPool] = None) -> Dict[str, Any]:
     """Read, merge and hand to `sink` every tensor of `sink.order`; the counts, waits and non-finite messages.
-    pool: where merged tensors are written (reused buffers, given back by the sink once written), or None."""
+    pool: where merged tensors are written (reused buffers, given back by the sink once written), or None; with a
+    pool, the sink is the ShardedWriter, and elementwise methods hand it large tensors in pieces (piece_bounds)."""
     out_info = dict(req.items)
+    in_pieces = pool is not None and req.method.elementwise
     stats = {"read": 0, "merged": 0, "pass": 0, "nonfinite": []}
     waits = {"read": 0.0, "compute": 0.0, "write": 0.0, "finish": 0.0}
     clock = time.perf_counter
@@ -91,7 +117,21 @@ def run_tensors(req: MergeRequest, sink, pool: Optional[OutputPool] = None) -> D
                     for t in list(item.inputs) + ([item.base] if item.base is not None else []):
                         t.record_stream(torch.cuda.current_stream(dev))
                 want = out_info[item.key]
-                buf = pool.take(item.key, want.shape, want.dtype) if pool is not None else None
+                bounds = None
+                if in_pieces:
+                    at = req.layout.slots[item.key].offset
+                    bounds = piece_bounds(math.prod(want.shape), want.dtype.itemsize, at, PIECE_BYTES)
+                if bounds is not None:  # an elementwise merge of a large tensor: in pieces, each written at once
+                    found, handed = _merge_in_pieces(req, sink, pool, item, want, bounds, at)
+                    del item
+                    stats["nonfinite"] += found
+                    stats["merged"] += 1
+                    waits["compute"] += clock() - tb - handed
+                    waits["write"] += handed
+                    continue
+                buf = None
+                if pool is not None:
+                    buf = pool.take((item.key, 0), want.shape, want.dtype, phase=req.layout.slots[item.key].offset)
                 out, found = merge_tensor(req.method, item.key, item.inputs, item.base, want,
                                           req.allow_nonfinite, item.nonfinite, item.labels, out=buf)
                 del buf
@@ -110,6 +150,24 @@ def run_tensors(req: MergeRequest, sink, pool: Optional[OutputPool] = None) -> D
         reader.stop()
     stats["waits"] = waits
     return stats
+
+
+def _merge_in_pieces(req: MergeRequest, sink, pool: OutputPool, item, want, bounds, at: int):
+    """Merge item's tensor piece by piece into pooled buffers (placed at their file offset's phase: `at` is where
+    the tensor starts in its file), each handed to the writer at once; (the non-finite messages, the seconds
+    spent waiting for room in the writer's queue)."""
+    key, clock, handed = item.key, time.perf_counter, [0.0]
+
+    def take(start, n):
+        return pool.take((key, start), (n,), want.dtype, phase=at + start)
+
+    def emit(piece, start, last):
+        t = clock()
+        sink.write_piece(key, piece, start, last)
+        handed[0] += clock() - t
+    found = merge_tensor_in_pieces(req.method, key, item.inputs, item.base, want, req.allow_nonfinite,
+                                   item.nonfinite, item.labels, bounds, take, emit)
+    return found, handed[0]
 
 
 def _say(enabled: bool, notes: List[str]) -> Callable[[str], None]:
@@ -186,12 +244,13 @@ def merge_checkpoints(models, out_dir, method="cart", base=None, *, out_dtype=No
         done = [0]
 
         # outputs in reused buffers (methods that write into one, on the CPU): each comes back once written
+        # (placed in them at their file offset's phase, so the writer's direct I/O needs no staging copy)
         pool = OutputPool(max(1, write_queue) + 2) if req.method.writes_into and req.device.type == "cpu" else None
 
-        def on_written(name, nbytes):
+        def on_written(name, start, nbytes, last):
             if pool is not None:
-                pool.give_back(name)
-            done[0] += 1
+                pool.give_back((name, start))
+            done[0] += last
             if bar is not None:
                 bar.update(nbytes)
                 bar.set_postfix_str(f"{done[0]}/{len(writer.order)} tensors", refresh=False)

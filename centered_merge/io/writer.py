@@ -256,7 +256,7 @@ class ShardedWriter:
 
     def __init__(self, out_dir, items: Union[Sequence[Tuple[str, TensorInfo]], ShardLayout], *,
                  shard_size: int = 5 * 10**9, overwrite: bool = False, queue_depth: int = 2, fsync: bool = True,
-                 on_written: Optional[Callable[[str, int], None]] = None, ctx: Optional[RankContext] = None,
+                 on_written: Optional[Callable[[str, int, int, bool], None]] = None, ctx: Optional[RankContext] = None,
                  owner: Optional[Dict[str, int]] = None, fingerprint=None, resume: bool = True,
                  protect: Sequence[Union[str, Path]] = (), note: Optional[Callable[[str], None]] = None):
         self.ctx = ctx or RankContext.single()
@@ -314,6 +314,7 @@ class ShardedWriter:
         self.order = [n for n in mine if n not in done]
         self.resumed = len(mine) - len(self.order)
         self._next = 0
+        self._piece_at = 0  # bytes of tensor order[_next] handed over so far (write_piece)
         self._q: "queue.Queue" = queue.Queue(maxsize=max(1, queue_depth))
         self._thread = threading.Thread(target=self._run, name="centered_merge-writer", daemon=True)
         self._thread.start()
@@ -385,18 +386,37 @@ class ShardedWriter:
     # --- producer side -------------------------------------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Hand `tensor`, the next one of `order`, to the writing thread."""
+        info = self._info[name]
+        if tuple(tensor.shape) != tuple(info.shape) or tensor.dtype != info.dtype:
+            raise RuntimeError(f"writer: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned "
+                               f"{info.shape} {info.dtype} (engine bug)")
+        self.write_piece(name, tensor, 0, True)
+
+    def write_piece(self, name: str, piece: torch.Tensor, start: int, last: bool) -> None:
+        """Hand the bytes [start, start + piece's bytes) of tensor `name`, the next one of `order`, to the writing
+        thread: a tensor may come in pieces, in order, each starting where the one before ended, the last with
+        last=True. The tensor counts as written (journal) once its last piece is. on_written(name, start, nbytes,
+        last) is called as each piece (or whole tensor: start 0, last) is written, so its memory can be reused. So
+        a merge can hand over a large tensor while it is still computing the rest of it (engine/pipeline.py)."""
         self._raise_if_failed()
         expected = self.order[self._next] if self._next < len(self.order) else None
         if name != expected:
             raise RuntimeError(f"writer: got tensor {name!r}, expected {expected!r} (engine bug)")
         info = self._info[name]
-        if tuple(tensor.shape) != tuple(info.shape) or tensor.dtype != info.dtype:
-            raise RuntimeError(f"writer: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned "
-                               f"{info.shape} {info.dtype} (engine bug)")
-        self._next += 1
+        nbytes = piece.numel() * piece.element_size()
+        if piece.dtype != info.dtype or start != self._piece_at or start + nbytes > info.nbytes or (
+                last and start + nbytes != info.nbytes):
+            raise RuntimeError(f"writer: tensor {name!r}: a piece of {nbytes} bytes {piece.dtype} at byte {start} "
+                               f"does not continue the {self._piece_at} bytes written of its {info.nbytes} "
+                               f"{info.dtype} (engine bug)")
+        if last:
+            self._next += 1
+            self._piece_at = 0
+        else:
+            self._piece_at = start + nbytes
         while True:
             try:
-                self._q.put((name, tensor), timeout=0.2)
+                self._q.put((name, piece, start, last), timeout=0.2)
                 return
             except queue.Full:
                 self._raise_if_failed()
@@ -416,6 +436,7 @@ class ShardedWriter:
         # (advise_dontneed), so a batch's fdatasync mostly finds its pages on their way to the disk already and
         # the last one waits only for the tail; block-layer waits then fall on the syncer, not on this thread.
         name, batch, touched, size, since = None, [], set(), 0, time.monotonic()
+        hasher = None  # the running checksum of a tensor that comes in pieces
         syncs: "queue.Queue" = queue.Queue()  # ("kick", fd, offset, length), ("sync", batch, touched) or None
         self._sync_slots = threading.Semaphore(SYNC_AHEAD)
         syncer = threading.Thread(target=self._run_syncs, args=(syncs,), name="centered_merge-syncer", daemon=True)
@@ -438,7 +459,7 @@ class ShardedWriter:
                     return
                 if self._sync_error is not None:  # a failed sync: stop writing
                     raise self._sync_error
-                name, tensor = item
+                name, tensor, start, last = item
                 del item
                 slot = self.layout.slots[name]
                 fname = self.shard_names[slot.shard]
@@ -446,12 +467,25 @@ class ShardedWriter:
                 del tensor
                 try:
                     fd = self._fds[slot.shard]
-                    cached = self._direct.write(slot.shard, fd, buf, address, slot.offset)
+                    cached = self._direct.write(slot.shard, fd, buf, address, slot.offset + start)
                     if self.fsync:
                         for offset, length in cached:
                             syncs.put(("kick", fd, offset, length))
-                    batch.append((name, slot.shard, slot.offset, slot.length, checksum(buf)))
+                    if start == 0 and last:  # a whole tensor
+                        digest = checksum(buf)
+                    else:  # a piece: the checksum goes on (xxh3's streaming form gives the same digest)
+                        if start == 0:
+                            hasher = xxhash.xxh3_64()
+                        hasher.update(buf)
+                        digest = hasher.intdigest() if last else None
+                    nbytes = len(buf)
                     del buf
+                    if not last:
+                        if self.on_written is not None:
+                            self.on_written(name, start, nbytes, False)
+                        continue
+                    hasher = None
+                    batch.append((name, slot.shard, slot.offset, slot.length, digest))
                     touched.add(slot.shard)
                     size += slot.length
                     if size >= SYNC_BYTES or time.monotonic() - since >= SYNC_SECONDS:
@@ -460,7 +494,7 @@ class ShardedWriter:
                 except OSError as e:
                     raise _write_error(self.out, e, f"tensor {name!r}", fname) from None
                 if self.on_written is not None:
-                    self.on_written(name, slot.length)
+                    self.on_written(name, start, nbytes, True)
         except BaseException as e:  # noqa: BLE001  (handed to the producer)
             self._error = self._error or e
             try:  # drain so a blocked producer wakes up and sees the error

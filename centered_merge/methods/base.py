@@ -35,6 +35,11 @@ class MergeMethod:
     # True where merge_tensor_to takes `out=`: a caller's contiguous tensor of the output's shape and dtype that
     # the result is written into (the engine passes reused buffers, so no fresh pages per tensor).
     writes_into: ClassVar[bool] = False
+    # True where each output element depends only on the same element of the inputs (and the parameters of the
+    # tensor's name): the engine may then merge a large tensor in pieces of its flat elements, handing each piece
+    # to the writer while it computes the next (engine/core.py, merge_tensor_in_pieces). Not TIES (a top-k
+    # threshold per tensor), DARE (one random mask per tensor) or CART (an SVD).
+    elementwise: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

@@ -20,6 +20,7 @@ class Linear(MergeMethod):
     parameters = (weight_param(), normalize_param(True))
     counts_nonfinite_inputs = True  # the fused kernel (ops) sums every input element
     writes_into = True
+    elementwise = True
 
     def weights(self, name, num_models):
         """(the weights, the divisor): the raw weights and their float32 sum with normalize, else 1."""

@@ -71,6 +71,7 @@ class TaskArithmetic(TaskVectorMerge):
     summary = "task arithmetic: theta_0 + lam * sum_t w_t (theta_t - theta_0)"
     counts_nonfinite_inputs = True  # the fused kernel (ops) sums every input element
     writes_into = True
+    elementwise = True
     parameters = (
         lam_param(0.3, schedulable=True, yaml_default=1.0),
         weight_param(),

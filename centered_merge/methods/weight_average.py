@@ -19,6 +19,7 @@ class WeightAverage(MergeMethod):
     summary = "weight averaging (model soup): sum_t w_t * theta_t / sum_t w_t"
     counts_nonfinite_inputs = True  # the fused kernel (ops) sums every input element
     writes_into = True
+    elementwise = True
     parameters = (
         Param("weight", "float", 1.0, "each model's weight (normalised to sum to one)", lo=0.0, per_model=True,
               aliases=("weights",), flag="--weights"),
