@@ -118,3 +118,25 @@ def test_missing_parents_are_created(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(MergeOutputError, match="not a directory"):
         ShardedWriter(tmp_path / "f" / "o", _items({"w": torch.ones(2)}))
+
+
+def test_production_order_starts_with_a_large_final_tensor(tmp_path):
+    """The layout's order, except that a final tensor larger than the average comes first (its write would
+    otherwise be the one that nothing overlaps); the file layout is unchanged."""
+    from centered_merge.io.writer import production_order
+
+    info = {n: TensorInfo(s, torch.bfloat16) for n, s in
+            [("embed", (64, 8)), ("q", (8, 8)), ("norm", (8,)), ("lm_head", (64, 8))]}
+    assert production_order(list(info), info) == ["lm_head", "embed", "q", "norm"]
+    assert production_order(["embed", "q", "lm_head", "norm"], info) == ["embed", "q", "lm_head", "norm"]
+    assert production_order(["q", "norm"], info) == ["q", "norm"]  # norm is below the average
+    assert production_order(["q"], info) == ["q"] and production_order([], info) == []
+    sd = {n: torch.randn(i.shape).to(torch.bfloat16) for n, i in info.items()}
+    w = _write(tmp_path / "out", sd)
+    assert w.order[0] == "lm_head"
+    w.finish([0])
+    w.commit()
+    back = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(back[n], sd[n]) for n in sd)
+    slots = w.layout.slots  # written first, but its bytes are still the file's last
+    assert slots["lm_head"].offset > max(slots[n].offset for n in ("embed", "q", "norm"))
