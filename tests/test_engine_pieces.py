@@ -182,6 +182,26 @@ def test_a_killed_pieced_merge_resumes(tmp_path, capsys, monkeypatch, pieces):
     assert tree_bytes(out) == tree_bytes(tmp_path / "reference")
 
 
+def test_pieces_of_non_contiguous_torch_inputs(tmp_path, monkeypatch, pieces):
+    """Torch files keep a transposed view's strides: its pieces are cut from the flat (row-major) elements all the
+    same, and the bytes are the whole tensors'."""
+    g = torch.Generator().manual_seed(4)
+    base = {"w.weight": torch.randn(64, 300, generator=g).T, "v.weight": torch.randn(129, 100, generator=g)}
+    paths = []
+    for name, scale in (("base", 0.0), ("ft0", 1.0), ("ft1", 2.0)):
+        sd = {k: (v + scale * 0.05 * torch.ones_like(v)).to(torch.bfloat16) for k, v in base.items()}
+        sd["w.weight"] = sd["w.weight"].T.contiguous().T  # stored transposed
+        assert not sd["w.weight"].is_contiguous()
+        paths.append(str(tmp_path / f"{name}.bin"))
+        torch.save(sd, paths[-1])
+    kw = dict(method="task_arithmetic", base=paths[0], progress=False, lam=0.7)
+    merge_checkpoints(paths[1:], tmp_path / "pieces", **kw)
+    assert any(n == "w.weight" and not last for n, _, _, last in pieces)
+    monkeypatch.setattr(pipeline, "PIECE_BYTES", 1 << 40)
+    merge_checkpoints(paths[1:], tmp_path / "whole", **kw)
+    assert tree_bytes(tmp_path / "pieces") == tree_bytes(tmp_path / "whole")
+
+
 def test_writer_refuses_pieces_out_of_order(tmp_path):
     w = ShardedWriter(tmp_path / "out", [("x", TensorInfo((4096,), torch.float32))])
     try:
