@@ -96,7 +96,6 @@ def run_tensors(req: MergeRequest, sink, pool: Optional[OutputPool] = None) -> D
     pool: where merged tensors are written (reused buffers, given back by the sink once written), or None; with a
     pool, the sink is the ShardedWriter, and elementwise methods hand it large tensors in pieces (piece_bounds)."""
     out_info = dict(req.items)
-    in_pieces = pool is not None and req.method.elementwise
     stats = {"read": 0, "merged": 0, "pass": 0, "nonfinite": []}
     waits = {"read": 0.0, "compute": 0.0, "write": 0.0, "finish": 0.0}
     clock = time.perf_counter
@@ -123,21 +122,20 @@ def run_tensors(req: MergeRequest, sink, pool: Optional[OutputPool] = None) -> D
                     for t in list(item.inputs) + ([item.base] if item.base is not None else []):
                         t.record_stream(torch.cuda.current_stream(dev))
                 want = out_info[item.key]
-                bounds = None
-                if in_pieces:
-                    at = req.layout.slots[item.key].offset
-                    bounds = piece_bounds(math.prod(want.shape), want.dtype.itemsize, at, PIECE_BYTES)
-                if bounds is not None:  # an elementwise merge of a large tensor: in pieces, each written at once
-                    found, handed = _merge_in_pieces(req, sink, pool, item, want, bounds, at)
-                    del item
-                    stats["nonfinite"] += found
-                    stats["merged"] += 1
-                    waits["compute"] += clock() - tb - handed
-                    waits["write"] += handed
-                    continue
                 buf = None
                 if pool is not None:
-                    buf = pool.take((item.key, 0), want.shape, want.dtype, phase=req.layout.slots[item.key].offset)
+                    at = req.layout.slots[item.key].offset  # where its bytes start in their file
+                    bounds = piece_bounds(math.prod(want.shape), want.dtype.itemsize, at,
+                                          PIECE_BYTES) if req.method.elementwise else None
+                    if bounds is not None:  # an elementwise merge of a large tensor: in pieces, each written at once
+                        found, handed = _merge_in_pieces(req, sink, pool, item, want, bounds, at)
+                        del item
+                        stats["nonfinite"] += found
+                        stats["merged"] += 1
+                        waits["compute"] += clock() - tb - handed
+                        waits["write"] += handed
+                        continue
+                    buf = pool.take((item.key, 0), want.shape, want.dtype, phase=at)
                 out, found = merge_tensor(req.method, item.key, item.inputs, item.base, want,
                                           req.allow_nonfinite, item.nonfinite, item.labels, out=buf)
                 del buf

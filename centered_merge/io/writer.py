@@ -452,7 +452,6 @@ class ShardedWriter:
         # (advise_dontneed), so a batch's fdatasync mostly finds its pages on their way to the disk already and
         # the last one waits only for the tail; block-layer waits then fall on the syncer, not on this thread.
         name, batch, touched, size, since = None, [], set(), 0, time.monotonic()
-        hasher = None  # the running checksum of a tensor that comes in pieces
         syncs: "queue.Queue" = queue.Queue()  # ("kick", fd, offset, length), ("sync", batch, touched) or None
         self._sync_slots = threading.Semaphore(SYNC_AHEAD)
         syncer = threading.Thread(target=self._run_syncs, args=(syncs,), name="centered_merge-syncer", daemon=True)
@@ -487,30 +486,23 @@ class ShardedWriter:
                     if self.fsync:
                         for offset, length in cached:
                             syncs.put(("kick", fd, offset, length))
-                    if start == 0 and last:  # a whole tensor
-                        digest = checksum(buf)
-                    else:  # a piece: the checksum goes on (xxh3's streaming form gives the same digest)
-                        if start == 0:
-                            hasher = xxhash.xxh3_64()
-                        hasher.update(buf)
-                        digest = hasher.intdigest() if last else None
+                    # the checksum, streamed over a tensor's pieces (xxh3's streaming form gives checksum()'s digest)
+                    if start == 0:
+                        hasher = xxhash.xxh3_64()
+                    hasher.update(buf)
                     nbytes = len(buf)
                     del buf
-                    if not last:
-                        if self.on_written is not None:
-                            self.on_written(name, start, nbytes, False)
-                        continue
-                    hasher = None
-                    batch.append((name, slot.shard, slot.offset, slot.length, digest))
-                    touched.add(slot.shard)
-                    size += slot.length
-                    if size >= SYNC_BYTES or time.monotonic() - since >= SYNC_SECONDS:
-                        self._hand_over(syncs, ("sync", batch, touched))
-                        batch, touched, size, since = [], set(), 0, time.monotonic()
+                    if last:
+                        batch.append((name, slot.shard, slot.offset, slot.length, hasher.intdigest()))
+                        touched.add(slot.shard)
+                        size += slot.length
+                        if size >= SYNC_BYTES or time.monotonic() - since >= SYNC_SECONDS:
+                            self._hand_over(syncs, ("sync", batch, touched))
+                            batch, touched, size, since = [], set(), 0, time.monotonic()
                 except OSError as e:
                     raise _write_error(self.out, e, f"tensor {name!r}", fname) from None
                 if self.on_written is not None:
-                    self.on_written(name, start, nbytes, True)
+                    self.on_written(name, start, nbytes, last)
         except BaseException as e:  # noqa: BLE001  (handed to the producer)
             self._error = self._error or e
             try:  # drain so a blocked producer wakes up and sees the error
