@@ -26,7 +26,10 @@ OMP_WAIT_POLICY=PASSIVE (the policy threads.py chose before its measurement) and
 (threads.py: a short spin), interleaved.
 
     python bench/bench_cart_speed.py [--blocks 12] [--tasks 8] [--rank 0.12] [--threads N] [--repeats R]
-                                     [--energy 0.9] [--contend] [--ab-tasks] [--set vit|llama]
+                                     [--energy 0.9] [--contend] [--ab-tasks] [--set vit|llama] [--device cuda]
+
+--device cuda runs every approach on the GPU (the models are copied there first, untimed; each approach's first
+call, which creates the cuBLAS/cuSOLVER handles, is not timed) and measures the GEMM peaks there (8192^3).
 
 --set llama times one Llama layer's q_proj (2048x2048), gate_proj (5632x2048) and down_proj (2048x5632) instead
 (k = 245 at rank 0.12; use --tasks 4 --blocks 1 for the 0.5 B set's shape of work).
@@ -45,7 +48,8 @@ import centered_merge as cm  # before torch: both approaches then run under cent
 
 import torch
 
-from centered_merge.linalg import power_iterations, resolve_rank, resolve_sketch_dtype, sketch_width
+from centered_merge.linalg import (fast_bf16_matmul, fast_int8_matmul, power_iterations, resolve_rank,
+                                   resolve_sketch_dtype, sketch_width)
 
 SHAPES = {
     "attn.in_proj_weight": (2304, 768),
@@ -94,19 +98,29 @@ def official_style(models, rank: float, lam: float):
     return out
 
 
-def gemm_peak(dtype, size=2048, repeats=5) -> float:
-    """GFLOP/s (int8: Gop/s, torch._int_mm with int32 sums) of the best of `repeats` size^3 GEMMs in `dtype`."""
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_peak(dtype, size=None, repeats=5, device="cpu") -> float:
+    """GFLOP/s (int8: Gop/s, torch._int_mm with int32 sums) of the best of `repeats` size^3 GEMMs in `dtype` on
+    `device` (size: 2048 on a CPU, 8192 on a GPU, where a 2048^3 product is too short to reach the peak)."""
+    cuda = torch.device(device).type == "cuda"
+    size = size or (8192 if cuda else 2048)
     if dtype == torch.int8:
-        a = torch.randint(-127, 128, (size, size), dtype=torch.int8)
+        a = torch.randint(-127, 128, (size, size), dtype=torch.int8, device=device)
         mm = torch._int_mm
     else:
-        a = torch.randn(size, size).to(dtype)
+        a = torch.randn(size, size, device=device).to(dtype)
         mm = torch.mm
     mm(a, a)
+    sync(device)
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
         mm(a, a)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * size ** 3 / best / 1e9
 
@@ -116,9 +130,10 @@ def planned_flops(models, **params) -> int:
     return sum(method.plan_tensor(k, tuple(v.shape), v.dtype, len(models))["flops"] for k, v in models[0].items())
 
 
-def gemm_floor(models, rank: float, peaks) -> float:
-    """Seconds the default's large GEMMs alone take at this run's peaks: per task, the 2q + 1 int8 range-finder
-    passes (2 m n w each) at the int8 peak and the float32 projection pass at the float32 peak (a second one, where
+def gemm_floor(models, rank: float, peaks, device="cpu") -> float:
+    """Seconds the default's large GEMMs alone take at this run's peaks: per task, the 2q + 1 range-finder passes
+    (2 m n w each) at the peak of the sketch dtype the default picks on `device` (int8 on CPUs with VNNI/AMX,
+    bfloat16 on GPUs) and the float32 projection pass at the float32 peak (a second one, where
     the one-pass check declines, is not counted), and per matrix the float32 reconstruction (2 m n T k). QRs,
     Grams, eigenproblems, rounding and copies are left out, so no implementation of this algorithm at its accuracy
     (tests/test_linalg.py) runs faster than this."""
@@ -128,7 +143,7 @@ def gemm_floor(models, rank: float, peaks) -> float:
         m, n = v.shape
         k = resolve_rank(rank, m, n)
         w, q = sketch_width(k), power_iterations(k, m, n)
-        low = resolve_sketch_dtype("auto", k, m, n, "cpu")
+        low = resolve_sketch_dtype("auto", k, m, n, device)
         total += T * (2 * q + 1) * 2 * m * n * w / (peaks[low] * 1e9)
         total += (T * 2 * m * n * w + 2 * m * n * T * k) / (peaks[torch.float32] * 1e9)
     return total
@@ -224,6 +239,9 @@ def main(argv=None):
     ap.add_argument("--energy", type=float, default=None, help="also time energy mode with this fraction")
     ap.add_argument("--contend", action="store_true", help="quiet vs one busy process, thread policies (only)")
     ap.add_argument("--ab-tasks", action="store_true", help="tasks in parallel vs one at a time (only)")
+    ap.add_argument("--device", default="cpu",
+                    help="where every approach runs (cpu, cuda); the models are built on the CPU and copied there "
+                         "first, outside the timings")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,25 +250,33 @@ def main(argv=None):
         return contend(args)
     if args.ab_tasks:
         return ab_tasks(args)
-    peaks = {dt: gemm_peak(dt) for dt in (torch.float32, torch.bfloat16, torch.int8)}
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    # the dtypes this device multiplies fast (the ones the default may pick); a bf16 GEMM on a CPU without
+    # AVX512-BF16/AMX is emulated, ~40x slower than float32 (AMD EPYC, AVX2 only, 2026-12-04: 512^3 in 0.20 s
+    # against 0.005 s), and would only measure the emulation
+    peak_dtypes = ((torch.float32,) + ((torch.bfloat16,) if fast_bf16_matmul(dev) else ())
+                   + ((torch.int8,) if fast_int8_matmul(dev) else ()))
+    peaks = {dt: gemm_peak(dt, device=dev) for dt in peak_dtypes}
 
     models = make_models(args.blocks, args.tasks, args.decay, which=args.set)
+    on_dev = [{k: v.to(dev) for k, v in m.items()} for m in models] if cuda else models
     n_mat = len(models[0])
     params = sum(v.numel() for v in models[0].values())
     print(f"{args.tasks} tasks x {n_mat} matrices ({params / 1e6:.1f} M params per model), rank {args.rank}, "
           f"lambda {args.lam}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+          f"{torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine()}")
 
     def ours(**kw):
         return lambda sub: cm.cart(sub, rank=args.rank, lam=args.lam, select="all2d", **kw)
 
-    auto = str(resolve_sketch_dtype("auto", 1, *SHAPES["mlp.c_fc.weight"], "cpu")).replace("torch.", "")
+    auto = str(resolve_sketch_dtype("auto", 1, *SHAPES["mlp.c_fc.weight"], dev)).replace("torch.", "")
     approaches = {  # label -> function of a list of single-matrix state dicts
         "official approach (full SVD, then slice)": lambda sub: official_style(sub, args.rank, args.lam),
         f"centered_merge, randomized, default ({auto} sketch)": ours(),
         "centered_merge, randomized, float32 sketch": ours(sketch_dtype="float32"),
     }
-    if auto != "bfloat16":  # the previous CPU default, timed in the same run
+    if auto != "bfloat16" and torch.bfloat16 in peaks:  # the previous CPU default, timed in the same run
         approaches["centered_merge, randomized, bfloat16 sketch"] = ours(sketch_dtype="bfloat16")
     if args.with_exact:
         approaches["centered_merge, svd=exact"] = ours(svd="exact")
@@ -261,8 +287,13 @@ def main(argv=None):
     seconds = dict.fromkeys(labels, 0.0)
     merged = {label: {} for label in labels}
     by_shape = {}  # (label, shape) -> seconds
+    if cuda:  # the first call of each approach on the device pays for contexts and library handles: not timed
+        first = next(iter(models[0]))
+        for label in labels:
+            approaches[label]([{first: m[first]} for m in on_dev])
+        sync(dev)
     for i, name in enumerate(models[0]):
-        sub = [{name: m[name]} for m in models]
+        sub = [{name: m[name]} for m in on_dev]
         shape = tuple(models[0][name].shape)
         for j in range(len(labels)):
             label = labels[(i + j) % len(labels)]
@@ -270,25 +301,31 @@ def main(argv=None):
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
                 out = approaches[label](sub)
+                sync(dev)
                 best = min(best, time.perf_counter() - t0)
             seconds[label] += best
             by_shape[label, shape] = by_shape.get((label, shape), 0.0) + best
-            merged[label][name] = out[name]
+            merged[label][name] = out[name].cpu()
 
     ref_label, default_label = labels[0], labels[1]
     t_ref = seconds[ref_label]
     for dt in peaks:
-        peaks[dt] = max(peaks[dt], gemm_peak(dt))
+        peaks[dt] = max(peaks[dt], gemm_peak(dt, device=dev))
     flops = {label: planned_flops(models, rank=args.rank) for label in labels[1:]
              if label.startswith("centered_merge, randomized")}  # the plan's count does not depend on the dtype
     print(f"load average after: {os.getloadavg()}")
-    print(f"GEMM peak measured in this run: float32 {peaks[torch.float32]:.0f} GFLOP/s, "
-          f"bfloat16 {peaks[torch.bfloat16]:.0f} GFLOP/s, int8 {peaks[torch.int8]:.0f} Gop/s")
+    print(f"GEMM peak measured in this run ({dev.type}): float32 {peaks[torch.float32]:.0f} GFLOP/s"
+          + (f", bfloat16 {peaks[torch.bfloat16]:.0f} GFLOP/s" if torch.bfloat16 in peaks else "")
+          + (f", int8 {peaks[torch.int8]:.0f} Gop/s" if torch.int8 in peaks else ""))
     print(f"{'approach':<58}{'seconds':>10}{'speed-up':>10}{'GFLOP/s':>10}")
     for label in labels:
         rate = f"{flops[label] / seconds[label] / 1e9:10.0f}" if label in flops else ""
         print(f"{label:<58}{seconds[label]:>10.2f}{t_ref / seconds[label]:>10.2f}{rate}")
-    floor = gemm_floor(models, args.rank, peaks)
+    rate = flops[default_label] / seconds[default_label] / 1e9
+    print(f"default: {rate / 1e3:.2f} TFLOP/s achieved, "
+          + (f"{rate / peaks[torch.bfloat16]:.1%} of the bfloat16 and " if torch.bfloat16 in peaks else "")
+          + f"{rate / peaks[torch.float32]:.1%} of the float32 GEMM peak")
+    floor = gemm_floor(models, args.rank, peaks, dev)
     print(f"the default's large GEMMs alone at this run's peaks: {floor:.2f} s, i.e. at most "
           f"{t_ref / floor:.1f}x the official approach for this algorithm (default: {seconds[default_label] / floor:.2f}x "
           "that floor)")

@@ -11,11 +11,17 @@ vocab 32000; the number of layers sets the size), then, in one run:
                 process, timed inside that process after imports; peak anonymous memory (RssAnon polled every
                 5 ms) above the child's RssAnon after imports
   ratio         each merge ÷ (read floor + write floor)
+  bus floors    with --device cuda: every input byte copied host-to-device and the output's bytes device-to-host,
+                from a reused pinned buffer, and the merges against read + copies + write as well
   merge CPU s   the child's user + sys time during the merge, all threads: a figure that moves less than the
                 wall time on a shared machine
 
     python bench/bench_io_floor.py --size-gb 1 --T 4
     python bench/bench_io_floor.py --size-gb 0.5 --T 4 --cache cold
+    python bench/bench_io_floor.py --size-gb 1 --T 4 --device cuda --methods weight_average task_arithmetic ties cart
+
+--methods cart adds CART (rank 0.12, lambda 2; its inputs are the T models, no base): minutes on this project's
+2-core CPU, which is why it is not in the default list.
 
 --cache warm (default) reads the inputs once before each timed step, so all of them are in the page cache
 (they must fit in RAM); --cache cold drops them first (posix_fadvise DONTNEED on our own files only).
@@ -154,6 +160,29 @@ def write_floor(out: Path, nbytes: int, shard_size: int) -> float:
     except OSError:  # no O_DIRECT here (tmpfs, ...): the writer writes buffered too
         shutil.rmtree(out, ignore_errors=True)
     return min(ways)
+
+
+def copy_floor(nbytes: int, device: str, to_device: bool) -> float:
+    """nbytes copied between one reused pinned host buffer (CHUNK bytes) and the GPU, chunk by chunk, then synced:
+    the host-to-device floor of a GPU merge's inputs (to_device) or the device-to-host floor of its output. Best
+    of three passes (the first also pays for the pinned allocation's first touch)."""
+    import torch
+
+    host = torch.empty(CHUNK, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(CHUNK, dtype=torch.uint8, device=device)
+    dst, src = (dev, host) if to_device else (host, dev)
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        left = nbytes
+        while left > 0:
+            n = min(left, CHUNK)
+            dst[:n].copy_(src[:n], non_blocking=True)
+            left -= n
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 # --- ways of reading (--compare-reads) ---------------------------------------------------------------------------
@@ -331,7 +360,10 @@ METHODS = {
     "weight_average": {},
     "task_arithmetic": {"lam": 0.3},
     "ties": {"density": 0.2, "lam": 1.0},
+    "cart": {"rank": 0.12, "lam": 2.0},  # not in the default list: minutes on a CPU; with --device cuda, seconds
 }
+DEFAULT_METHODS = ["weight_average", "task_arithmetic", "ties"]
+NO_BASE = {"weight_average", "cart"}  # the methods that read no base model
 
 
 def child(spec) -> None:
@@ -355,7 +387,7 @@ def child(spec) -> None:
     f0 = _faults()
     c0 = os.times()
     t0 = time.perf_counter()
-    rep = cm.merge_checkpoints(models, out, method=method, base=base if method != "weight_average" else None,
+    rep = cm.merge_checkpoints(models, out, method=method, base=None if method in NO_BASE else base,
                                progress=False, shard_size=spec["shard_size"], device=spec["device"],
                                read_ahead=spec["read_ahead"], write_queue=spec["write_queue"], **METHODS[method])
     secs = time.perf_counter() - t0
@@ -376,7 +408,7 @@ def main():
     ap.add_argument("--size-gb", type=float, default=1.0, help="size of each checkpoint (default 1)")
     ap.add_argument("--T", type=int, default=4, help="number of fine-tuned models (a base is added)")
     ap.add_argument("--cache", choices=("warm", "cold"), default="warm")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     ap.add_argument("--shard-size", type=int, default=5 * 10**9)
     ap.add_argument("--device", default="cpu", help="the merges' device (cpu, cuda)")
     ap.add_argument("--read-ahead", type=int, default=2, help="the merges' read_ahead (tensors; default 2)")
@@ -435,14 +467,18 @@ def main():
         # On this VM one run's figures move by up to 2x with what the previous step left (fresh against reused page
         # cache pages, writeback of the last output): 20:21-20:31 UTC, two single runs of the same code gave
         # weight_average 3.01x and 1.83x the floor. Best of N for the floors and for the merge alike.
+        cuda = args.device.startswith("cuda")
         runs = {m: [] for m in args.methods}
         load0 = os.getloadavg()[0]
         for rnd in range(args.rounds):
             for method in args.methods:
-                inputs = models + ([] if method == "weight_average" else [base])
+                inputs = models + ([] if method in NO_BASE else [base])
                 prepare(inputs, args.cache)
                 rf = read_floor(inputs)
                 wf = write_floor(root / "wfloor", size, args.shard_size)
+                if cuda:
+                    h2d = copy_floor(sum(f.stat().st_size for f in files_of(inputs)), args.device, True)
+                    d2h = copy_floor(size, args.device, False)
                 spec = {"models": models, "base": base, "out": str(root / "out"), "method": method,
                         "cache": args.cache, "shard_size": args.shard_size, "device": args.device,
                         "read_ahead": args.read_ahead, "write_queue": args.write_queue}
@@ -454,6 +490,8 @@ def main():
                     raise SystemExit(f"merge failed: {method}")
                 res = json.loads(line[0][7:])
                 res.update(read_floor=rf, write_floor=wf, inputs=len(inputs))
+                if cuda:
+                    res.update(h2d_floor=h2d, d2h_floor=d2h)
                 runs[method].append(res)
                 print(f"# round {rnd + 1}, {method}: merge {res['seconds']:.2f} s, read floor {rf:.2f} s, write floor "
                       f"{wf:.2f} s, peak anon +{res['peak_anon'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
@@ -462,6 +500,8 @@ def main():
             best = dict(min(rs, key=lambda r: r["seconds"]))  # the fastest merge, with its own CPU, faults, timings
             best.update(read_floor=min(r["read_floor"] for r in rs), write_floor=min(r["write_floor"] for r in rs),
                         peak_anon=max(r["peak_anon"] for r in rs), all_seconds=[r["seconds"] for r in rs])
+            if cuda:
+                best.update(h2d_floor=min(r["h2d_floor"] for r in rs), d2h_floor=min(r["d2h_floor"] for r in rs))
             rows[method] = best
         largest = VOCAB * HIDDEN * 2  # the embedding / head, bf16
         print(f"\n{args.T} models + base, {size / 1e9:.2f} GB each ({layers} layers, bf16), cache {args.cache}; "
@@ -480,6 +520,18 @@ def main():
                   f"{r['peak_anon'] / largest:.1f} | {r['minor_faults']} | "
                   + " / ".join(f"{t.get(k, 0):.2f}" for k in ("read", "compute", "write", "finish")) + " | "
                   + ", ".join(f"{x:.2f}" for x in r["all_seconds"]) + " |")
+        if cuda:  # a GPU merge's floors also hold the copies over the bus: the inputs up, the output down
+            print(f"\nOn {args.device}: host-to-device and device-to-host copies from a reused pinned buffer, "
+                  "best of the rounds")
+            print("\n| method | read floor s | host-to-device s | device-to-host s | write floor s | merge s | "
+                  "merge ÷ (read + write) | merge ÷ (read + up + down + write) | merge ÷ read floor |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            for method, r in rows.items():
+                host = r["read_floor"] + r["write_floor"]
+                bus = host + r["h2d_floor"] + r["d2h_floor"]
+                print(f"| {method} | {r['read_floor']:.2f} | {r['h2d_floor']:.3f} | {r['d2h_floor']:.3f} | "
+                      f"{r['write_floor']:.2f} | {r['seconds']:.2f} | {r['seconds'] / host:.2f} | "
+                      f"{r['seconds'] / bus:.2f} | {r['seconds'] / r['read_floor']:.2f} |")
     finally:
         if args.work:
             for p in scratch:

@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU (`make gpu-check`): builds the extension with its CUDA kernels,
-# runs every CUDA test with the kernels opted in (CENTERED_MERGE_BACKEND=native), the kernel benchmark and a CART
-# merge benchmark on the device, and prints one summary. Budget: under 8 minutes on one GPU (each step has its own
-# timeout). Without a GPU (or with a CPU-only torch) it stops at once with the reason and exit code 2.
+# runs every CUDA test with the kernels opted in (CENTERED_MERGE_BACKEND=native), then the GPU benchmarks:
+#   io_floor      bench/bench_io_floor.py --device cuda on the 4 x 0.5 B bf16 set (1 GB per model): weight_average,
+#                 task_arithmetic, ties and cart end to end against the host read floor, the host-to-device and
+#                 device-to-host copy floors and the write floor (issue 10 item 5, issue 12 item 4)
+#   cart_vit      bench/bench_cart_speed.py --device cuda, ViT-B/32 blocks x 8 tasks: achieved TFLOP/s against the
+#   cart_llama    GPU's measured GEMM peaks, and the Llama-shaped layer x 4 tasks (issue 12 item 4)
+#   bench_kernels the native CUDA kernels against their torch twins on the GPU
+#   bench_cart    a CART merge of 48 ViT-B matrices x 8 tasks, GPU against this host's CPU
+# and prints one summary. Budget: about 8 minutes on one H200 (each step has its own timeout). Without a GPU (or
+# with a CPU-only torch) it stops at once with the reason and exit code 2. If the build fails, the benchmarks
+# still run, on the torch twins, and the check fails.
 #
 #   PY=path/to/python bench/gpu_check.sh      # a python whose torch is a CUDA build (default .venv/bin/python)
+#   GPU_CHECK_OUT=dir                         # where the logs go (default build/gpu_check)
+#   GPU_CHECK_TAR=file.tgz                    # also pack the logs into this file after every step
 #
 # Only after this has passed on a real GPU may backend.CUDA_VALIDATED be set to True (with the figures in the
 # README); until then `auto` runs the torch twins on CUDA.
@@ -12,12 +22,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${GPU_CHECK_OUT:-build/gpu_check}
+TAR=${GPU_CHECK_TAR:-}
 mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1  # the benchmarks import the checkout
 START=$(date +%s)
 declare -a SUMMARY
 
-step() {  # step NAME TIMEOUT_S COMMAND...
-  local name=$1 limit=$2
+step() {  # [TAIL=lines] step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2 lines=${TAIL:-3}
   shift 2
   local t0=$(date +%s)
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -27,7 +39,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   [ $rc -eq 0 ] || verdict="FAIL (exit $rc$([ $rc -eq 124 ] && echo ', timed out'))"
   SUMMARY+=("$(printf '%-14s %-28s %4ss  %s' "$name" "$verdict" "$dt" "$OUT/$name.log")")
   echo "== $name: $verdict in ${dt}s"
-  tail -n 3 "$OUT/$name.log" | sed 's/^/   /'
+  tail -n "$lines" "$OUT/$name.log" | sed 's/^/   /'
+  [ -z "$TAR" ] || tar czf "$TAR" -C "$OUT" .
   return $rc
 }
 
@@ -51,15 +64,30 @@ FAILED=0
 ARCH=$("$PY" -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}')")
 step build 300 env CENTERED_MERGE_CUDA=on CMAKE_CUDA_ARCHITECTURES="$ARCH" \
   "$PY" -m pip install -q --no-build-isolation --no-deps -e . || FAILED=1
-step build_info 60 "$PY" -c "
+if step build_info 60 "$PY" -c "
 import centered_merge, json, sys
 i = centered_merge.build_info(); print(json.dumps(i, indent=1))
-sys.exit(0 if i['cuda_native_usable'] and i['backend']['cuda'] == 'native' else 'native CUDA kernels not usable')" || FAILED=1
+sys.exit(0 if i['cuda_native_usable'] and i['backend']['cuda'] == 'native' else 'native CUDA kernels not usable')"; then
+  NATIVE=1
+else
+  FAILED=1 NATIVE=0
+  unset CENTERED_MERGE_BACKEND  # the benchmarks below then run on the torch twins; the check has failed anyway
+fi
 # 2. every CUDA test (kernels vs twins and vs the CPU kernels, streams, devices, the engine's CUDA paths)
-step cuda_tests 240 "$PY" -m pytest -q -p no:cacheprovider tests -k "cuda or CUDA" -rs || FAILED=1
-# 3. the kernel benchmark on the device (native CUDA kernel vs the torch twin on the GPU)
-step bench_kernels 120 "$PY" bench/bench_kernels.py --device cuda --repeats 5 --json "$OUT/bench_kernels.json" || FAILED=1
-# 4. a CART merge on the device: 8 fine-tunes of a 12-block ViT-B-sized stack, GPU vs this host's CPU
+if [ $NATIVE -eq 1 ]; then
+  XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+  TAIL=8 step cuda_tests 240 "$PY" -m pytest -q -p no:cacheprovider $XDIST tests -k "cuda or CUDA" -rfE || FAILED=1
+fi
+# 3. the floors and the merges end to end on the 4 x 0.5 B bf16 set (checkpoints built in /tmp, deleted after)
+TAIL=22 step io_floor 240 "$PY" bench/bench_io_floor.py --size-gb 1 --T 4 --rounds 1 --device cuda \
+  --methods weight_average task_arithmetic ties cart || FAILED=1
+# 4. CART's randomized SVD on the GPU: achieved TFLOP/s against the GEMM peaks measured in the same run
+TAIL=20 step cart_vit 120 "$PY" bench/bench_cart_speed.py --device cuda --blocks 2 --repeats 3 || FAILED=1
+TAIL=20 step cart_llama 120 "$PY" bench/bench_cart_speed.py --device cuda --set llama --tasks 4 --blocks 1 \
+  --repeats 2 || FAILED=1
+# 5. the kernel benchmark on the device (native CUDA kernel vs the torch twin on the GPU)
+TAIL=12 step bench_kernels 120 "$PY" bench/bench_kernels.py --device cuda --repeats 5 --json "$OUT/bench_kernels.json" || FAILED=1
+# 6. a CART merge on the device: 8 fine-tunes of a 12-block ViT-B-sized stack, GPU vs this host's CPU
 step bench_cart 150 "$PY" - <<'PY' || FAILED=1
 import time, torch, centered_merge as cm
 g = torch.Generator().manual_seed(0)
