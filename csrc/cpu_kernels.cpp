@@ -425,6 +425,45 @@ uint32_t select_in_range(uint32_t* a, int64_t m, int64_t pos, uint32_t lo, uint3
   return a[pos];  // the survivors are equal (or one is left)
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Helpers of the AVX2 build's vector paths (TIES's band sweep and merge pass), which the AVX-512 build does with
+// mask registers and its own instructions.
+// 8 bfloat16 values at p as float32, in a register (exact: a bf16 is the top half of its float32)
+inline __m256 load_bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+// unsigned a <= b per 32-bit lane, all ones where true (AVX2 compares only signed integers)
+inline __m256i le_epu32(__m256i a, __m256i b) { return _mm256_cmpeq_epi32(_mm256_min_epu32(a, b), a); }
+// one bit per lane of an all-ones-where-true lane mask
+inline int lane_bits(__m256i m) { return _mm256_movemask_ps(_mm256_castsi256_ps(m)); }
+inline int64_t sum_epi32(__m256i v) {
+  alignas(32) int32_t l[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(l), v);
+  int64_t s = 0;
+  for (int k = 0; k < 8; ++k) s += l[k];
+  return s;
+}
+// kCompress.idx[m]: the lanes set in the 8-bit mask m, in order, then zeros: the permutation that packs them to
+// the front (AVX2 has no compress instruction; this is the usual lookup table, 2 KiB)
+struct CompressTable {
+  uint8_t idx[256][8];
+  constexpr CompressTable() : idx() {
+    for (int m = 0; m < 256; ++m) {
+      int c = 0;
+      for (int l = 0; l < 8; ++l)
+        if (m >> l & 1) idx[m][c++] = uint8_t(l);
+    }
+  }
+};
+constexpr CompressTable kCompress{};
+// the lanes of v selected by the 8-bit mask m, packed to the front (the other lanes hold copies of lane 0)
+inline __m256i compress8(__m256i v, int m) {
+  const __m128i i8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress.idx[m]));
+  return _mm256_permutevar8x32_epi32(v, _mm256_cvtepu8_epi32(i8));
+}
+#endif
+
 // One block of the sampled select's sweep: returns how many bits[i] > hi, and appends those in [lo, hi] to
 // dst[m..] while m < cap (m counts them all, so an overflow shows as m > cap). dst has kBandSlack entries past
 // cap, which the vector path may write.
@@ -442,6 +481,17 @@ int64_t band_block(const uint32_t* __restrict bits, int64_t len, uint32_t lo, ui
     // compress in a register, then one full store (kBandSlack past cap): vpcompressd to memory is microcoded
     // and slow on Zen 4 (it was most of this sweep's time there)
     if (mm <= cap) _mm512_storeu_si512(dst + mm, _mm512_maskz_compress_epi32(in, v));
+    mm += __builtin_popcount(in);
+  }
+#elif defined(__AVX2__)
+  const __m256i vl = _mm256_set1_epi32(int(lo)), vw = _mm256_set1_epi32(int(w));
+  const __m256i bias = _mm256_set1_epi32(int(0x80000000u)), vhb = _mm256_set1_epi32(int(hi ^ 0x80000000u));
+  for (; i + 8 <= len; i += 8) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i));
+    // bits > hi, unsigned: a signed compare with both sides' top bit flipped
+    above += __builtin_popcount(lane_bits(_mm256_cmpgt_epi32(_mm256_xor_si256(v, bias), vhb)));
+    const int in = lane_bits(le_epu32(_mm256_sub_epi32(v, vl), vw));
+    if (mm <= cap) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + mm), compress8(v, in));  // kBandSlack
     mm += __builtin_popcount(in);
   }
 #endif
@@ -481,6 +531,30 @@ int64_t band_bf16(const uint16_t* __restrict x, const void* bb_, int64_t len, ui
     a += __builtin_popcount(_mm512_cmpgt_epu32_mask(v, vh));
     const __mmask16 inside = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vl), vw);
     if (mm <= cap) _mm512_storeu_si512(dst + mm, _mm512_maskz_compress_epi32(inside, v));  // as in band_block
+    mm += __builtin_popcount(inside);
+  }
+  m = mm;
+  above += a;
+  return i;
+}
+#elif defined(__AVX2__)
+// band_bf16 of the AVX-512 build, 8 entries at a time (band_block's AVX2 compares and compress)
+template <bool BaseBF16>
+int64_t band_bf16(const uint16_t* __restrict x, const void* bb_, int64_t len, uint32_t lo, uint32_t hi,
+                  uint32_t* __restrict dst, int64_t cap, int64_t& m, int64_t& above) {
+  const float* __restrict bb = static_cast<const float*>(bb_);
+  const uint16_t* __restrict b16 = static_cast<const uint16_t*>(bb_);
+  const __m256i vl = _mm256_set1_epi32(int(lo)), vw = _mm256_set1_epi32(int(hi - lo));
+  const __m256i bias = _mm256_set1_epi32(int(0x80000000u)), vhb = _mm256_set1_epi32(int(hi ^ 0x80000000u));
+  const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
+  int64_t i = 0, mm = m, a = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256 b = BaseBF16 ? load_bf16x8(b16 + i) : _mm256_loadu_ps(bb + i);
+    const __m256 tau = _mm256_sub_ps(load_bf16x8(x + i), b);
+    const __m256i v = _mm256_and_si256(_mm256_castps_si256(tau), absmask);
+    a += __builtin_popcount(lane_bits(_mm256_cmpgt_epi32(_mm256_xor_si256(v, bias), vhb)));
+    const int inside = lane_bits(le_epu32(_mm256_sub_epi32(v, vl), vw));
+    if (mm <= cap) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + mm), compress8(v, inside));
     mm += __builtin_popcount(inside);
   }
   m = mm;
@@ -581,7 +655,7 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
   uint32_t* const band = band_store.data();
   Buf<int64_t> above(size_t(ch.count) * T, 0), count(size_t(ch.count) * T, 0);
   bool inline_base = false;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
   inline_base = bd == kBF16;
   for (int t = 0; t < T; ++t) inline_base = inline_base && (!todo[t] || cap[t] <= 0 || in.dtype[t] == kBF16);
 #endif
@@ -598,7 +672,7 @@ void select_sampled(const InputList& in, const void* base, int32_t bd, int64_t n
         if (!todo[t] || cap[t] <= 0) continue;
         const size_t slot = size_t(j) * T + t;
         int64_t done = 0;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
         if (in.dtype[t] == kBF16) {  // |tau| bits formed in registers (same arithmetic as abs_tau_bits)
           const uint16_t* xt = static_cast<const uint16_t*>(in.ptr[t]) + off;
           done = inline_base ? band_bf16<true>(xt, static_cast<const uint16_t*>(base) + off, len, lo[t], hi[t],
@@ -830,6 +904,48 @@ constexpr int64_t kTile = 512;
 
 using TiesPlainFn = int64_t (*)(const void* const*, const float*, const uint32_t*, const void*, int64_t, int64_t,
                                 float, bool, float*, uint16_t*, int64_t&);
+// Elements [i, len) of a ties_plain tile, one at a time (the vector paths' arithmetic, per element): the tail a
+// vector does not fill. Returns the non-finite tau_t entries; adds the non-finite bfloat16 outputs to `bad`.
+template <int T, bool InF32, bool BaseBF16>
+int64_t ties_plain_tail(const void* const* x, const float* w, const uint32_t* thr, const void* bb_, int64_t pos,
+                        int64_t i, int64_t len, float lam, bool normalize, float* __restrict o,
+                        uint16_t* __restrict out16, int64_t& bad) {
+  const float* __restrict bb = static_cast<const float*>(bb_);
+  const uint16_t* __restrict b16 = static_cast<const uint16_t*>(bb_);
+  int64_t nf = 0;
+  for (; i < len; ++i) {
+    const float b = BaseBF16 ? bf16_to_f32(b16[i]) : bb[i];
+    float d[T];
+    float e = 0.0f;
+    for (int t = 0; t < T; ++t) {
+      const float xv = InF32 ? static_cast<const float*>(x[t])[pos + i]
+                             : bf16_to_f32(static_cast<const uint16_t*>(x[t])[pos + i]);
+      const float tau = xv - b;
+      const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
+      d[t] = (u >= thr[t] && u <= 0x7F800000u ? tau : 0.0f) * w[t];
+      e += d[t];
+      nf += u >= 0x7F800000u ? 1 : 0;
+    }
+    const float el = e >= 0.0f ? 1.0f : -1.0f;
+    float mixed = 0.0f, dv = 0.0f;
+    for (int t = 0; t < T; ++t) {
+      const bool agree = sign_of(d[t]) == el;
+      mixed += agree ? d[t] : 0.0f;
+      dv += agree ? w[t] : 0.0f;
+    }
+    const float q = normalize ? mixed / (dv == 0.0f ? 1.0f : dv) : mixed;
+    const float sc = q * lam;
+    const float y = sc + b;
+    if (out16) {
+      out16[i] = f32_to_bf16(y);
+      bad += (out16[i] & 0x7F80u) == 0x7F80u ? 1 : 0;
+    } else {
+      o[i] = y;
+    }
+  }
+  return nf;
+}
+
 #if defined(__AVX512F__)
 // The merge pass over one tile whose keep rules need no position in it: task t keeps the entries with
 // thr[t] <= |tau| bits <= +Inf (thr is its threshold where its equal entries are all kept here, one above it where
@@ -904,39 +1020,88 @@ int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, co
   }
   nf += _mm512_reduce_add_epi32(nfv);
   bad += _mm512_reduce_add_epi32(badv);
-  for (; i < len; ++i) {  // the tail, one element at a time (same arithmetic)
-    const float b = BaseBF16 ? bf16_to_f32(b16[i]) : bb[i];
-    float d[T];
-    float e = 0.0f;
-    for (int t = 0; t < T; ++t) {
-      const float xv = InF32 ? static_cast<const float*>(x[t])[pos + i]
-                             : bf16_to_f32(static_cast<const uint16_t*>(x[t])[pos + i]);
-      const float tau = xv - b;
-      const uint32_t u = f32_bits(tau) & 0x7FFFFFFFu;
-      d[t] = (u >= thr[t] && u <= 0x7F800000u ? tau : 0.0f) * w[t];
-      e += d[t];
-      nf += u >= 0x7F800000u ? 1 : 0;
-    }
-    const float el = e >= 0.0f ? 1.0f : -1.0f;
-    float mixed = 0.0f, dv = 0.0f;
-    for (int t = 0; t < T; ++t) {
-      const bool agree = sign_of(d[t]) == el;
-      mixed += agree ? d[t] : 0.0f;
-      dv += agree ? w[t] : 0.0f;
-    }
-    const float q = normalize ? mixed / (dv == 0.0f ? 1.0f : dv) : mixed;
-    const float sc = q * lam;
-    const float y = sc + b;
-    if (out16) {
-      out16[i] = f32_to_bf16(y);
-      bad += (out16[i] & 0x7F80u) == 0x7F80u ? 1 : 0;
-    } else {
-      o[i] = y;
-    }
-  }
+  nf += ties_plain_tail<T, InF32, BaseBF16>(x, w, thr, bb_, pos, i, len, lam, normalize, o, out16, bad);
   return nf;
 }
 
+#elif defined(__AVX2__)
+
+// ties_plain of the AVX-512 build above, 8 elements at a time with AVX2: the same operations in the same order,
+// so the same bits. Lane masks are all-ones vectors instead of mask registers: a masked move becomes an AND (+0.0
+// where the lane is off, as a zeroing move gives), a masked increment a subtraction of the mask. The AVX-512 body
+// was not folded into one template with this one: the machine this was written on (2026-12-04, an AVX2-only AMD
+// EPYC) cannot run AVX-512 code to test such a rewrite. Measured there (2 threads, one 5632 x 2048 bf16 tensor,
+// T = 4, density 0.2, best of 5 calls): the whole TIES kernel 263 ms with the tile loop (its agreement and mean
+// loops ran scalar, vaddss/vucomiss and branches per element) against the figure in docs/kernels.md.
+template <int T, bool InF32, bool BaseBF16>
+int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, const void* bb_, int64_t pos,
+                   int64_t len, float lam, bool normalize, float* __restrict o, uint16_t* __restrict out16,
+                   int64_t& bad) {
+  const float* __restrict bb = static_cast<const float*>(bb_);
+  const uint16_t* __restrict b16 = static_cast<const uint16_t*>(bb_);
+  const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF), inf = _mm256_set1_epi32(0x7F800000),
+                finmax = _mm256_set1_epi32(0x7F7FFFFF);
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), vlam = _mm256_set1_ps(lam);
+  const __m256i rnd = _mm256_set1_epi32(0x7FFF), ones = _mm256_set1_epi32(1), qnan = _mm256_set1_epi32(0x7FC0),
+                expo = _mm256_set1_epi32(0x7F80), signbit = _mm256_set1_epi32(int(0x80000000u));
+  __m256 wt[T];
+  __m256i th[T], span[T];  // kept: u - th <= span (unsigned), i.e. th <= u <= +Inf; none where th > +Inf
+  for (int t = 0; t < T; ++t) {
+    wt[t] = _mm256_set1_ps(w[t]);
+    const bool none = thr[t] > 0x7F800000u;
+    th[t] = _mm256_set1_epi32(int(none ? 0x80000000u : thr[t]));  // u < 2^31, so u - 2^31 wraps above span 0
+    span[t] = _mm256_set1_epi32(int(none ? 0u : 0x7F800000u - thr[t]));
+  }
+  __m256i nfv = _mm256_setzero_si256(), badv = _mm256_setzero_si256();  // per-lane counts (< 2^31 per call)
+  int64_t nf = 0, i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256 b = BaseBF16 ? load_bf16x8(b16 + i) : _mm256_loadu_ps(bb + i);
+    __m256 d[T];
+    __m256 e = zero;
+    for (int t = 0; t < T; ++t) {
+      const __m256 xv = InF32 ? _mm256_loadu_ps(static_cast<const float*>(x[t]) + pos + i)
+                              : load_bf16x8(static_cast<const uint16_t*>(x[t]) + pos + i);
+      const __m256 tau = _mm256_sub_ps(xv, b);
+      const __m256i u = _mm256_and_si256(_mm256_castps_si256(tau), absmask);
+      const __m256i kept = le_epu32(_mm256_sub_epi32(u, th[t]), span[t]);  // NaN: never
+      d[t] = _mm256_mul_ps(_mm256_and_ps(_mm256_castsi256_ps(kept), tau), wt[t]);  // (kept ? tau : 0) * w
+      e = _mm256_add_ps(e, d[t]);
+      nfv = _mm256_sub_epi32(nfv, _mm256_cmpgt_epi32(u, finmax));  // NaN or +-Inf (u < 2^31: signed compare)
+    }
+    // the elected sign's sign bit: 0 for +1 (e >= 0, a zero sum too), 1 for -1 (e < 0 or NaN)
+    const __m256i el = _mm256_andnot_si256(_mm256_castps_si256(_mm256_cmp_ps(e, zero, _CMP_GE_OQ)), signbit);
+    __m256 mixed = zero, dv = zero;
+    for (int t = 0; t < T; ++t) {
+      // sign_of(d) == elected sign  <=>  d with the elected sign's bit flipped in is > 0 (false for +-0 and NaN)
+      const __m256 agree =
+          _mm256_cmp_ps(_mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(d[t]), el)), zero, _CMP_GT_OQ);
+      mixed = _mm256_add_ps(mixed, _mm256_and_ps(agree, d[t]));
+      dv = _mm256_add_ps(dv, _mm256_and_ps(agree, wt[t]));
+    }
+    __m256 q = mixed;
+    if (normalize) q = _mm256_div_ps(mixed, _mm256_blendv_ps(dv, one, _mm256_cmp_ps(dv, zero, _CMP_EQ_OQ)));
+    const __m256 y = _mm256_add_ps(_mm256_mul_ps(q, vlam), b);
+    if (out16) {  // f32_to_bf16 in registers: round to nearest even, every NaN to 0x7FC0
+      const __m256i u = _mm256_castps_si256(y);
+      __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_srli_epi32(u, 16), ones)));
+      r = _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), qnan,
+                             _mm256_cmpgt_epi32(_mm256_and_si256(u, absmask), inf));
+      // r < 2^16 in every lane, so the saturating pack is exact
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out16 + i),
+                       _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+      badv = _mm256_sub_epi32(badv, _mm256_cmpeq_epi32(_mm256_and_si256(r, expo), expo));
+    } else {
+      _mm256_storeu_ps(o + i, y);
+    }
+  }
+  nf += sum_epi32(nfv);
+  bad += sum_epi32(badv);
+  nf += ties_plain_tail<T, InF32, BaseBF16>(x, w, thr, bb_, pos, i, len, lam, normalize, o, out16, bad);
+  return nf;
+}
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
 constexpr int kPlainMaxT = 8;  // instantiated for T = 1..8; more tasks take the tile loop
 template <bool InF32, bool BaseBF16>
 TiesPlainFn ties_plain_of(int T) {
@@ -957,7 +1122,7 @@ TiesPlainFn ties_plain_for(int T, bool in_f32, bool base_bf16) {
   return base_bf16 ? ties_plain_of<false, true>(T) : ties_plain_of<false, false>(T);
 }
 #else
-constexpr int kPlainMaxT = 0;  // without AVX-512 every block takes the tile loop
+constexpr int kPlainMaxT = 0;  // without AVX2 every block takes the tile loop
 TiesPlainFn ties_plain_for(int, bool, bool) { return nullptr; }
 #endif
 
