@@ -1031,8 +1031,9 @@ int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, co
 // where the lane is off, as a zeroing move gives), a masked increment a subtraction of the mask. The AVX-512 body
 // was not folded into one template with this one: the machine this was written on (2026-12-04, an AVX2-only AMD
 // EPYC) cannot run AVX-512 code to test such a rewrite. Measured there (2 threads, one 5632 x 2048 bf16 tensor,
-// T = 4, density 0.2, best of 5 calls): the whole TIES kernel 263 ms with the tile loop (its agreement and mean
-// loops ran scalar, vaddss/vucomiss and branches per element) against the figure in docs/kernels.md.
+// T = 4, density 0.2, best of 5 calls in two processes): the whole TIES kernel 263 / 289 ms with the tile loop
+// (its agreement and mean loops ran scalar: vaddss, vucomiss and branches per element, by perf annotate), 68 / 60
+// ms with this path, 35 / 34 ms with the AVX2 band sweep (band_block, band_bf16) as well (docs/kernels.md).
 template <int T, bool InF32, bool BaseBF16>
 int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, const void* bb_, int64_t pos,
                    int64_t len, float lam, bool normalize, float* __restrict o, uint16_t* __restrict out16,
