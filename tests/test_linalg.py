@@ -330,10 +330,11 @@ def test_lowrank_factors_equal_the_svd_route(shape, sketch_dtype):
         assert torch.equal(again[0], lt) and torch.equal(again[1], r)
 
 
-@pytest.mark.parametrize("sketch_dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("sketch_dtype", [torch.float32, torch.int8, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(300, 120), (120, 300)])
 def test_lowrank_factors_batched_over_tasks_equal_one_at_a_time(shape, sketch_dtype):
-    """The batched form (T, m, n) CART uses on GPUs gives each task's factors as the one-matrix call does."""
+    """The batched form (T, m, n) CART uses on GPUs gives each task's factors as the one-matrix call does
+    (bfloat16: the sketch dtype it has there)."""
     a = torch.stack([decaying_matrix(*shape, seed=s) for s in range(3)])
     omega = torch.randn(max(shape), 22, generator=torch.Generator().manual_seed(1))
     lt, r = randomized_lowrank_factors(a, omega, 12, 2, sketch_dtype)

@@ -189,7 +189,7 @@ class Cart(MergeMethod):
             omega = sketch_in(omega, sketch_dt)  # converted once for the T tasks
             q = power_iterations(k, m, c, self.power_iters)
         in_memory = isinstance(inputs, list)  # else lazy: never more than one input read at a time
-        if omega is not None and mean.device.type == "cuda" and in_memory and terms.whole_batch(T, k):
+        if omega is not None and batches_tasks(mean.device) and in_memory and terms.whole_batch(T, k):
             # On a GPU, one batched GEMM / QR / eigh per step for the T tasks instead of T launches of each;
             # costs T float32 copies of the matrix in device memory. (Not used on CPUs: there a batched bf16 GEMM
             # of 8 x 768x3072 @ 3072x115 ran at half the speed of 8 single ones, 181 vs 376 GFLOP/s.)
@@ -262,6 +262,13 @@ class Cart(MergeMethod):
                 generator=generator(int(self.seed), name, "energy"), sketch_dtype=self.sketch_dtype,
             )
         return exact_svd(centered, k)
+
+
+def batches_tasks(device: torch.device) -> bool:
+    """Whether the T tasks' randomized SVDs of a matrix run as one batched call per step: on GPUs, not on CPUs
+    (the measurement in CART._merge_lowrank). A function of its own so that the tests run the GPU's batched branch
+    on a CPU too (tests/test_cart.py), where it must give the per-task merge."""
+    return device.type == "cuda"
 
 
 MAX_INDEX = 1 << 20  # no weight matrix has a million singular values; also bounds what a range may expand to
