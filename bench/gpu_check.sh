@@ -73,10 +73,11 @@ else
   FAILED=1 NATIVE=0
   unset CENTERED_MERGE_BACKEND  # the benchmarks below then run on the torch twins; the check has failed anyway
 fi
-# 2. every CUDA test (kernels vs twins and vs the CPU kernels, streams, devices, the engine's CUDA paths)
+# 2. every CUDA test: the kernels against their twins and the CPU kernels (streams, devices), the kernels API on
+#    cupy arrays where cupy is installed, the engine's CUDA paths (tests/test_engine_cuda.py)
 if [ $NATIVE -eq 1 ]; then
   XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-  TAIL=8 step cuda_tests 240 "$PY" -m pytest -q -p no:cacheprovider $XDIST tests -k "cuda or CUDA" -rfE || FAILED=1
+  TAIL=8 step cuda_tests 240 "$PY" -m pytest -q -p no:cacheprovider $XDIST tests -k "cuda or CUDA or cupy" -rfE || FAILED=1
 fi
 # 3. the floors and the merges end to end on the 4 x 0.5 B bf16 set (checkpoints built in /tmp, deleted after)
 TAIL=22 step io_floor 240 "$PY" bench/bench_io_floor.py --size-gb 1 --T 4 --rounds 1 --device cuda \
