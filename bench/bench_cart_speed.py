@@ -321,10 +321,10 @@ def main(argv=None):
     for label in labels:
         rate = f"{flops[label] / seconds[label] / 1e9:10.0f}" if label in flops else ""
         print(f"{label:<58}{seconds[label]:>10.2f}{t_ref / seconds[label]:>10.2f}{rate}")
-    rate = flops[default_label] / seconds[default_label] / 1e9
-    print(f"default: {rate / 1e3:.2f} TFLOP/s achieved, "
-          + (f"{rate / peaks[torch.bfloat16]:.1%} of the bfloat16 and " if torch.bfloat16 in peaks else "")
-          + f"{rate / peaks[torch.float32]:.1%} of the float32 GEMM peak")
+    achieved = flops[default_label] / seconds[default_label] / 1e9  # GFLOP/s
+    print(f"default: {achieved / 1e3:.2f} TFLOP/s achieved, "
+          + (f"{achieved / peaks[torch.bfloat16]:.1%} of the bfloat16 and " if torch.bfloat16 in peaks else "")
+          + f"{achieved / peaks[torch.float32]:.1%} of the float32 GEMM peak")
     floor = gemm_floor(models, args.rank, peaks, dev)
     print(f"the default's large GEMMs alone at this run's peaks: {floor:.2f} s, i.e. at most "
           f"{t_ref / floor:.1f}x the official approach for this algorithm (default: {seconds[default_label] / floor:.2f}x "

@@ -462,6 +462,21 @@ inline __m256i compress8(__m256i v, int m) {
   const __m128i i8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress.idx[m]));
   return _mm256_permutevar8x32_epi32(v, _mm256_cvtepu8_epi32(i8));
 }
+// The band sweep's test of 8 bit patterns (band_block, band_bf16): counts those above hi, and appends those in
+// [lo, hi] to dst[mm..] while mm <= cap (one full store, kBandSlack past cap; mm counts them all).
+struct Band8 {
+  __m256i vl, vw, bias, vhb;
+  Band8(uint32_t lo, uint32_t hi)
+      : vl(_mm256_set1_epi32(int(lo))), vw(_mm256_set1_epi32(int(hi - lo))),
+        bias(_mm256_set1_epi32(int(0x80000000u))), vhb(_mm256_set1_epi32(int(hi ^ 0x80000000u))) {}
+  void take(__m256i v, uint32_t* __restrict dst, int64_t cap, int64_t& mm, int64_t& above) const {
+    // v > hi, unsigned: a signed compare with both sides' top bit flipped
+    above += __builtin_popcount(lane_bits(_mm256_cmpgt_epi32(_mm256_xor_si256(v, bias), vhb)));
+    const int in = lane_bits(le_epu32(_mm256_sub_epi32(v, vl), vw));  // v - lo <= hi - lo, unsigned
+    if (mm <= cap) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + mm), compress8(v, in));
+    mm += __builtin_popcount(in);
+  }
+};
 #endif
 
 // One block of the sampled select's sweep: returns how many bits[i] > hi, and appends those in [lo, hi] to
@@ -484,16 +499,9 @@ int64_t band_block(const uint32_t* __restrict bits, int64_t len, uint32_t lo, ui
     mm += __builtin_popcount(in);
   }
 #elif defined(__AVX2__)
-  const __m256i vl = _mm256_set1_epi32(int(lo)), vw = _mm256_set1_epi32(int(w));
-  const __m256i bias = _mm256_set1_epi32(int(0x80000000u)), vhb = _mm256_set1_epi32(int(hi ^ 0x80000000u));
-  for (; i + 8 <= len; i += 8) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i));
-    // bits > hi, unsigned: a signed compare with both sides' top bit flipped
-    above += __builtin_popcount(lane_bits(_mm256_cmpgt_epi32(_mm256_xor_si256(v, bias), vhb)));
-    const int in = lane_bits(le_epu32(_mm256_sub_epi32(v, vl), vw));
-    if (mm <= cap) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + mm), compress8(v, in));  // kBandSlack
-    mm += __builtin_popcount(in);
-  }
+  const Band8 band(lo, hi);
+  for (; i + 8 <= len; i += 8)
+    band.take(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i)), dst, cap, mm, above);
 #endif
   for (; i < len; ++i) {
     above += bits[i] > hi ? 1 : 0;
@@ -544,18 +552,13 @@ int64_t band_bf16(const uint16_t* __restrict x, const void* bb_, int64_t len, ui
                   uint32_t* __restrict dst, int64_t cap, int64_t& m, int64_t& above) {
   const float* __restrict bb = static_cast<const float*>(bb_);
   const uint16_t* __restrict b16 = static_cast<const uint16_t*>(bb_);
-  const __m256i vl = _mm256_set1_epi32(int(lo)), vw = _mm256_set1_epi32(int(hi - lo));
-  const __m256i bias = _mm256_set1_epi32(int(0x80000000u)), vhb = _mm256_set1_epi32(int(hi ^ 0x80000000u));
+  const Band8 band(lo, hi);
   const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
   int64_t i = 0, mm = m, a = 0;
   for (; i + 8 <= len; i += 8) {
     const __m256 b = BaseBF16 ? load_bf16x8(b16 + i) : _mm256_loadu_ps(bb + i);
     const __m256 tau = _mm256_sub_ps(load_bf16x8(x + i), b);
-    const __m256i v = _mm256_and_si256(_mm256_castps_si256(tau), absmask);
-    a += __builtin_popcount(lane_bits(_mm256_cmpgt_epi32(_mm256_xor_si256(v, bias), vhb)));
-    const int inside = lane_bits(le_epu32(_mm256_sub_epi32(v, vl), vw));
-    if (mm <= cap) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + mm), compress8(v, inside));
-    mm += __builtin_popcount(inside);
+    band.take(_mm256_and_si256(_mm256_castps_si256(tau), absmask), dst, cap, mm, a);
   }
   m = mm;
   above += a;
@@ -902,6 +905,15 @@ int64_t store_tile_counted(const float* o, void* out, int32_t od, int64_t pos, i
 // election and the mean.
 constexpr int64_t kTile = 512;
 
+// ties_plain's keep rule for one task, as constants of an unsigned compare: kept where u - th <= span, i.e.
+// thr <= u <= +Inf (u: the |tau| bit pattern); nothing kept where thr > +Inf (then th = 2^31: u < 2^31, so u - 2^31
+// wraps above span 0)
+struct PlainRule {
+  uint32_t th, span;
+  explicit PlainRule(uint32_t thr)
+      : th(thr > 0x7F800000u ? 0x80000000u : thr), span(thr > 0x7F800000u ? 0u : 0x7F800000u - thr) {}
+};
+
 using TiesPlainFn = int64_t (*)(const void* const*, const float*, const uint32_t*, const void*, int64_t, int64_t,
                                 float, bool, float*, uint16_t*, int64_t&);
 // Elements [i, len) of a ties_plain tile, one at a time (the vector paths' arithmetic, per element): the tail a
@@ -971,12 +983,12 @@ int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, co
   const __m512i rnd = _mm512_set1_epi32(0x7FFF), ones = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0),
                 expo = _mm512_set1_epi32(0x7F80), signbit = _mm512_set1_epi32(int(0x80000000u));
   __m512 wt[T];
-  __m512i th[T], span[T];  // kept: u - th <= span (unsigned), i.e. th <= u <= +Inf; none where th > +Inf
+  __m512i th[T], span[T];  // each task's PlainRule
   for (int t = 0; t < T; ++t) {
+    const PlainRule r(thr[t]);
     wt[t] = _mm512_set1_ps(w[t]);
-    const bool none = thr[t] > 0x7F800000u;
-    th[t] = _mm512_set1_epi32(int(none ? 0x80000000u : thr[t]));  // u < 2^31, so u - 2^31 wraps above span 0
-    span[t] = _mm512_set1_epi32(int(none ? 0u : 0x7F800000u - thr[t]));
+    th[t] = _mm512_set1_epi32(int(r.th));
+    span[t] = _mm512_set1_epi32(int(r.span));
   }
   __m512i nfv = _mm512_setzero_si512(), badv = _mm512_setzero_si512();  // per-lane counts (< 2^31 per call)
   int64_t nf = 0, i = 0;
@@ -1046,12 +1058,12 @@ int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, co
   const __m256i rnd = _mm256_set1_epi32(0x7FFF), ones = _mm256_set1_epi32(1), qnan = _mm256_set1_epi32(0x7FC0),
                 expo = _mm256_set1_epi32(0x7F80), signbit = _mm256_set1_epi32(int(0x80000000u));
   __m256 wt[T];
-  __m256i th[T], span[T];  // kept: u - th <= span (unsigned), i.e. th <= u <= +Inf; none where th > +Inf
+  __m256i th[T], span[T];  // each task's PlainRule
   for (int t = 0; t < T; ++t) {
+    const PlainRule r(thr[t]);
     wt[t] = _mm256_set1_ps(w[t]);
-    const bool none = thr[t] > 0x7F800000u;
-    th[t] = _mm256_set1_epi32(int(none ? 0x80000000u : thr[t]));  // u < 2^31, so u - 2^31 wraps above span 0
-    span[t] = _mm256_set1_epi32(int(none ? 0u : 0x7F800000u - thr[t]));
+    th[t] = _mm256_set1_epi32(int(r.th));
+    span[t] = _mm256_set1_epi32(int(r.span));
   }
   __m256i nfv = _mm256_setzero_si256(), badv = _mm256_setzero_si256();  // per-lane counts (< 2^31 per call)
   int64_t nf = 0, i = 0;
