@@ -425,25 +425,60 @@ uint32_t select_in_range(uint32_t* a, int64_t m, int64_t pos, uint32_t lo, uint3
   return a[pos];  // the survivors are equal (or one is left)
 }
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
-// Helpers of the AVX2 build's vector paths (TIES's band sweep and merge pass), which the AVX-512 build does with
-// mask registers and its own instructions.
-// 8 bfloat16 values at p as float32, in a register (exact: a bf16 is the top half of its float32)
-inline __m256 load_bf16x8(const uint16_t* p) {
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-// unsigned a <= b per 32-bit lane, all ones where true (AVX2 compares only signed integers)
-inline __m256i le_epu32(__m256i a, __m256i b) { return _mm256_cmpeq_epi32(_mm256_min_epu32(a, b), a); }
-// one bit per lane of an all-ones-where-true lane mask
-inline int lane_bits(__m256i m) { return _mm256_movemask_ps(_mm256_castsi256_ps(m)); }
-inline int64_t sum_epi32(__m256i v) {
-  alignas(32) int32_t l[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(l), v);
-  int64_t s = 0;
-  for (int k = 0; k < 8; ++k) s += l[k];
-  return s;
-}
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The vector width of TIES's band sweep and merge pass (band_block, band_bf16, ties_plain), one struct per ISA
+// with the same members, so that each of those loops is written once. AVX-512: 16 float32 lanes, lane masks in
+// mask registers. AVX2: 8 lanes, lane masks as all-ones-where-true vectors; a masked move becomes an AND (+0.0
+// where the lane is off, as a zeroing move gives) or a blend, a masked count a subtraction of the mask. Both
+// give the same bits for the same inputs (tests/test_isa_paths.py runs the kernel tests on each).
+#if defined(__AVX512F__)
+struct Simd {
+  static constexpr int W = 16;
+  using F = __m512;
+  using I = __m512i;
+  using M = __mmask16;
+  static F fset(float v) { return _mm512_set1_ps(v); }
+  static I iset(uint32_t v) { return _mm512_set1_epi32(int(v)); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static I iload(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  // W bfloat16 values at p as float32 (exact: a bf16 is the top half of its float32)
+  static F load_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static void store_u16(uint16_t* p, I v) {  // every lane < 2^16
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(v));
+  }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static I bits(F a) { return _mm512_castps_si512(a); }
+  static F floats(I a) { return _mm512_castsi512_ps(a); }
+  static I iand(I a, I b) { return _mm512_and_si512(a, b); }
+  static I ixor(I a, I b) { return _mm512_xor_si512(a, b); }
+  static I iadd(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I isub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I srl16(I a) { return _mm512_srli_epi32(a, 16); }
+  static M le_u32(I a, I b) { return _mm512_cmple_epu32_mask(a, b); }
+  static M gt_u32(I a, I b) { return _mm512_cmpgt_epu32_mask(a, b); }
+  static M ieq(I a, I b) { return _mm512_cmpeq_epi32_mask(a, b); }
+  static M ge0(F a) { return _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GE_OQ); }
+  static M gt0(F a) { return _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ); }
+  static M eq0(F a) { return _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_EQ_OQ); }
+  static F keep(M m, F v) { return _mm512_maskz_mov_ps(m, v); }               // v where m, else +0.0
+  static F fselect(M m, F a, F b) { return _mm512_mask_mov_ps(b, m, a); }      // a where m, else b
+  static I iselect(M m, I a, I b) { return _mm512_mask_mov_epi32(b, m, a); }   // a where m, else b
+  static I count(I acc, M m) { return _mm512_mask_add_epi32(acc, m, acc, _mm512_set1_epi32(1)); }
+  static int lanes(M m) { return __builtin_popcount(m); }
+  static int64_t sum(I v) { return _mm512_reduce_add_epi32(v); }
+  // the lanes of v selected by m, packed to the front (compressed in a register, then stored whole by the
+  // caller: vpcompressd to memory is microcoded and slow on Zen 4, where it was most of the band sweep's time)
+  static I compress(I v, M m) { return _mm512_maskz_compress_epi32(m, v); }
+  static void istore(uint32_t* p, I v) { _mm512_storeu_si512(p, v); }
+};
+#else
 // kCompress.idx[m]: the lanes set in the 8-bit mask m, in order, then zeros: the permutation that packs them to
 // the front (AVX2 has no compress instruction; this is the usual lookup table, 2 KiB)
 struct CompressTable {
@@ -457,24 +492,76 @@ struct CompressTable {
   }
 };
 constexpr CompressTable kCompress{};
-// the lanes of v selected by the 8-bit mask m, packed to the front (the other lanes hold copies of lane 0)
-inline __m256i compress8(__m256i v, int m) {
-  const __m128i i8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress.idx[m]));
-  return _mm256_permutevar8x32_epi32(v, _mm256_cvtepu8_epi32(i8));
-}
-// The band sweep's test of 8 bit patterns (band_block, band_bf16): counts those above hi, and appends those in
+struct Simd {
+  static constexpr int W = 8;
+  using F = __m256;
+  using I = __m256i;
+  using M = __m256i;  // all ones in the lanes where true
+  static F fset(float v) { return _mm256_set1_ps(v); }
+  static I iset(uint32_t v) { return _mm256_set1_epi32(int(v)); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static I iload(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static F load_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static void store_u16(uint16_t* p, I v) {  // every lane < 2^16, so the saturating pack is exact
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+  }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static I bits(F a) { return _mm256_castps_si256(a); }
+  static F floats(I a) { return _mm256_castsi256_ps(a); }
+  static I iand(I a, I b) { return _mm256_and_si256(a, b); }
+  static I ixor(I a, I b) { return _mm256_xor_si256(a, b); }
+  static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I isub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static I srl16(I a) { return _mm256_srli_epi32(a, 16); }
+  // AVX2 compares only signed integers: unsigned a <= b as min(a, b) == a; a > b with both top bits flipped
+  static M le_u32(I a, I b) { return _mm256_cmpeq_epi32(_mm256_min_epu32(a, b), a); }
+  static M gt_u32(I a, I b) {
+    const I bias = _mm256_set1_epi32(int(0x80000000u));
+    return _mm256_cmpgt_epi32(_mm256_xor_si256(a, bias), _mm256_xor_si256(b, bias));
+  }
+  static M ieq(I a, I b) { return _mm256_cmpeq_epi32(a, b); }
+  static M ge0(F a) { return _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GE_OQ)); }
+  static M gt0(F a) { return _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GT_OQ)); }
+  static M eq0(F a) { return _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_EQ_OQ)); }
+  static F keep(M m, F v) { return _mm256_and_ps(_mm256_castsi256_ps(m), v); }
+  static F fselect(M m, F a, F b) { return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m)); }
+  static I iselect(M m, I a, I b) { return _mm256_blendv_epi8(b, a, m); }
+  static I count(I acc, M m) { return _mm256_sub_epi32(acc, m); }
+  static int lanes(M m) { return __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(m))); }
+  static int64_t sum(I v) {
+    alignas(32) int32_t l[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(l), v);
+    int64_t s = 0;
+    for (int k = 0; k < 8; ++k) s += l[k];
+    return s;
+  }
+  static I compress(I v, M m) {
+    const int bits8 = _mm256_movemask_ps(_mm256_castsi256_ps(m));
+    const __m128i i8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress.idx[bits8]));
+    return _mm256_permutevar8x32_epi32(v, _mm256_cvtepu8_epi32(i8));
+  }
+  static void istore(uint32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+};
+#endif
+
+// The band sweep's test of W bit patterns (band_block, band_bf16): counts those above hi, and appends those in
 // [lo, hi] to dst[mm..] while mm <= cap (one full store, kBandSlack past cap; mm counts them all).
-struct Band8 {
-  __m256i vl, vw, bias, vhb;
-  Band8(uint32_t lo, uint32_t hi)
-      : vl(_mm256_set1_epi32(int(lo))), vw(_mm256_set1_epi32(int(hi - lo))),
-        bias(_mm256_set1_epi32(int(0x80000000u))), vhb(_mm256_set1_epi32(int(hi ^ 0x80000000u))) {}
-  void take(__m256i v, uint32_t* __restrict dst, int64_t cap, int64_t& mm, int64_t& above) const {
-    // v > hi, unsigned: a signed compare with both sides' top bit flipped
-    above += __builtin_popcount(lane_bits(_mm256_cmpgt_epi32(_mm256_xor_si256(v, bias), vhb)));
-    const int in = lane_bits(le_epu32(_mm256_sub_epi32(v, vl), vw));  // v - lo <= hi - lo, unsigned
-    if (mm <= cap) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + mm), compress8(v, in));
-    mm += __builtin_popcount(in);
+struct Band {
+  Simd::I vl, vw, vh;
+  Band(uint32_t lo, uint32_t hi) : vl(Simd::iset(lo)), vw(Simd::iset(hi - lo)), vh(Simd::iset(hi)) {}
+  void take(Simd::I v, uint32_t* __restrict dst, int64_t cap, int64_t& mm, int64_t& above) const {
+    above += Simd::lanes(Simd::gt_u32(v, vh));
+    const Simd::M in = Simd::le_u32(Simd::isub(v, vl), vw);  // v - lo <= hi - lo, unsigned
+    if (mm <= cap) Simd::istore(dst + mm, Simd::compress(v, in));
+    mm += Simd::lanes(in);
   }
 };
 #endif
@@ -487,21 +574,9 @@ int64_t band_block(const uint32_t* __restrict bits, int64_t len, uint32_t lo, ui
                    int64_t cap, int64_t& m) {
   const uint32_t w = hi - lo;  // in the band: bits - lo <= w (unsigned)
   int64_t above = 0, i = 0, mm = m;
-#if defined(__AVX512F__)
-  const __m512i vl = _mm512_set1_epi32(int(lo)), vw = _mm512_set1_epi32(int(w)), vh = _mm512_set1_epi32(int(hi));
-  for (; i + 16 <= len; i += 16) {
-    const __m512i v = _mm512_loadu_si512(bits + i);
-    above += __builtin_popcount(_mm512_cmpgt_epu32_mask(v, vh));
-    const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vl), vw);
-    // compress in a register, then one full store (kBandSlack past cap): vpcompressd to memory is microcoded
-    // and slow on Zen 4 (it was most of this sweep's time there)
-    if (mm <= cap) _mm512_storeu_si512(dst + mm, _mm512_maskz_compress_epi32(in, v));
-    mm += __builtin_popcount(in);
-  }
-#elif defined(__AVX2__)
-  const Band8 band(lo, hi);
-  for (; i + 8 <= len; i += 8)
-    band.take(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i)), dst, cap, mm, above);
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const Band band(lo, hi);
+  for (; i + Simd::W <= len; i += Simd::W) band.take(Simd::iload(bits + i), dst, cap, mm, above);
 #endif
   for (; i < len; ++i) {
     above += bits[i] > hi ? 1 : 0;
@@ -514,14 +589,8 @@ int64_t band_block(const uint32_t* __restrict bits, int64_t len, uint32_t lo, ui
   return above;
 }
 
-#if defined(__AVX512F__)
-// 16 bfloat16 values at p as float32, in a register (exact: a bf16 is the top half of its float32)
-inline __m512 load_bf16x16(const uint16_t* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-
-// band_block for a bfloat16 input, with |x - base| formed in registers: the first (len / 16) * 16 entries; returns
+#if defined(__AVX512F__) || defined(__AVX2__)
+// band_block for a bfloat16 input, with |x - base| formed in registers: the first (len / W) * W entries; returns
 // how many it did (the caller finishes the tail).
 // With BaseBF16, bb_ is the bfloat16 base itself (at the block's offset), converted in registers.
 template <bool BaseBF16>
@@ -529,36 +598,13 @@ int64_t band_bf16(const uint16_t* __restrict x, const void* bb_, int64_t len, ui
                   uint32_t* __restrict dst, int64_t cap, int64_t& m, int64_t& above) {
   const float* __restrict bb = static_cast<const float*>(bb_);
   const uint16_t* __restrict b16 = static_cast<const uint16_t*>(bb_);
-  const __m512i vl = _mm512_set1_epi32(int(lo)), vw = _mm512_set1_epi32(int(hi - lo)), vh = _mm512_set1_epi32(int(hi));
-  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  const Band band(lo, hi);
+  const Simd::I absmask = Simd::iset(0x7FFFFFFFu);
   int64_t i = 0, mm = m, a = 0;
-  for (; i + 16 <= len; i += 16) {
-    const __m512 b = BaseBF16 ? load_bf16x16(b16 + i) : _mm512_loadu_ps(bb + i);
-    const __m512 tau = _mm512_sub_ps(load_bf16x16(x + i), b);
-    const __m512i v = _mm512_and_si512(_mm512_castps_si512(tau), absmask);
-    a += __builtin_popcount(_mm512_cmpgt_epu32_mask(v, vh));
-    const __mmask16 inside = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vl), vw);
-    if (mm <= cap) _mm512_storeu_si512(dst + mm, _mm512_maskz_compress_epi32(inside, v));  // as in band_block
-    mm += __builtin_popcount(inside);
-  }
-  m = mm;
-  above += a;
-  return i;
-}
-#elif defined(__AVX2__)
-// band_bf16 of the AVX-512 build, 8 entries at a time (band_block's AVX2 compares and compress)
-template <bool BaseBF16>
-int64_t band_bf16(const uint16_t* __restrict x, const void* bb_, int64_t len, uint32_t lo, uint32_t hi,
-                  uint32_t* __restrict dst, int64_t cap, int64_t& m, int64_t& above) {
-  const float* __restrict bb = static_cast<const float*>(bb_);
-  const uint16_t* __restrict b16 = static_cast<const uint16_t*>(bb_);
-  const Band8 band(lo, hi);
-  const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
-  int64_t i = 0, mm = m, a = 0;
-  for (; i + 8 <= len; i += 8) {
-    const __m256 b = BaseBF16 ? load_bf16x8(b16 + i) : _mm256_loadu_ps(bb + i);
-    const __m256 tau = _mm256_sub_ps(load_bf16x8(x + i), b);
-    band.take(_mm256_and_si256(_mm256_castps_si256(tau), absmask), dst, cap, mm, a);
+  for (; i + Simd::W <= len; i += Simd::W) {
+    const Simd::F b = BaseBF16 ? Simd::load_bf16(b16 + i) : Simd::load(bb + i);
+    const Simd::F tau = Simd::sub(Simd::load_bf16(x + i), b);
+    band.take(Simd::iand(Simd::bits(tau), absmask), dst, cap, mm, a);
   }
   m = mm;
   above += a;
@@ -958,14 +1004,16 @@ int64_t ties_plain_tail(const void* const* x, const float* w, const uint32_t* th
   return nf;
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 // The merge pass over one tile whose keep rules need no position in it: task t keeps the entries with
 // thr[t] <= |tau| bits <= +Inf (thr is its threshold where its equal entries are all kept here, one above it where
-// none are). The same operations in the same order as the tile loop of ties_merge below, per 16 elements with the
-// T weighted entries in registers (T is a compile-time constant, so the task loops unroll): no d_t tile is stored
-// and read back, and no 64-bit position compare per entry. (Written with intrinsics: GCC 12 did not vectorise the
-// portable form, an omp simd loop over the elements around the unrolled task loops, and ran it 5x slower than the
-// tile loop.)
+// none are). The same operations in the same order as the tile loop of ties_merge below, per Simd::W elements with
+// the T weighted entries in registers (T is a compile-time constant, so the task loops unroll): no d_t tile is
+// stored and read back, and no 64-bit position compare per entry. (Written with intrinsics: GCC 12 did not
+// vectorise the portable form, an omp simd loop over the elements around the unrolled task loops, and ran it 5x
+// slower than the tile loop; on an AVX2-only CPU the tile loop's agreement and mean loops ran scalar, vaddss,
+// vucomiss and branches per element by perf annotate: the whole TIES kernel took 263 / 289 ms there on one
+// 5632 x 2048 bf16 tensor, T = 4, against 35 / 34 ms with this path and the band sweep's, docs/kernels.md.)
 //   inputs  x[t]: all bfloat16, or with InF32 all float32
 //   base    bb_: float32 values of base[pos : pos + len], or with BaseBF16 the bfloat16 base at pos, converted in
 //           registers
@@ -976,145 +1024,63 @@ template <int T, bool InF32, bool BaseBF16>
 int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, const void* bb_, int64_t pos,
                    int64_t len, float lam, bool normalize, float* __restrict o, uint16_t* __restrict out16,
                    int64_t& bad) {
+  using S = Simd;
   const float* __restrict bb = static_cast<const float*>(bb_);
   const uint16_t* __restrict b16 = static_cast<const uint16_t*>(bb_);
-  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
-  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), vlam = _mm512_set1_ps(lam);
-  const __m512i rnd = _mm512_set1_epi32(0x7FFF), ones = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0),
-                expo = _mm512_set1_epi32(0x7F80), signbit = _mm512_set1_epi32(int(0x80000000u));
-  __m512 wt[T];
-  __m512i th[T], span[T];  // each task's PlainRule
+  const S::I absmask = S::iset(0x7FFFFFFFu), inf = S::iset(0x7F800000u), rnd = S::iset(0x7FFFu),
+             ones = S::iset(1u), qnan = S::iset(0x7FC0u), expo = S::iset(0x7F80u), signbit = S::iset(0x80000000u),
+             izero = S::iset(0u);
+  const S::F one = S::fset(1.0f), vlam = S::fset(lam), zero = S::fset(0.0f);
+  S::F wt[T];
+  S::I th[T], span[T];  // each task's PlainRule
   for (int t = 0; t < T; ++t) {
     const PlainRule r(thr[t]);
-    wt[t] = _mm512_set1_ps(w[t]);
-    th[t] = _mm512_set1_epi32(int(r.th));
-    span[t] = _mm512_set1_epi32(int(r.span));
+    wt[t] = S::fset(w[t]);
+    th[t] = S::iset(r.th);
+    span[t] = S::iset(r.span);
   }
-  __m512i nfv = _mm512_setzero_si512(), badv = _mm512_setzero_si512();  // per-lane counts (< 2^31 per call)
+  S::I nfv = izero, badv = izero;  // per-lane counts (< 2^31 per call)
   int64_t nf = 0, i = 0;
-  for (; i + 16 <= len; i += 16) {
-    const __m512 b = BaseBF16 ? load_bf16x16(b16 + i) : _mm512_loadu_ps(bb + i);
-    __m512 d[T];
-    __m512 e = zero;
+  for (; i + S::W <= len; i += S::W) {
+    const S::F b = BaseBF16 ? S::load_bf16(b16 + i) : S::load(bb + i);
+    S::F d[T];
+    S::F e = zero;
     for (int t = 0; t < T; ++t) {
-      const __m512 xv = InF32 ? _mm512_loadu_ps(static_cast<const float*>(x[t]) + pos + i)
-                              : load_bf16x16(static_cast<const uint16_t*>(x[t]) + pos + i);
-      const __m512 tau = _mm512_sub_ps(xv, b);
-      const __m512i u = _mm512_and_si512(_mm512_castps_si512(tau), absmask);
-      const __mmask16 kept = _mm512_cmple_epu32_mask(_mm512_sub_epi32(u, th[t]), span[t]);  // NaN: never
-      d[t] = _mm512_mul_ps(_mm512_maskz_mov_ps(kept, tau), wt[t]);  // (kept ? tau : 0) * w
-      e = _mm512_add_ps(e, d[t]);
-      nfv = _mm512_mask_add_epi32(nfv, _mm512_cmpge_epu32_mask(u, inf), nfv, ones);  // NaN or +-Inf
+      const S::F xv = InF32 ? S::load(static_cast<const float*>(x[t]) + pos + i)
+                            : S::load_bf16(static_cast<const uint16_t*>(x[t]) + pos + i);
+      const S::F tau = S::sub(xv, b);
+      const S::I u = S::iand(S::bits(tau), absmask);
+      d[t] = S::mul(S::keep(S::le_u32(S::isub(u, th[t]), span[t]), tau), wt[t]);  // (kept ? tau : 0) * w; NaN: never kept
+      e = S::add(e, d[t]);
+      nfv = S::count(nfv, S::le_u32(inf, u));  // NaN or +-Inf
     }
     // the elected sign's sign bit: 0 for +1 (e >= 0, a zero sum too), 1 for -1 (e < 0 or NaN)
-    const __m512i el = _mm512_mask_mov_epi32(signbit, _mm512_cmp_ps_mask(e, zero, _CMP_GE_OQ), _mm512_setzero_si512());
-    __m512 mixed = zero, dv = zero;
+    const S::I el = S::iselect(S::ge0(e), izero, signbit);
+    S::F mixed = zero, dv = zero;
     for (int t = 0; t < T; ++t) {
       // sign_of(d) == elected sign  <=>  d with the elected sign's bit flipped in is > 0 (false for +-0 and NaN)
-      const __mmask16 agree =
-          _mm512_cmp_ps_mask(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(d[t]), el)), zero, _CMP_GT_OQ);
-      mixed = _mm512_add_ps(mixed, _mm512_maskz_mov_ps(agree, d[t]));
-      dv = _mm512_add_ps(dv, _mm512_maskz_mov_ps(agree, wt[t]));
+      const S::M agree = S::gt0(S::floats(S::ixor(S::bits(d[t]), el)));
+      mixed = S::add(mixed, S::keep(agree, d[t]));
+      dv = S::add(dv, S::keep(agree, wt[t]));
     }
-    __m512 q = mixed;
-    if (normalize) q = _mm512_div_ps(mixed, _mm512_mask_mov_ps(dv, _mm512_cmp_ps_mask(dv, zero, _CMP_EQ_OQ), one));
-    const __m512 y = _mm512_add_ps(_mm512_mul_ps(q, vlam), b);
+    S::F q = mixed;
+    if (normalize) q = S::div(mixed, S::fselect(S::eq0(dv), one, dv));
+    const S::F y = S::add(S::mul(q, vlam), b);
     if (out16) {  // f32_to_bf16 in registers: round to nearest even, every NaN to 0x7FC0
-      const __m512i u = _mm512_castps_si512(y);
-      __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(u, 16), ones)));
-      r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, absmask), inf),
-                                qnan);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + i), _mm512_cvtepi32_epi16(r));
-      badv = _mm512_mask_add_epi32(badv, _mm512_cmpeq_epi32_mask(_mm512_and_si512(r, expo), expo), badv, ones);
+      const S::I u = S::bits(y);
+      S::I r = S::iadd(u, S::iadd(rnd, S::iand(S::srl16(u), ones)));
+      r = S::iselect(S::gt_u32(S::iand(u, absmask), inf), qnan, S::srl16(r));
+      S::store_u16(out16 + i, r);
+      badv = S::count(badv, S::ieq(S::iand(r, expo), expo));
     } else {
-      _mm512_storeu_ps(o + i, y);
+      S::store(o + i, y);
     }
   }
-  nf += _mm512_reduce_add_epi32(nfv);
-  bad += _mm512_reduce_add_epi32(badv);
+  nf += S::sum(nfv);
+  bad += S::sum(badv);
   nf += ties_plain_tail<T, InF32, BaseBF16>(x, w, thr, bb_, pos, i, len, lam, normalize, o, out16, bad);
   return nf;
 }
-
-#elif defined(__AVX2__)
-
-// ties_plain of the AVX-512 build above, 8 elements at a time with AVX2: the same operations in the same order,
-// so the same bits. Lane masks are all-ones vectors instead of mask registers: a masked move becomes an AND (+0.0
-// where the lane is off, as a zeroing move gives), a masked increment a subtraction of the mask. The AVX-512 body
-// was not folded into one template with this one: the machine this was written on (2026-12-04, an AVX2-only AMD
-// EPYC) cannot run AVX-512 code to test such a rewrite. Measured there (2 threads, one 5632 x 2048 bf16 tensor,
-// T = 4, density 0.2, best of 5 calls in two processes): the whole TIES kernel 263 / 289 ms with the tile loop
-// (its agreement and mean loops ran scalar: vaddss, vucomiss and branches per element, by perf annotate), 68 / 60
-// ms with this path, 35 / 34 ms with the AVX2 band sweep (band_block, band_bf16) as well (docs/kernels.md).
-template <int T, bool InF32, bool BaseBF16>
-int64_t ties_plain(const void* const* x, const float* w, const uint32_t* thr, const void* bb_, int64_t pos,
-                   int64_t len, float lam, bool normalize, float* __restrict o, uint16_t* __restrict out16,
-                   int64_t& bad) {
-  const float* __restrict bb = static_cast<const float*>(bb_);
-  const uint16_t* __restrict b16 = static_cast<const uint16_t*>(bb_);
-  const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF), inf = _mm256_set1_epi32(0x7F800000),
-                finmax = _mm256_set1_epi32(0x7F7FFFFF);
-  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), vlam = _mm256_set1_ps(lam);
-  const __m256i rnd = _mm256_set1_epi32(0x7FFF), ones = _mm256_set1_epi32(1), qnan = _mm256_set1_epi32(0x7FC0),
-                expo = _mm256_set1_epi32(0x7F80), signbit = _mm256_set1_epi32(int(0x80000000u));
-  __m256 wt[T];
-  __m256i th[T], span[T];  // each task's PlainRule
-  for (int t = 0; t < T; ++t) {
-    const PlainRule r(thr[t]);
-    wt[t] = _mm256_set1_ps(w[t]);
-    th[t] = _mm256_set1_epi32(int(r.th));
-    span[t] = _mm256_set1_epi32(int(r.span));
-  }
-  __m256i nfv = _mm256_setzero_si256(), badv = _mm256_setzero_si256();  // per-lane counts (< 2^31 per call)
-  int64_t nf = 0, i = 0;
-  for (; i + 8 <= len; i += 8) {
-    const __m256 b = BaseBF16 ? load_bf16x8(b16 + i) : _mm256_loadu_ps(bb + i);
-    __m256 d[T];
-    __m256 e = zero;
-    for (int t = 0; t < T; ++t) {
-      const __m256 xv = InF32 ? _mm256_loadu_ps(static_cast<const float*>(x[t]) + pos + i)
-                              : load_bf16x8(static_cast<const uint16_t*>(x[t]) + pos + i);
-      const __m256 tau = _mm256_sub_ps(xv, b);
-      const __m256i u = _mm256_and_si256(_mm256_castps_si256(tau), absmask);
-      const __m256i kept = le_epu32(_mm256_sub_epi32(u, th[t]), span[t]);  // NaN: never
-      d[t] = _mm256_mul_ps(_mm256_and_ps(_mm256_castsi256_ps(kept), tau), wt[t]);  // (kept ? tau : 0) * w
-      e = _mm256_add_ps(e, d[t]);
-      nfv = _mm256_sub_epi32(nfv, _mm256_cmpgt_epi32(u, finmax));  // NaN or +-Inf (u < 2^31: signed compare)
-    }
-    // the elected sign's sign bit: 0 for +1 (e >= 0, a zero sum too), 1 for -1 (e < 0 or NaN)
-    const __m256i el = _mm256_andnot_si256(_mm256_castps_si256(_mm256_cmp_ps(e, zero, _CMP_GE_OQ)), signbit);
-    __m256 mixed = zero, dv = zero;
-    for (int t = 0; t < T; ++t) {
-      // sign_of(d) == elected sign  <=>  d with the elected sign's bit flipped in is > 0 (false for +-0 and NaN)
-      const __m256 agree =
-          _mm256_cmp_ps(_mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(d[t]), el)), zero, _CMP_GT_OQ);
-      mixed = _mm256_add_ps(mixed, _mm256_and_ps(agree, d[t]));
-      dv = _mm256_add_ps(dv, _mm256_and_ps(agree, wt[t]));
-    }
-    __m256 q = mixed;
-    if (normalize) q = _mm256_div_ps(mixed, _mm256_blendv_ps(dv, one, _mm256_cmp_ps(dv, zero, _CMP_EQ_OQ)));
-    const __m256 y = _mm256_add_ps(_mm256_mul_ps(q, vlam), b);
-    if (out16) {  // f32_to_bf16 in registers: round to nearest even, every NaN to 0x7FC0
-      const __m256i u = _mm256_castps_si256(y);
-      __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_srli_epi32(u, 16), ones)));
-      r = _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), qnan,
-                             _mm256_cmpgt_epi32(_mm256_and_si256(u, absmask), inf));
-      // r < 2^16 in every lane, so the saturating pack is exact
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out16 + i),
-                       _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
-      badv = _mm256_sub_epi32(badv, _mm256_cmpeq_epi32(_mm256_and_si256(r, expo), expo));
-    } else {
-      _mm256_storeu_ps(o + i, y);
-    }
-  }
-  nf += sum_epi32(nfv);
-  bad += sum_epi32(badv);
-  nf += ties_plain_tail<T, InF32, BaseBF16>(x, w, thr, bb_, pos, i, len, lam, normalize, o, out16, bad);
-  return nf;
-}
-#endif
-
-#if defined(__AVX512F__) || defined(__AVX2__)
 constexpr int kPlainMaxT = 8;  // instantiated for T = 1..8; more tasks take the tile loop
 template <bool InF32, bool BaseBF16>
 TiesPlainFn ties_plain_of(int T) {
