@@ -641,6 +641,30 @@ def test_task_arithmetic_twin_equals_the_method_formula():
     same(N.task_arithmetic_merge(xs, base, [1.0] * 4, 0.3)[0], expect)
 
 
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES[1:], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("base_dtype", [None] + DTYPES, ids=["nobase"] + DT_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_linear_register_path(dtype, base_dtype, out_dtype):
+    # The kernels' register path (all inputs bfloat16 or all float32, T <= 8; a bfloat16 base converted in
+    # registers, a float16 one per block) for every T it is compiled for, every base dtype under each input
+    # dtype, and each output; 1013 elements a row: whole vectors and a tail. T = 9 takes the sub-block loop.
+    shape = (3, 1013)
+    base = None if base_dtype is None else make(shape, base_dtype, "randn", seed=50)
+    for T in range(1, 10):
+        for values in ("randn", "huge", "nonfinite"):
+            xs = [make(shape, dtype, values, seed=t) for t in range(T)]
+            w = [0.75 - 0.125 * t for t in range(T)]
+            if base is None:
+                d = float(torch.tensor(w, dtype=torch.float32).sum())
+                got, want = N.linear_merge(xs, w, out_dtype, scale=0.7, divisor=d), \
+                    R.linear_merge(xs, w, out_dtype, scale=0.7, divisor=d)
+            else:
+                got, want = N.task_arithmetic_merge(xs, base, w, 0.3, out_dtype), \
+                    R.task_arithmetic_merge(xs, base, w, 0.3, out_dtype)
+            same(got[0], want[0], f"T={T} {values}")
+            assert got[1] == want[1], (T, values, got[1], want[1])
+
+
 @pytest.mark.parametrize("how", ["transposed", "strided"])
 def test_linear_noncontiguous_and_mixed(how):
     base = noncontig(make((37, 129), torch.float32, seed=9), how)
